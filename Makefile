@@ -1,0 +1,40 @@
+# Everything a fresh machine needs is installed from here.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo bench fashion-mnist lint clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## make test: create .venv if missing, install, run the whole suite.
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+
+## make demo: PackNet and fine-tuning on 5-task Split-Digits (embedded data, no download).
+demo: $(STAMP)
+	$(BIN)/python experiments/demo.py --workdir=/tmp/sparse_cl_jax_demo
+
+## Real Fashion-MNIST from Debian (needs root); used by benchmarks and docs/results.md.
+fashion-mnist:
+	@test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
+
+bench: $(STAMP) fashion-mnist
+	$(BIN)/python benchmarks/core_overhead.py
+	$(BIN)/python benchmarks/epoch_time.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check sparse_cl_jax tests experiments configs benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache

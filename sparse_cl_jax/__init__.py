@@ -1,0 +1,1 @@
+"""sparse_cl_jax: sparse continual learning in JAX."""

@@ -1,0 +1,26 @@
+"""Test configuration shared by the whole suite.
+
+* Four emulated CPU devices, so that sharding tests run on a laptop or CI (set before JAX loads).
+* ``jax_numpy_rank_promotion="raise"``: a mask broadcasting against the wrong axis is an error.
+* Strict dtype promotion is switched on per test by the ``strict_dtypes`` fixture for our own pure
+  functions. It cannot be global: optax's own Adam bias correction (``decay ** count`` with an int32
+  count) is rejected under ``jax_numpy_dtype_promotion="strict"``.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=4"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture
+def strict_dtypes():
+  with jax.numpy_dtype_promotion("strict"):
+    yield

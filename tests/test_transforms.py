@@ -1,0 +1,134 @@
+"""Optax transforms: sparsity kept, frozen weights bit-identical, masks as data (no retrace)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from sparse_cl_jax import masks, transforms
+
+
+def _problem(seed=0):
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+  params = {"dense_0": {"kernel": jax.random.normal(k1, (6, 5)), "bias": jnp.zeros(5)},
+            "head": {"kernel": jax.random.normal(k2, (5, 3))}}
+  x = jax.random.normal(k3, (16, 6))
+  y = jnp.arange(16) % 3
+
+  def loss(p):
+    h = jax.nn.relu(x @ p["dense_0"]["kernel"] + p["dense_0"]["bias"][None, :])
+    return optax.softmax_cross_entropy_with_integer_labels(h @ p["head"]["kernel"], y).mean()
+
+  return params, loss
+
+
+OPTIMISERS = {
+    "adamw": lambda: optax.adamw(1e-2, weight_decay=0.1),
+    "adam_l2": lambda: optax.chain(optax.add_decayed_weights(5e-4), optax.adam(1e-2)),
+    "sgd_momentum_wd": lambda: optax.chain(optax.add_decayed_weights(5e-4),
+                                           optax.sgd(0.1, momentum=0.9)),
+    "sgd_nesterov": lambda: optax.sgd(0.1, momentum=0.9, nesterov=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMISERS))
+def test_frozen_bit_identical_and_masked_zero_after_200_steps(name):
+  params, loss = _problem()
+  rng = np.random.default_rng(1)
+  sparse = masks.ones(params)
+  sparse["dense_0"]["kernel"] = jnp.asarray(rng.random((6, 5)) > 0.5)
+  frozen = masks.zeros(params)
+  frozen["dense_0"]["kernel"] = jnp.asarray(rng.random((6, 5)) > 0.6)
+  frozen["head"]["kernel"] = jnp.asarray(rng.random((5, 3)) > 0.5)
+  tx = optax.chain(OPTIMISERS[name](), transforms.keep_sparse(), transforms.freeze())
+  state = tx.init(params)
+
+  @jax.jit
+  def step(p, s, sparse, frozen):
+    g = jax.grad(loss)(p)
+    u, s = tx.update(g, s, p, sparse_mask=sparse, frozen=frozen)
+    return optax.apply_updates(p, u), s
+
+  p = params
+  for _ in range(200):
+    p, state = step(p, state, sparse, frozen)
+  for p0, p1, f, m in zip(*map(jax.tree.leaves, (params, p, frozen, sparse))):
+    p0, p1, f, m = map(np.asarray, (p0, p1, f, m))
+    # Frozen: bit-identical (compare the raw bits, not just values).
+    np.testing.assert_array_equal(p1.view(np.uint32)[f & m], p0.view(np.uint32)[f & m])
+    # Masked out (and not frozen): exactly +0.0.
+    assert (p1.view(np.uint32)[~m & ~f] == 0).all()
+    # Trainable positions moved.
+    assert (p1[m & ~f] != p0[m & ~f]).any()
+
+
+def test_changing_masks_does_not_retrace():
+  params, loss = _problem()
+  tx = optax.chain(optax.adamw(1e-2, weight_decay=0.1), transforms.keep_sparse(),
+                   transforms.freeze())
+  state = tx.init(params)
+  traces = []
+
+  @jax.jit
+  def step(p, s, sparse, frozen):
+    traces.append(1)
+    u, s = tx.update(jax.grad(loss)(p), s, p, sparse_mask=sparse, frozen=frozen)
+    return optax.apply_updates(p, u), s
+
+  rng = np.random.default_rng(0)
+  for _ in range(5):
+    sparse = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape) > 0.3), params)
+    frozen = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape) > 0.7), params)
+    params, state = step(params, state, sparse, frozen)
+  assert len(traces) == 1
+
+
+def test_keep_sparse_zeroes_previously_nonzero_and_hand_update():
+  p = {"w": jnp.array([1.0, -2.0, 3.0])}
+  g = {"w": jnp.array([0.5, 0.5, 0.5])}
+  tx = optax.chain(optax.sgd(0.1), transforms.keep_sparse())
+  u, _ = jax.jit(lambda g, p, m: tx.update(g, tx.init(p), p, sparse_mask=m))(
+      g, p, {"w": jnp.array([True, False, True])})
+  np.testing.assert_allclose(u["w"], [-0.05, 2.0, -0.05])
+  new = optax.apply_updates(p, u)
+  np.testing.assert_array_equal(np.asarray(new["w"]).view(np.uint32)[1], 0)
+
+
+def test_mask_updates_and_masked_decay_hand_computed():
+  p = {"w": jnp.array([1.0, 2.0, 4.0])}
+  g = {"w": jnp.array([1.0, 1.0, 1.0])}
+  tx = optax.chain(transforms.add_masked_decayed_weights(0.5), transforms.mask_updates())
+  u, _ = tx.update(g, tx.init(p), p, decay_mask={"w": jnp.array([True, False, True])},
+                   trainable={"w": jnp.array([True, True, False])})
+  np.testing.assert_allclose(u["w"], [1.5, 1.0, 0.0])
+  tx = transforms.scale_by_mask()
+  u, _ = tx.update(g, tx.init(p), p, decay_mask={"w": jnp.array([0.5, 0.0, 2.0])})
+  np.testing.assert_allclose(u["w"], [0.5, 0.0, 2.0])
+
+
+def test_clear_errors():
+  params, _ = _problem()
+  tx = transforms.keep_sparse()
+  with pytest.raises(ValueError, match=r"sparse_mask=mask_tree"):
+    tx.update(params, tx.init(params), params)
+  bad = masks.ones(params)
+  del bad["head"]
+  with pytest.raises(ValueError, match="missing leaves.*head/kernel"):
+    tx.update(params, tx.init(params), params, sparse_mask=bad)
+  with pytest.raises(ValueError, match="needs params"):
+    tx.update(params, tx.init(params), None, sparse_mask=masks.ones(params))
+
+
+def test_binarize_ste_hand_computed():
+  w = jnp.array([2.0, -3.0, 0.5])
+  m = jnp.array([0.01, 0.001, 0.006])
+  x = jnp.array([1.0, 1.0, 2.0])
+
+  def f(m):
+    return jnp.sum(w * transforms.binarize_ste(m, 5e-3) * x)
+
+  val, grad = jax.jit(jax.value_and_grad(f))(m)
+  assert float(val) == pytest.approx(2.0 + 0.0 + 1.0)
+  # Straight-through: d/dm = d/d(binary mask) = w * x, for active and inactive entries alike.
+  np.testing.assert_allclose(grad, [2.0, -3.0, 1.0])
