@@ -1,0 +1,514 @@
+"""Checkpoints of a whole continual-learning run: state pytree, stream position, final results.
+
+Layer 5 of the design (harness), and the only module of the package that imports orbax. One run
+lives in one ``workdir``::
+
+  workdir/
+    run.json              {"fingerprint": {...}, "created": "..."}   written once, atomically
+    checkpoints/<step>/   orbax step directories: "state" (the arrays) and "meta" (JSON)
+    results.json          written by Checkpointer.finish(); its presence means "finished"
+    previous-<timestamp>/ an older run moved aside by overwrite=True (never deleted)
+
+Conventions:
+
+* ``fingerprint``: a JSON-able dict that identifies the run, normally the config as a dict plus the
+  method name (``{**config.to_dict(), 'method': 'packnet'}``). A workdir refuses a different
+  fingerprint, so a resumed run never mixes configs; flags that do not change results (progress
+  bars, logging) go into ``ignore_keys``. Nested dicts are compared key by key (``model.width``).
+* ``step``: any strictly increasing integer chosen by the caller, e.g. a global phase or epoch
+  counter. Only the last ``max_to_keep`` steps are kept.
+* ``state``: any pytree of arrays (params, optimiser state, masks, ownership, method state, RNG
+  keys as raw ``uint32`` key data, i.e. ``jax.random.key_data(key)``). Empty nodes (``None``,
+  ``optax.EmptyState()``) are allowed; they come back from ``like``. NumPy leaves are stored with
+  JAX's canonical dtype (as ``jnp.asarray`` would convert them: float64 -> float32 unless x64 is
+  on); restored leaves are always ``jax.Array``.
+* ``meta``: small JSON describing where in the stream the checkpoint was taken, e.g.
+  ``{'task': 3, 'phase': 'prune', 'epoch': 7, 'R': [[...]]}``. Python ``json`` rules apply: tuples
+  come back as lists, NaN survives.
+
+Saving is synchronous and atomic: orbax writes ``checkpoints/<step>.orbax-checkpoint-tmp`` and
+renames it when complete, so a crash or an error mid-save leaves the previous checkpoint intact (and
+older steps are only pruned after the new one is committed). Restoring validates the stored tree
+against ``like`` and names every mismatching path.
+
+Example::
+
+  from sparse_cl_jax import checkpoint
+  ckpt = checkpoint.Checkpointer(workdir, fingerprint={**config.to_dict(), 'method': 'packnet'},
+                                 ignore_keys=('progress_bar',))
+  start = 0
+  if ckpt.latest_step() is not None:
+    state, meta = ckpt.restore(like=jax.eval_shape(init_state, key))
+    start = meta['task'] + 1
+  for task in range(start, num_tasks):
+    state = train_task(state, task)
+    ckpt.save(task, state, {'task': task, 'R': R.tolist()})
+  ckpt.finish({'acc': metrics.acc(R), 'R': R.tolist()})
+  ckpt.close()
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import pathlib
+from collections import abc
+from typing import Any
+
+from absl import logging as absl_logging
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+PyTree = Any
+
+RUN_FILE = "run.json"
+RESULTS_FILE = "results.json"
+CHECKPOINT_DIR = "checkpoints"
+PREVIOUS_PREFIX = "previous-"
+
+_MAX_LISTED = 10  # How many differing keys / paths an error message lists.
+
+
+class _QuietOrbax:
+  """Drops orbax's INFO/DEBUG records (several per save) from the absl logger; keeps warnings."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or "/orbax/" not in record.pathname
+
+
+_QUIET = _QuietOrbax()
+absl_logging.get_absl_logger().addFilter(_QUIET)
+
+
+class RunFinishedError(RuntimeError):
+  """The workdir holds a finished run and ``overwrite`` was not requested."""
+
+
+# --------------------------------------------------------------------------------------------------
+# JSON helpers.
+
+
+def _jsonable(obj: Any, *, what: str, strict: bool = False) -> Any:
+  """Plain JSON types from ``obj`` (NumPy scalars and small arrays converted).
+
+  Args:
+    obj: nested dicts / lists / tuples / scalars / NumPy or JAX arrays.
+    what: how to call ``obj`` in error messages.
+    strict: replace NaN and infinities by ``None`` (strict JSON).
+
+  Raises:
+    TypeError: naming the offending entry when something cannot be written as JSON.
+  """
+
+  def convert(x, where):
+    if isinstance(x, abc.Mapping):
+      out = {}
+      for k, v in x.items():
+        if not isinstance(k, (str, int, float, bool)) and k is not None:
+          raise TypeError(f"{what}: key {k!r} at {where or '<root>'} is not a JSON key")
+        out[str(k)] = convert(v, f"{where}.{k}" if where else str(k))
+      return out
+    if isinstance(x, (list, tuple)):
+      return [convert(v, f"{where}[{i}]") for i, v in enumerate(x)]
+    if isinstance(x, (np.ndarray, np.generic, jax.Array)):
+      x = np.asarray(x)
+      if x.dtype.kind not in "biuf":
+        raise TypeError(f"{what}: {where or '<root>'} has dtype {x.dtype}, not JSON-able")
+      return convert(x.tolist(), where)
+    if isinstance(x, float) and strict and not math.isfinite(x):
+      return None
+    if x is None or isinstance(x, (str, int, float, bool)):
+      return x
+    raise TypeError(f"{what}: {where or '<root>'} is a {type(x).__name__}, not JSON-able "
+                    "(pass plain dicts, e.g. config.to_dict())")
+
+  return convert(obj, "")
+
+
+def _write_json_atomic(path: pathlib.Path, obj: Any, *, strict: bool = False) -> None:
+  """Writes ``obj`` to ``path`` via a temporary file and ``os.replace`` (atomic on POSIX)."""
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2, sort_keys=True, allow_nan=not strict)
+    f.write("\n")
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _flat_keys(d: abc.Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """``{'a.b': v}`` for nested dicts (non-dict values are leaves)."""
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}.{k}" if prefix else str(k)
+    if isinstance(v, abc.Mapping) and v:
+      out.update(_flat_keys(v, key))
+    else:
+      out[key] = v
+  return out
+
+
+def _fingerprint_diff(stored: abc.Mapping[str, Any], given: abc.Mapping[str, Any],
+                      ignore_keys: abc.Iterable[str]) -> list[str]:
+  """Differences as ``'key stored != given'``; ignored keys (and their subkeys) are skipped."""
+  ignore = tuple(ignore_keys)
+
+  def ignored(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in ignore)
+
+  a, b = _flat_keys(stored), _flat_keys(given)
+  diffs = []
+  for key in sorted(set(a) | set(b)):
+    if ignored(key):
+      continue
+    if key not in b:
+      diffs.append(f"{key} {json.dumps(a[key])} != (absent)")
+    elif key not in a:
+      diffs.append(f"{key} (absent) != {json.dumps(b[key])}")
+    elif a[key] != b[key]:
+      diffs.append(f"{key} {json.dumps(a[key])} != {json.dumps(b[key])}")
+  return diffs
+
+
+# --------------------------------------------------------------------------------------------------
+# Pytree <-> orbax nested dict.
+
+
+def _key_name(k) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def _escape(name: str) -> str:
+  # Orbax joins nested keys with '.', so a '.' inside a key would alias another leaf.
+  return name.replace("%", "%25").replace(".", "%2E").replace("/", "%2F")
+
+
+def _leaves(tree: PyTree) -> tuple[list[tuple[tuple[str, ...], Any]], Any]:
+  """``([(path components, leaf)], treedef)``; raises on two leaves with the same stored name."""
+  with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  out = [(tuple(_key_name(k) for k in path), leaf) for path, leaf in with_path]
+  seen = {}
+  for parts, _ in out:
+    stored = tuple(_escape(p) for p in parts)
+    if stored in seen:
+      raise ValueError(f"leaves {'/'.join(seen[stored])!r} and {'/'.join(parts)!r} map to the same "
+                       "checkpoint name")
+    seen[stored] = parts
+  return out, treedef
+
+
+def _nest(leaves: list[tuple[tuple[str, ...], Any]]) -> dict[str, Any]:
+  """Nested dict keyed by the escaped path components (orbax's native layout)."""
+  root: dict[str, Any] = {}
+  for parts, leaf in leaves:
+    if not parts:
+      raise ValueError("state must be a container of arrays, not a single array")
+    node = root
+    for p in parts[:-1]:
+      node = node.setdefault(_escape(p), {})
+    node[_escape(parts[-1])] = leaf
+  return root
+
+
+def _lookup(nested: abc.Mapping[str, Any], parts: tuple[str, ...]) -> Any:
+  node = nested
+  for p in parts:
+    node = node[_escape(p)]
+  return node
+
+
+def _is_key_dtype(dtype) -> bool:
+  return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _host_leaf(path: str, x: Any) -> Any:
+  """A leaf orbax can write: jax arrays as they are, others as canonical-dtype NumPy arrays."""
+  if isinstance(x, jax.Array):
+    if _is_key_dtype(x.dtype):
+      raise TypeError(f"state leaf {path!r} is a typed PRNG key; save jax.random.key_data(key) "
+                      "(uint32) and rebuild it with jax.random.wrap_key_data after restore")
+    return x
+  x = np.asarray(x)
+  if x.dtype.kind in "OUSMm" or x.dtype.fields is not None:
+    raise TypeError(f"state leaf {path!r} has dtype {x.dtype}; only numeric and bool arrays can be "
+                    "checkpointed (put strings and small Python values into meta)")
+  return x.astype(jax.dtypes.canonicalize_dtype(x.dtype), copy=False)
+
+
+def _default_sharding() -> jax.sharding.Sharding:
+  device = jax.config.jax_default_device
+  if device is None:
+    device = jax.local_devices()[0]
+  elif isinstance(device, str):
+    device = jax.local_devices(backend=device)[0]
+  return jax.sharding.SingleDeviceSharding(device)
+
+
+def _abstract_leaf(x: Any, default: jax.sharding.Sharding) -> jax.ShapeDtypeStruct:
+  """``ShapeDtypeStruct`` of a ``like`` leaf, with its sharding or the default device's."""
+  if isinstance(x, (jax.Array, jax.ShapeDtypeStruct)):
+    shape, dtype, sharding = tuple(x.shape), x.dtype, getattr(x, "sharding", None)
+  else:
+    x = np.asarray(x)
+    shape, dtype, sharding = x.shape, jax.dtypes.canonicalize_dtype(x.dtype), None
+  if _is_key_dtype(dtype):
+    raise TypeError("`like` holds a typed PRNG key; checkpoints store raw uint32 key data")
+  sharding = default if sharding is None else sharding
+  return jax.ShapeDtypeStruct(shape, np.dtype(dtype), sharding=sharding)
+
+
+# --------------------------------------------------------------------------------------------------
+# The checkpointer.
+
+
+class Checkpointer:
+  """Saves and restores one run's state, stream position and final results in ``workdir``.
+
+  Args:
+    workdir: the run's directory (created if missing).
+    fingerprint: JSON-able dict identifying the run (config plus method name). Stored in
+      ``workdir/run.json`` on first use and compared on every later open.
+    max_to_keep: how many most recent checkpoints to keep (``None``: all).
+    ignore_keys: fingerprint keys (dotted for nested dicts) that are not compared, e.g. flags that
+      do not change results.
+    overwrite: if the workdir already holds a run (finished or not), move all of it into
+      ``workdir/previous-<timestamp>/`` and start afresh. Nothing is ever deleted.
+
+  Raises:
+    RunFinishedError: the workdir holds a finished run and ``overwrite`` is False.
+    ValueError: the stored fingerprint differs (the message names the keys), or the workdir holds
+      checkpoints without a ``run.json``.
+    TypeError: the fingerprint is not JSON-able.
+  """
+
+  def __init__(self, workdir: str | os.PathLike, *, fingerprint: abc.Mapping[str, Any],
+               max_to_keep: int | None = 3, ignore_keys: abc.Iterable[str] = (),
+               overwrite: bool = False):
+    self.workdir = pathlib.Path(workdir).absolute()
+    self.fingerprint = _jsonable(dict(fingerprint), what="fingerprint")
+    self.max_to_keep = max_to_keep
+    self.ignore_keys = tuple(ignore_keys)
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    run_file = self.workdir / RUN_FILE
+    if overwrite:
+      self.previous_dir = self._move_aside()
+    else:
+      self.previous_dir = None
+      if self.is_finished():
+        raise RunFinishedError(
+            f"run in {self.workdir} already finished; results in {self.results_path}; "
+            "pass --overwrite or use another --workdir")
+    if run_file.exists():
+      stored = json.loads(run_file.read_text(encoding="utf-8"))["fingerprint"]
+      diffs = _fingerprint_diff(stored, self.fingerprint, self.ignore_keys)
+      if diffs:
+        listed = "; ".join(diffs[:_MAX_LISTED])
+        more = f" (and {len(diffs) - _MAX_LISTED} more)" if len(diffs) > _MAX_LISTED else ""
+        raise ValueError(
+            f"checkpoint in {self.workdir} was written by a different config: {listed}{more} "
+            "(stored != now); use another --workdir, or --overwrite to move the old run aside")
+    else:
+      ckpt_dir = self.workdir / CHECKPOINT_DIR
+      if ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+        raise ValueError(f"{ckpt_dir} holds checkpoints but {run_file} is missing, so their config "
+                         "is unknown; use another --workdir, or --overwrite to move them aside")
+      created = datetime.datetime.now().isoformat(timespec="seconds")
+      _write_json_atomic(run_file, {"fingerprint": self.fingerprint, "created": created})
+    self._manager = self._new_manager()
+
+  # ----------------------------------------------------------------------------------------------
+  # Paths and state of the run.
+
+  @property
+  def checkpoint_dir(self) -> pathlib.Path:
+    """``workdir/checkpoints``: orbax's step directories."""
+    return self.workdir / CHECKPOINT_DIR
+
+  @property
+  def results_path(self) -> pathlib.Path:
+    """``workdir/results.json``."""
+    return self.workdir / RESULTS_FILE
+
+  def is_finished(self) -> bool:
+    """Whether :meth:`finish` has written ``results.json``."""
+    return self.results_path.exists()
+
+  def latest_step(self) -> int | None:
+    """The most recent committed step, or None if there is none."""
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    """All committed steps still kept, ascending."""
+    return sorted(self._manager.all_steps())
+
+  # ----------------------------------------------------------------------------------------------
+  # Save / restore.
+
+  def save(self, step: int, state: PyTree, meta: abc.Mapping[str, Any]) -> None:
+    """Saves ``state`` and ``meta`` as checkpoint ``step``; returns once it is committed.
+
+    Args:
+      step: an int greater than :meth:`latest_step`.
+      state: pytree of arrays (see the module docstring).
+      meta: small JSON-able dict (stream position, metrics so far).
+
+    Raises:
+      ValueError: ``step`` is not after the latest step, or the state has no array leaves.
+      TypeError: a leaf cannot be checkpointed (strings, objects, typed PRNG keys) or ``meta``
+        is not JSON-able.
+      Exception: whatever orbax raised while writing; the previous checkpoints are left intact and
+        this object stays usable.
+    """
+    step = int(step)
+    latest = self.latest_step()
+    if step < 0 or (latest is not None and step <= latest):
+      raise ValueError(f"checkpoint step {step} must be > the latest step {latest} in "
+                       f"{self.checkpoint_dir}")
+    meta = _jsonable(dict(meta), what="meta")
+    leaves, _ = _leaves(state)
+    if not leaves:
+      raise ValueError("state has no array leaves to checkpoint")
+    leaves = [(parts, _host_leaf("/".join(parts), x)) for parts, x in leaves]
+    args = ocp.args.Composite(state=ocp.args.StandardSave(_nest(leaves)),
+                              meta=ocp.args.JsonSave(meta))
+    try:
+      self._manager.save(step, args=args, force=True)
+      self._manager.wait_until_finished()
+    except BaseException:
+      # The step directory was never renamed into place; re-read the committed steps from disk so
+      # that the manager's cached step list cannot claim the failed step.
+      self._manager.reload()
+      raise
+
+  def restore(self, step: int | None = None, *, like: PyTree) -> tuple[PyTree, dict[str, Any]]:
+    """Restores checkpoint ``step`` (default: the latest) into the structure of ``like``.
+
+    Args:
+      step: the step to restore; None for :meth:`latest_step`.
+      like: a pytree with the state's structure, shapes and dtypes: concrete arrays or
+        ``jax.ShapeDtypeStruct`` (e.g. from ``jax.eval_shape``). Leaves carrying a sharding are
+        restored with it; others go to the default device.
+
+    Returns:
+      ``(state, meta)``: ``state`` has ``like``'s tree structure with ``jax.Array`` leaves, ``meta``
+      is the dict passed to :meth:`save`.
+
+    Raises:
+      FileNotFoundError: no such checkpoint.
+      ValueError: the stored tree does not match ``like``; the message names the paths (missing,
+        unexpected, shape or dtype differences).
+    """
+    steps = self.all_steps()
+    if step is None:
+      if not steps:
+        raise FileNotFoundError(f"no checkpoint in {self.checkpoint_dir}")
+      step = steps[-1]
+    elif step not in steps:
+      raise FileNotFoundError(f"no checkpoint for step {step} in {self.checkpoint_dir}; "
+                              f"available: {steps}")
+    leaves, treedef = _leaves(like)
+    default = _default_sharding()
+    abstract = [(parts, _abstract_leaf(x, default)) for parts, x in leaves]
+    stored = self._manager.item_metadata(step)["state"]
+    stored = getattr(stored, "tree", stored)
+    self._check_matches(step, stored, abstract)
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(_nest(abstract)), meta=ocp.args.JsonRestore()))
+    state = jax.tree_util.tree_unflatten(
+        treedef, [_lookup(restored["state"], parts) for parts, _ in abstract])
+    return state, dict(restored["meta"])
+
+  def _check_matches(self, step: int, stored: Any, abstract) -> None:
+    """Raises ValueError listing every path where the stored tree and ``like`` differ."""
+    stored_leaves = {}
+    for path, meta in jax.tree_util.tree_flatten_with_path(stored)[0]:
+      stored_leaves["/".join(_key_name(k) for k in path)] = meta
+    wanted = {"/".join(_escape(p) for p in parts): ("/".join(parts), x) for parts, x in abstract}
+    problems = []
+    for name in sorted(set(wanted) - set(stored_leaves)):
+      problems.append(f"{wanted[name][0]}: in `like` but not in the checkpoint")
+    for name in sorted(set(stored_leaves) - set(wanted)):
+      problems.append(f"{name}: in the checkpoint but not in `like`")
+    for name in sorted(set(wanted) & set(stored_leaves)):
+      path, x = wanted[name]
+      meta = stored_leaves[name]
+      shape, dtype = tuple(getattr(meta, "shape", ())), getattr(meta, "dtype", None)
+      if shape != tuple(x.shape):
+        problems.append(f"{path}: shape {shape} in the checkpoint, {tuple(x.shape)} in `like`")
+      elif dtype is not None and np.dtype(dtype) != np.dtype(x.dtype):
+        problems.append(f"{path}: dtype {np.dtype(dtype)} in the checkpoint, "
+                        f"{np.dtype(x.dtype)} in `like`")
+    if problems:
+      more = (f"\n  ... and {len(problems) - _MAX_LISTED} more"
+              if len(problems) > _MAX_LISTED else "")
+      raise ValueError(f"checkpoint step {step} in {self.checkpoint_dir} does not match `like`:\n  "
+                       + "\n  ".join(problems[:_MAX_LISTED]) + more)
+
+  # ----------------------------------------------------------------------------------------------
+  # End of run.
+
+  def finish(self, results: abc.Mapping[str, Any]) -> pathlib.Path:
+    """Writes ``results.json`` atomically, which marks the run finished.
+
+    NaN and infinities become ``null`` (strict JSON); ``np.asarray(R, float)`` turns them back into
+    NaN. Checkpoints are kept.
+
+    Args:
+      results: JSON-able dict (NumPy arrays and scalars are converted).
+
+    Returns:
+      The path of ``results.json``.
+    """
+    _write_json_atomic(self.results_path, _jsonable(dict(results), what="results", strict=True),
+                       strict=True)
+    return self.results_path
+
+  def wait(self) -> None:
+    """Blocks until pending checkpoint operations are done (saves are already synchronous)."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Finishes pending operations and releases orbax's resources."""
+    self._manager.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+  # ----------------------------------------------------------------------------------------------
+  # Internals.
+
+  def _new_manager(self) -> ocp.CheckpointManager:
+    registry = ocp.handlers.create_default_handler_registry(
+        state=ocp.StandardCheckpointHandler(), meta=ocp.JsonCheckpointHandler())
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=ocp.checkpoint_managers.LatestN(self.max_to_keep),
+        enable_async_checkpointing=False,
+        cleanup_tmp_directories=True,  # Leftovers of interrupted saves, never committed steps.
+        create=True,
+    )
+    return ocp.CheckpointManager(self.checkpoint_dir, options=options, handler_registry=registry)
+
+  def _move_aside(self) -> pathlib.Path | None:
+    """Moves every entry of the workdir except earlier ``previous-*`` folders into a new one."""
+    entries = [p for p in self.workdir.iterdir() if not p.name.startswith(PREVIOUS_PREFIX)]
+    if not entries:
+      return None
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    dest = self.workdir / f"{PREVIOUS_PREFIX}{stamp}"
+    suffix = 1
+    while dest.exists():
+      dest = self.workdir / f"{PREVIOUS_PREFIX}{stamp}-{suffix}"
+      suffix += 1
+    dest.mkdir()
+    for entry in entries:
+      os.replace(entry, dest / entry.name)
+    return dest
