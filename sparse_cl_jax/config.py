@@ -1,0 +1,136 @@
+"""Experiment configuration: the fields every config has, and their validation.
+
+Config files in ``configs/`` start from :func:`base` and set their method's fields; launchers call
+:func:`validate` before anything runs, so a bad value fails at once with a message that names the
+field, the value and what is allowed.
+
+Example::
+
+  from sparse_cl_jax import config as config_lib
+  c = config_lib.base(method="packnet")
+  c.dataset, c.num_tasks, c.epochs = "digits", 5, 10
+  config_lib.validate(c)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+DATASETS = ("digits", "fashion_mnist", "mnist", "cifar10", "cifar100", "tiny_imagenet",
+            "mini_imagenet", "arrays")
+SCENARIOS = ("split", "permuted")
+INCREMENTAL = ("task", "class")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+NORMS = ("auto", "batch", "task_batch", "batch_stats_only", "none")
+
+
+def base(method: str) -> ml_collections.ConfigDict:
+  """The shared fields with defaults that suit the embedded digits data."""
+  c = ml_collections.ConfigDict()
+  c.method = method
+  # Data.
+  c.dataset = "digits"
+  c.data_dir = ""  # "" = the source's default location
+  c.scenario = "split"
+  c.num_tasks = 5
+  c.incremental = "task"
+  c.class_order = "natural"  # "natural", "seed" (permutation from seed), or "3,1,..." explicit
+  c.val_fraction = 0.1
+  c.max_train_per_task = 0  # 0 = all
+  c.max_eval_per_task = 0  # 0 = all
+  # Model.
+  c.model = "mlp"
+  c.hidden = (256, 256)  # MLP only
+  c.norm = "auto"  # "auto": the method's preferred norm for models that have one
+  c.width_multiplier = 1.0
+  c.multi_head = True  # task-IL: one head per task; class-IL always uses one shared head
+  # Optimisation.
+  c.epochs = 10
+  c.batch_size = 64
+  c.eval_batch_size = 500
+  c.optimizer = "sgd"
+  c.learning_rate = 0.05
+  c.momentum = 0.9
+  c.nesterov = False
+  c.weight_decay = 0.0
+  c.lr_milestones = ()  # fractions of a phase's epochs, e.g. (0.5, 0.75)
+  c.lr_decay = 0.1
+  c.seed = 0
+  # Running.
+  c.num_devices = 1  # 0 = all local devices (data parallel through jax.sharding)
+  c.checkpoint_every_epochs = 5  # 0 = only after every task
+  c.progress = True
+  return c
+
+
+def _check_choice(c, field: str, choices) -> None:
+  value = c[field]
+  if value not in choices:
+    raise ValueError(f"config.{field}={value!r} is not valid; choose one of {list(choices)}")
+
+
+def _check_positive(c, field: str, allow_zero: bool = False) -> None:
+  value = c[field]
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+      value >= 0 if allow_zero else value > 0)
+  if not ok:
+    need = ">= 0" if allow_zero else "> 0"
+    raise ValueError(f"config.{field}={value!r} must be a number {need}")
+
+
+def class_order(c) -> Any:
+  """The ``class_order`` argument of ``data.make_stream`` from the config string."""
+  order = c.class_order
+  if order in ("natural", None, ""):
+    return "natural"
+  if order == "seed":
+    return None
+  if isinstance(order, str):
+    try:
+      return [int(x) for x in order.split(",")]
+    except ValueError:
+      raise ValueError(f"config.class_order={order!r} must be 'natural', 'seed' or a "
+                       "comma-separated list of class labels") from None
+  return list(order)
+
+
+def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks the shared fields; raises ``ValueError`` naming the bad field and value."""
+  for field in ("method", "dataset", "scenario", "num_tasks", "incremental", "model", "epochs",
+                "batch_size", "seed", "data_dir"):
+    if field not in c:
+      raise ValueError(f"config has no field {field!r} (start from sparse_cl_jax.config.base)")
+  _check_choice(c, "dataset", DATASETS)
+  _check_choice(c, "scenario", SCENARIOS)
+  _check_choice(c, "incremental", INCREMENTAL)
+  _check_choice(c, "optimizer", OPTIMIZERS)
+  _check_choice(c, "norm", NORMS)
+  for field in ("num_tasks", "batch_size", "eval_batch_size", "learning_rate",
+                "width_multiplier"):
+    _check_positive(c, field)
+  for field in ("epochs", "weight_decay", "momentum", "max_train_per_task", "max_eval_per_task",
+                "checkpoint_every_epochs", "num_devices"):
+    _check_positive(c, field, allow_zero=True)
+  if not isinstance(c.seed, int):
+    raise ValueError(f"config.seed={c.seed!r} must be an integer")
+  if not 0.0 <= c.val_fraction < 1.0:
+    raise ValueError(f"config.val_fraction={c.val_fraction!r} must be in [0, 1)")
+  if any(not 0.0 < m < 1.0 for m in c.lr_milestones):
+    raise ValueError(f"config.lr_milestones={tuple(c.lr_milestones)} must be fractions in (0, 1)")
+  class_order(c)
+  return c
+
+
+def to_dict(c: ml_collections.ConfigDict) -> dict:
+  """A JSON-able plain dict of the config (tuples as lists)."""
+
+  def plain(v):
+    if isinstance(v, ml_collections.ConfigDict):
+      return {k: plain(x) for k, x in v.items()}
+    if isinstance(v, (tuple, list)):
+      return [plain(x) for x in v]
+    return v
+
+  return plain(c)

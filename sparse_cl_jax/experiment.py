@@ -1,0 +1,221 @@
+"""One continual-learning run from a config: build, train every task, evaluate, checkpoint, report.
+
+Layer 5 of the design; the launcher ``experiments/main.py`` calls :func:`run` and nothing else.
+
+``run(config, workdir)`` builds the task stream, the model and the method, then for each task
+calls the method's ``run_task`` through a :class:`sparse_cl_jax.train.Trainer` and evaluates every
+task on the test split (the full accuracy matrix, upper triangle included). After every task, and
+every ``config.checkpoint_every_epochs`` epochs inside one, the complete state is checkpointed
+with orbax; running again with the same ``workdir`` resumes where it stopped and ends with the
+same results. A workdir written by another config is refused; a finished run is never overwritten
+unless ``overwrite=True`` (then it is moved aside, not deleted). The run ends by writing
+``workdir/results.json`` and printing a summary table.
+
+Example::
+
+  from sparse_cl_jax import config as config_lib, experiment
+  c = config_lib.base("packnet"); c.packnet = ...  # or: configs/packnet.py get_config()
+  results = experiment.run(c, "/tmp/packnet")
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparse_cl_jax import checkpoint
+from sparse_cl_jax import config as config_lib
+from sparse_cl_jax import data as data_lib
+from sparse_cl_jax import masks
+from sparse_cl_jax import methods
+from sparse_cl_jax import metrics
+from sparse_cl_jax import models
+from sparse_cl_jax import train
+from sparse_cl_jax.methods import base
+
+# Fields that may change between a run and its resumption.
+_NOT_FINGERPRINTED = ("progress", "checkpoint_every_epochs")
+
+
+def build_stream(config, source: data_lib.Source | None = None) -> data_lib.TaskStream:
+  """The task stream the config describes (``source`` overrides the dataset for 'arrays')."""
+  if source is None:
+    if config.dataset == "arrays":
+      raise ValueError("config.dataset='arrays' needs a Source passed to run(..., source=...)")
+    source = data_lib.load_source(config.dataset, data_dir=config.data_dir or None,
+                                  seed=config.seed)
+  return data_lib.make_stream(
+      source, scenario=config.scenario, num_tasks=config.num_tasks,
+      incremental=config.incremental, class_order=config_lib.class_order(config),
+      val_fraction=config.val_fraction, seed=config.seed,
+      max_train_per_task=config.max_train_per_task or None,
+      max_eval_per_task=config.max_eval_per_task or None)
+
+
+def build_model(config, stream: data_lib.TaskStream):
+  """The Flax model for the stream: heads for every task (task-IL) or one shared head."""
+  multi = stream.incremental == "task" and bool(config.multi_head)
+  num_heads = stream.num_tasks if multi else 1
+  kwargs: dict[str, Any] = {"width_multiplier": config.width_multiplier,
+                            "num_tasks": stream.num_tasks}
+  if config.model == "mlp":
+    kwargs["hidden"] = tuple(config.hidden)
+  norm = config.norm
+  if norm == "auto":
+    natural = models.create(config.model, num_heads=1, num_classes=2).norm
+    norm = "none" if natural == "none" else methods.default_norm(config.method)
+  kwargs["norm"] = norm
+  return models.create(config.model, num_heads=num_heads, num_classes=stream.num_outputs,
+                       **kwargs)
+
+
+def build(config, *, source=None, save_fn=None):
+  """Stream, model, context, method and trainer for a config (no training)."""
+  config_lib.validate(config)
+  stream = build_stream(config, source)
+  model = build_model(config, stream)
+  key = jax.random.key(config.seed)
+  variables = models.init(model, jax.random.fold_in(key, 1), (1,) + tuple(stream.input_shape))
+  params = variables["params"]
+  include = tuple(config.get("mask_include", masks.DEFAULT_INCLUDE))
+  exclude = tuple(config.get("mask_exclude", masks.DEFAULT_EXCLUDE))
+  spec = masks.maskable(params, include=include, exclude=exclude)
+  rows = base.task_rows(params, stream.num_tasks, multi_head=model.num_heads > 1,
+                        per_task_norm=getattr(model, "norm", "none") == "task_batch")
+  ctx = base.Context(config=config, model=model, stream=stream, variables=variables, spec=spec,
+                     task_rows=rows, num_tasks=stream.num_tasks,
+                     key=jax.random.key_data(jax.random.fold_in(key, 2)))
+  method = methods.make(config.method, config, ctx)
+  trainer = train.Trainer(config=config, model=model, stream=stream, method=method, ctx=ctx,
+                          save_fn=save_fn)
+  return trainer
+
+
+def _report(trainer: train.Trainer, state: train.TrainState, R, R_val, b,
+            train_seconds: float) -> dict:
+  ctx = trainer.ctx
+  rep = dict(trainer.method.report(ctx, state))
+  own = rep.pop("ownership", None)
+  mask_bits = int(rep.pop("mask_bits", 0))
+  params = jax.device_get(state.params)
+  out = {
+      "method": trainer.method.name,
+      "config": config_lib.to_dict(trainer.config),
+      "accuracy_matrix": R.tolist(),
+      "val_accuracy_matrix": R_val.tolist(),
+      "random_init_accuracy": list(b),
+      "acc": metrics.acc(R),
+      "bwt": metrics.bwt(R),
+      "fwt": {"gem": metrics.fwt_gem(R, np.asarray(b)),
+              "subnetwork": metrics.fwt_subnetwork(R)},
+      "forgetting": metrics.forgetting(R),
+      "average_accuracy_curve": metrics.average_accuracy_curve(R).tolist(),
+      "density_per_task": rep.pop("density_per_task", [1.0] * ctx.num_tasks),
+      "model_bytes": metrics.model_bytes(
+          params, mask_bits=mask_bits, maskable=ctx.spec,
+          per_task_trees=[jax.device_get(state.batch_stats)]),
+      "train_seconds": train_seconds,
+      "num_params": int(sum(np.size(p) for p in jax.tree.leaves(params))),
+      "devices": [str(d) for d in jax.local_devices()[:max(1, int(trainer.config.num_devices)
+                                                            or jax.local_device_count())]],
+      "tasks": [list(map(int, c)) for c in trainer.stream.classes],
+  }
+  if own is not None:
+    own_np = jax.device_get(own)
+    spec_leaves = jax.tree.leaves(ctx.spec)
+    maskable_own = {p: o for (p, o), s in zip(masks.leaves_with_paths(own_np), spec_leaves) if s}
+    out["capacity_per_layer"] = metrics.capacity_per_layer(maskable_own, ctx.num_tasks)
+    out["capacity_total"] = metrics.capacity_total(maskable_own, ctx.num_tasks)
+  out.update(rep)  # method-specific extras
+  return out
+
+
+def run(config, workdir: str, *, source: data_lib.Source | None = None,
+        stop_after_task: int | None = None, overwrite: bool = False,
+        print_summary: bool = True) -> dict | None:
+  """Runs (or resumes) the experiment; returns the results dict, or None if stopped early.
+
+  Args:
+    config: an ml_collections config (see ``configs/``).
+    workdir: checkpoints, ``run.json`` and ``results.json`` go here.
+    source: data for ``config.dataset='arrays'`` (a ``data.Source``).
+    stop_after_task: stop (after checkpointing) once this many tasks are done; for splitting long
+      runs and for tests of resumption.
+    overwrite: move a finished run in ``workdir`` aside and start again.
+    print_summary: print the accuracy matrix table at the end.
+  """
+  config_lib.validate(config)
+  fingerprint = {k: v for k, v in config_lib.to_dict(config).items()
+                 if k not in _NOT_FINGERPRINTED}
+  ckpt = checkpoint.Checkpointer(workdir, fingerprint=fingerprint, overwrite=overwrite)
+  progress: dict = {}
+
+  def save(state, meta):
+    step = (ckpt.latest_step() or 0) + 1
+    ckpt.save(step, jax.device_get(state), {**progress, **meta})
+
+  trainer = build(config, source=source, save_fn=save)
+  T = trainer.stream.num_tasks
+  state = trainer.init_state()
+  R = np.full((T, T), np.nan)
+  R_val = np.full((T, T), np.nan)
+  start_task = 0
+  train_seconds = 0.0
+  latest = ckpt.latest_step()
+  if latest is not None:
+    like = jax.eval_shape(lambda s: s, state)
+    if trainer.replicated is not None:
+      like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                         sharding=trainer.replicated), like)
+    state, meta = ckpt.restore(latest, like=like)
+    R = np.array(meta["R"], dtype=float)
+    R_val = np.array(meta["R_val"], dtype=float)
+    b = list(meta["b"])
+    train_seconds = float(meta["train_seconds"])
+    start_task = int(meta["task"])
+    if int(meta.get("op", 0)) or int(meta.get("epoch", 0)):
+      trainer.resume = train.Resume(task=start_task, op=int(meta["op"]),
+                                    epoch=int(meta["epoch"]), op_log=dict(meta["op_log"]))
+    logging.info("resuming %s at task %d (op %s, epoch %s)", workdir, start_task + 1,
+                 meta.get("op"), meta.get("epoch"))
+  else:
+    b = [trainer.accuracy(state, j, current=j) for j in range(T)]
+  for t in range(start_task, T):
+    progress.update(R=R.tolist(), R_val=R_val.tolist(), b=b, train_seconds=train_seconds)
+    trainer.begin_task(t)
+    t0 = time.perf_counter()
+    state = trainer.method.run_task(trainer, state, t)
+    jax.block_until_ready(state)
+    train_seconds += time.perf_counter() - t0
+    R[t] = trainer.accuracy_row(state, t, "test")
+    R_val[t] = trainer.accuracy_row(state, t, "val")
+    logging.info("after task %d: test accuracy %s", t + 1, np.round(R[t], 4).tolist())
+    progress.update(R=R.tolist(), R_val=R_val.tolist(), b=b, train_seconds=train_seconds)
+    save(state, {"task": t + 1, "op": 0, "epoch": 0, "op_log": {}})
+    if stop_after_task is not None and t + 1 >= stop_after_task and t + 1 < T:
+      ckpt.close()
+      return None
+  results = _report(trainer, state, R, R_val, b, train_seconds)
+  results["trace_counts"] = dict(trainer.trace_counts)
+  ckpt.finish(results)
+  ckpt.close()
+  if print_summary:
+    print(f"\n{results['method']} on {config.dataset} ({config.scenario}, {T} tasks, "
+          f"{config.incremental}-IL, model {config.model}): test accuracy matrix R[i, j]")
+    print(metrics.summary_table(R, b=np.asarray(b)))
+    print(f"density per task: {np.round(results['density_per_task'], 4).tolist()}  "
+          f"model bytes: {results['model_bytes']['total']}  "
+          f"train seconds: {train_seconds:.1f}")
+  return results
+
+
+def load_results(workdir: str) -> dict:
+  """Reads ``workdir/results.json``."""
+  with open(f"{workdir}/results.json") as f:
+    return json.load(f)

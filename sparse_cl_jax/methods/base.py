@@ -1,0 +1,165 @@
+"""What a continual-learning method is: a small set of pure functions over a state pytree.
+
+Layer 4 of the design. A method does not subclass anything; it is a :class:`Method` value whose
+fields are functions. The harness (:mod:`sparse_cl_jax.train`) calls them:
+
+* ``init_state(ctx) -> mstate``: the method's non-trainable state for the whole stream (masks,
+  ownership, statistics). Shapes never change between tasks.
+* ``init_aux(ctx) -> aux``: trainable method variables other than the params (e.g. Piggyback's
+  real-valued masks); ``{}`` when there are none. They are trained by ``aux_tx``.
+* ``forward_params(params, aux, mstate, task, current) -> params``: the params the network
+  computes with for ``task`` (traced) after training ``current`` (traced); used by training
+  (``task == current``) and evaluation. Must be differentiable in ``params`` and ``aux``.
+* ``wrap_tx(base_tx) -> tx``: puts the method's optax transforms around the base optimiser
+  (freezing, sparsity). ``tx_args(mstate, task) -> dict`` gives the keyword extra arguments
+  (element-wise masks as data) for ``tx.update``; likewise ``aux_tx_args``.
+* ``penalty(params, aux, mstate, task) -> scalar``: an extra loss term (L1 for CLNP...), or None.
+* ``run_task(trainer, state, t) -> state``: Python orchestration of task ``t``'s phases through
+  the trainer's recorded operations (``trainer.train``, ``trainer.apply``, ``trainer.evaluate``),
+  which makes a run resumable inside a task.
+* ``report(ctx, state) -> dict``: per-run figures (``density_per_task``, ``model_bytes``,
+  capacity) for ``results.json``.
+
+A method module also sets ``DEFAULT_NORM``: the normalisation it wants for models that have one
+when the config says ``norm="auto"`` (parameter isolation needs per-task BatchNorm to forget
+nothing).
+
+Ownership convention shared by the parameter-isolation methods (PackNet, CPG, DST, CLNP): the
+loop's task index ``t`` (0-based) owns weights as owner ``t + 1``; 0 means free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from sparse_cl_jax import masks as masks_lib
+from sparse_cl_jax import types
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """What a method may know about the run when it builds its state (all static)."""
+  config: ml_collections.ConfigDict
+  model: nn.Module
+  stream: Any  # data.TaskStream
+  variables: dict  # the initial {'params': ..., 'batch_stats': ...}
+  spec: types.LeafSpec  # maskable leaves
+  task_rows: types.LeafSpec  # leaves with one row per task on axis 0 (heads, per-task BN)
+  num_tasks: int
+  key: jax.Array  # raw uint32 key data for the method's own randomness
+
+  @property
+  def params(self) -> types.Params:
+    return self.variables["params"]
+
+
+def _no_args(mstate, task):
+  del mstate, task
+  return {}
+
+
+def _identity_tx(tx):
+  return tx
+
+
+def _empty(ctx):
+  del ctx
+  return {}
+
+
+def _plain_forward(params, aux, mstate, task, current):
+  del aux, mstate, task, current
+  return params
+
+
+def _no_report(ctx, state):
+  del ctx, state
+  return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A continual-learning method as plain functions (see the module docstring)."""
+  name: str
+  run_task: Callable[..., Any]
+  init_state: Callable[[Context], Any] = _empty
+  init_aux: Callable[[Context], Any] = _empty
+  forward_params: Callable[..., types.Params] = _plain_forward
+  wrap_tx: Callable[[optax.GradientTransformation], optax.GradientTransformation] = _identity_tx
+  tx_args: Callable[[Any, Any], dict] = _no_args
+  aux_tx: optax.GradientTransformation | None = None
+  aux_tx_args: Callable[[Any, Any], dict] = _no_args
+  penalty: Callable[..., jax.Array] | None = None
+  report: Callable[[Context, Any], dict] = _no_report
+  # False for methods whose task logic branches on snapshots: then only task boundaries are
+  # checkpointed (resume restarts the interrupted task).
+  resumable_within_task: bool = True
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers shared by the parameter-isolation methods.
+
+
+TASK_ROW_PATTERNS = (r"(^|/)head/(kernel|bias)$", r"(^|/)norm[^/]*/(scale|bias)$")
+
+
+def task_rows(params: types.Params, num_tasks: int, *, multi_head: bool,
+              per_task_norm: bool) -> types.LeafSpec:
+  """Which leaves hold one row per task on axis 0 (multi-head heads, per-task BN affine)."""
+  head = re.compile(TASK_ROW_PATTERNS[0])
+  norm = re.compile(TASK_ROW_PATTERNS[1])
+
+  def decide(path, leaf):
+    shape = jnp.shape(leaf)
+    if not shape or shape[0] != num_tasks:
+      return False
+    if head.search(path):
+      return multi_head and num_tasks > 1
+    if norm.search(path):
+      return per_task_norm
+    return False
+
+  return masks_lib.map_with_path(decide, params)
+
+
+def task_slice(params: types.Params, rows: types.LeafSpec, task) -> types.Masks:
+  """True on row ``task`` of per-task leaves; True everywhere on shared leaves (traced task OK)."""
+
+  def one(p, r):
+    shape = jnp.shape(p)
+    if not r:
+      return jnp.ones(shape, jnp.bool_)
+    idx = jax.lax.broadcasted_iota(jnp.int32, shape, 0)
+    return idx == jnp.asarray(task, jnp.int32)
+
+  return jax.tree.map(one, params, rows)
+
+
+def shared_nonmaskable(spec: types.LeafSpec, rows: types.LeafSpec) -> types.LeafSpec:
+  """Leaves that are neither maskable nor per-task: shared biases / norms (frozen after task 0)."""
+  return jax.tree.map(lambda s, r: not s and not r, spec, rows)
+
+
+def ownership_report(ctx: Context, own: types.Ownership) -> dict:
+  """``report`` fields of an ownership-based method: density per task, mask bits, ownership.
+
+  ``density_per_task[j]``: the fraction of maskable weights task j computes with at the end
+  (owned by tasks 1..j+1). The harness turns ``mask_bits`` and ``ownership`` into model bytes
+  and per-layer capacity.
+  """
+  total = sum(int(jnp.size(p)) for p, s in zip(jax.tree.leaves(ctx.params),
+                                                jax.tree.leaves(ctx.spec)) if s)
+  dens = []
+  for j in range(ctx.num_tasks):
+    vis = masks_lib.visible(own, j + 1)
+    dens.append(float(masks_lib.count(vis, ctx.spec)) / max(total, 1))
+  return {"density_per_task": dens, "mask_bits": masks_lib.ownership_bits(ctx.num_tasks),
+          "ownership": own}
