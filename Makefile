@@ -18,7 +18,7 @@ install: $(STAMP)
 
 ## make test: create .venv if missing, install, run the whole suite.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
 
 ## make demo: PackNet and fine-tuning on 5-task Split-Digits (embedded data, no download).
 demo: $(STAMP)

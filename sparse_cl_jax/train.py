@@ -140,8 +140,10 @@ class Trainer:
                        if self.mesh is not None else None)
 
     self.train_data = self._to_device("train")
-    self.val_data = self._to_device("val")
-    self.test_data = self._to_device("test")
+    # Validation and test are padded to one size so that evaluation compiles once for both.
+    n_eval = max(stream.x_val.shape[1], stream.x_test.shape[1])
+    self.val_data = self._to_device("val", pad_to=n_eval)
+    self.test_data = self._to_device("test", pad_to=n_eval)
     self.head_mask = self._put(jnp.asarray(stream.head_mask))
 
     self._run_steps = jax.jit(self._run_steps_impl, donate_argnums=(0,))
@@ -156,10 +158,15 @@ class Trainer:
       return jax.device_put(x)
     return jax.device_put(x, self.replicated)
 
-  def _to_device(self, split: str) -> DeviceData:
+  def _to_device(self, split: str, pad_to: int | None = None) -> DeviceData:
     s = self.stream
-    return DeviceData(*(self._put(np.asarray(getattr(s, f"{p}_{split}")))
-                        for p in ("x", "y", "ids", "n")))
+    arrays = [np.asarray(getattr(s, f"{p}_{split}")) for p in ("x", "y", "ids", "n")]
+    if pad_to is not None and pad_to > arrays[0].shape[1]:
+      extra = pad_to - arrays[0].shape[1]
+      for i, fill in ((0, 0), (1, 0), (2, -1)):
+        widths = [(0, 0), (0, extra)] + [(0, 0)] * (arrays[i].ndim - 2)
+        arrays[i] = np.pad(arrays[i], widths, constant_values=fill)
+    return DeviceData(*(self._put(a) for a in arrays))
 
   def _shard_batch(self, x):
     if self.mesh is None:

@@ -10,6 +10,12 @@ from sparse_cl_jax.methods import base
 REGISTRY = {
     "finetune": "finetune",
     "packnet": "packnet",
+    "individual": "individual",  # one model per task (CPG's reference)
+    "piggyback": "piggyback",
+    "cpg": "cpg",
+    "pae": "cpg",  # CPG without picking, growth up to 2x (same module)
+    "dst": "dst",
+    "clnp": "clnp",
 }
 
 

@@ -32,6 +32,7 @@ from sparse_cl_jax import transforms
 from sparse_cl_jax.methods import base
 
 DEFAULT_NORM = "task_batch"
+FORGETS_NOTHING = True
 
 
 def view(own, task, current):
@@ -101,7 +102,19 @@ def make(config, ctx: base.Context) -> base.Method:
     return trainer.apply(state, lambda s: finish(s, tt))
 
   def report(ctx, state):
-    return base.ownership_report(ctx, state.method["own"])
+    out = base.ownership_report(ctx, state.method["own"])
+    # What the per-layer one-shot prune promises, from the shapes alone: every task trains all
+    # free weights of a layer and keeps round((1 - f) * free) of them.
+    sizes = [int(jnp.size(p)) for p, s in zip(jax.tree.leaves(ctx.params),
+                                              jax.tree.leaves(spec)) if s]
+    free, owned, expected = list(sizes), 0, []
+    for _ in range(ctx.num_tasks):
+      keep = [int(round((1.0 - frac) * f)) for f in free]
+      owned += sum(keep)
+      free = [f - k for f, k in zip(free, keep)]
+      expected.append(owned / max(sum(sizes), 1))
+    out["expected_density_per_task"] = expected
+    return out
 
   return base.Method(name="packnet", run_task=run_task, init_state=init_state,
                      forward_params=forward_params, wrap_tx=wrap_tx, tx_args=tx_args,

@@ -1,0 +1,108 @@
+"""The conformance test every registered method passes (DESIGN.md, "Tests").
+
+For each name in ``methods.REGISTRY`` the config ``configs/<name>.py:runlocal`` (a few seconds on
+the embedded digits data) is run end to end, and:
+
+* the run writes every results.json field and beats chance clearly on this easy stream;
+* a method that promises no forgetting (module constant ``FORGETS_NOTHING = True``) has earlier
+  tasks' test accuracies bit-identical after later tasks (R[i, j] == R[j, j] for i > j, BWT 0);
+* a method that promises exact sparsity reports ``expected_density_per_task`` and hits it;
+* the train and eval steps compile once for the whole stream (one trace per phase kind);
+* a run stopped after task 1 and resumed from its checkpoint ends with the same accuracy matrix
+  as the uninterrupted run.
+"""
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+from sparse_cl_jax import experiment
+from sparse_cl_jax import methods
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# One xdist group per method, so that a method's runs share one worker (and its cached full run).
+NAMES = [pytest.param(n, marks=pytest.mark.xdist_group(n)) for n in sorted(methods.REGISTRY)]
+REQUIRED_FIELDS = ("method", "config", "accuracy_matrix", "acc", "bwt", "fwt", "forgetting",
+                   "density_per_task", "model_bytes", "train_seconds")
+
+
+def load_config(name, arg="runlocal"):
+  path = os.path.join(_REPO, "configs", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  config.progress = False
+  return config
+
+
+@pytest.fixture(scope="module")
+def full_runs(tmp_path_factory):
+  cache = {}
+
+  def get(name):
+    if name not in cache:
+      workdir = str(tmp_path_factory.mktemp(f"full_{name}"))
+      cache[name] = experiment.run(load_config(name), workdir, print_summary=False)
+      with open(os.path.join(workdir, "results.json")) as f:
+        cache[name]["_from_disk"] = json.load(f)
+    return cache[name]
+
+  return get
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_runs_reports_and_beats_chance(name, full_runs):
+  r = full_runs(name)
+  for field in REQUIRED_FIELDS:
+    assert field in r["_from_disk"], field
+  assert r["method"] == name
+  R = np.asarray(r["accuracy_matrix"], dtype=float)
+  T = R.shape[0]
+  assert R.shape == (T, T) and np.all((R >= 0) & (R <= 1))
+  classes = r["tasks"]
+  if r["config"]["incremental"] == "task":
+    chance = float(np.mean([1.0 / len(c) for c in classes]))
+  else:
+    chance = 1.0 / sum(len(c) for c in classes)
+  assert r["acc"] > chance + 0.15, (r["acc"], chance)
+  assert len(r["density_per_task"]) == T
+  assert r["model_bytes"]["total"] > 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_forgetting_promise(name, full_runs):
+  if not getattr(methods.module(name), "FORGETS_NOTHING", False):
+    pytest.skip(f"{name} does not promise zero forgetting")
+  R = np.asarray(full_runs(name)["accuracy_matrix"], dtype=float)
+  for i in range(R.shape[0]):
+    for j in range(i):
+      assert R[i, j] == R[j, j], (i, j, R)
+  assert full_runs(name)["bwt"] == 0.0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sparsity_promise(name, full_runs):
+  r = full_runs(name)
+  if "expected_density_per_task" not in r:
+    pytest.skip(f"{name} makes no exact sparsity promise")
+  np.testing.assert_allclose(r["density_per_task"], r["expected_density_per_task"], atol=1e-12)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_one_compile_per_phase_kind(name, full_runs):
+  counts = full_runs(name)["trace_counts"]
+  assert counts.get("run_steps", 0) <= 1 and counts.get("eval", 0) == 1, counts
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_resume_after_task_1_gives_same_results(name, full_runs, tmp_path):
+  config = load_config(name)
+  workdir = str(tmp_path / "resumed")
+  assert experiment.run(config, workdir, stop_after_task=1, print_summary=False) is None
+  resumed = experiment.run(load_config(name), workdir, print_summary=False)
+  np.testing.assert_array_equal(np.asarray(resumed["accuracy_matrix"]),
+                                np.asarray(full_runs(name)["accuracy_matrix"]))
