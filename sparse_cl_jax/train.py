@@ -181,7 +181,8 @@ class Trainer:
 
   def init_state(self) -> TrainState:
     """The initial state: fresh params, optimiser states, the method's state."""
-    v = self.ctx.variables
+    # Copies: the step donates the state, and the context's initial variables must survive it.
+    v = jax.tree.map(jnp.copy, self.ctx.variables)
     aux = self.method.init_aux(self.ctx)
     state = TrainState(
         params=v["params"], batch_stats=v.get("batch_stats", {}),

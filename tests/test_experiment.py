@@ -1,0 +1,230 @@
+"""End-to-end harness tests: runs, resumption, refusals, results, traces, TFDS and sharding."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparse_cl_jax import checkpoint
+from sparse_cl_jax import config as config_lib
+from sparse_cl_jax import experiment
+from sparse_cl_jax import train
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name, arg="runlocal"):
+  spec = importlib.util.spec_from_file_location(
+      f"cfg_{name}", os.path.join(_REPO, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config(arg)
+  c.progress = False
+  return c
+
+
+def tiny(name, **overrides):
+  c = load_config(name)
+  c.num_tasks = 2
+  for k, v in overrides.items():
+    setattr(c, k, v)
+  return c
+
+
+def test_two_task_run_writes_results(tmp_path):
+  r = experiment.run(tiny("finetune"), str(tmp_path), print_summary=False)
+  with open(tmp_path / "results.json") as f:
+    disk = json.load(f)
+  for field in ("method", "config", "accuracy_matrix", "acc", "bwt", "fwt", "forgetting",
+                "density_per_task", "model_bytes", "train_seconds"):
+    assert field in disk
+  R = np.asarray(disk["accuracy_matrix"])
+  assert R.shape == (2, 2) and ((R >= 0) & (R <= 1)).all()
+  assert disk["acc"] == pytest.approx(R[-1].mean())
+  assert disk["bwt"] == pytest.approx(R[1, 0] - R[0, 0])
+  assert set(disk["fwt"]) == {"gem", "subnetwork"}
+  assert disk["config"]["epochs"] == 2 and disk["method"] == "finetune"
+  assert disk["train_seconds"] > 0 and disk["model_bytes"]["total"] > 0
+  assert r["acc"] > 0.5  # 5-class tasks: chance is 0.2
+
+
+def test_class_incremental_run(tmp_path):
+  r = experiment.run(tiny("finetune", incremental="class"), str(tmp_path), print_summary=False)
+  R = np.asarray(r["accuracy_matrix"])
+  # After task 1 only task 1's classes can be predicted: task 2 (unseen classes) scores 0.
+  assert R[0, 1] == 0.0 and R[0, 0] > 0.4  # chance 0.2
+
+
+def test_one_trace_per_phase_kind_across_tasks(tmp_path):
+  c = tiny("packnet")
+  c.num_tasks = 5
+  r = experiment.run(c, str(tmp_path), print_summary=False)
+  # Train and retrain phases of five tasks share one compiled chunk; val and test one eval.
+  assert r["trace_counts"] == {"run_steps": 1, "train_step": 1, "eval": 1}
+
+
+def test_packnet_earlier_weights_and_outputs_bit_identical():
+  c = tiny("packnet")
+  trainer = experiment.build(c)
+  state = trainer.init_state()
+  trainer.begin_task(0)
+  state = trainer.method.run_task(trainer, state, 0)
+  data = trainer.task_data(0, "test")
+  x = trainer.stream.normalize(data.x[:64])
+
+  def view_and_logits(state, current):
+    p = trainer.method.forward_params(state.params, state.aux, state.method, jnp.int32(0),
+                                      jnp.int32(current))
+    logits = trainer.model.apply({"params": p, "batch_stats": state.batch_stats}
+                                 if state.batch_stats else {"params": p}, x, task=0, train=False)
+    return jax.device_get(p), np.asarray(logits)
+
+  p0, l0 = view_and_logits(state, 0)
+  p0 = jax.tree.map(np.copy, p0)
+  trainer.begin_task(1)
+  state = trainer.method.run_task(trainer, state, 1)
+  p1, l1 = view_and_logits(state, 1)
+  # Every weight task 1 owns (all it computes with) is bit-identical after task 2...
+  own = jax.device_get(state.method["own"])
+  for a, b, o in zip(jax.tree.leaves(p0), jax.tree.leaves(p1), jax.tree.leaves(own)):
+    sel = np.asarray(o) == 1
+    assert sel.any()
+    np.testing.assert_array_equal(np.asarray(a).view(np.uint32)[sel],
+                                  np.asarray(b).view(np.uint32)[sel])
+  # ...and so are its outputs.
+  np.testing.assert_array_equal(l0.view(np.uint32), l1.view(np.uint32))
+  # And task 2 really trained something new.
+  own = jax.device_get(state.method["own"])
+  assert any((np.asarray(o) == 2).any() for o in jax.tree.leaves(own))
+
+
+def test_resume_after_task_gives_same_matrix(tmp_path):
+  c = tiny("packnet")
+  full = experiment.run(c, str(tmp_path / "full"), print_summary=False)
+  assert experiment.run(tiny("packnet"), str(tmp_path / "r"), stop_after_task=1,
+                        print_summary=False) is None
+  resumed = experiment.run(tiny("packnet"), str(tmp_path / "r"), print_summary=False)
+  np.testing.assert_array_equal(resumed["accuracy_matrix"], full["accuracy_matrix"])
+
+
+def test_resume_inside_a_task_gives_same_matrix(tmp_path, monkeypatch):
+  c = tiny("packnet", checkpoint_every_epochs=1)
+  c.epochs = 3
+  full = experiment.run(c, str(tmp_path / "full"), print_summary=False)
+
+  original = checkpoint.Checkpointer.save
+  calls = {"n": 0}
+
+  def crash_after_third_save(self, step, state, meta):
+    original(self, step, state, meta)
+    calls["n"] += 1
+    if calls["n"] == 3:  # task 1: epochs 1, 2 of training, then the retrain... stop mid-task
+      raise KeyboardInterrupt("simulated preemption")
+
+  monkeypatch.setattr(checkpoint.Checkpointer, "save", crash_after_third_save)
+  c2 = tiny("packnet", checkpoint_every_epochs=1)
+  c2.epochs = 3
+  with pytest.raises(KeyboardInterrupt):
+    experiment.run(c2, str(tmp_path / "r"), print_summary=False)
+  monkeypatch.setattr(checkpoint.Checkpointer, "save", original)
+  with open(tmp_path / "r" / "checkpoints" / "3" / "meta" / "metadata") as f:
+    pass  # the checkpoint exists on disk
+  resumed = experiment.run(c2, str(tmp_path / "r"), print_summary=False)
+  np.testing.assert_array_equal(resumed["accuracy_matrix"], full["accuracy_matrix"])
+
+
+def test_mismatched_checkpoint_refused(tmp_path):
+  experiment.run(tiny("packnet"), str(tmp_path), stop_after_task=1, print_summary=False)
+  other = tiny("packnet")
+  other.epochs = 5
+  with pytest.raises(ValueError, match=r"different config: epochs 2 != 5"):
+    experiment.run(other, str(tmp_path), print_summary=False)
+
+
+def test_finished_run_not_overwritten(tmp_path):
+  experiment.run(tiny("finetune"), str(tmp_path), print_summary=False)
+  before = (tmp_path / "results.json").read_text()
+  with pytest.raises(checkpoint.RunFinishedError, match="already finished"):
+    experiment.run(tiny("finetune"), str(tmp_path), print_summary=False)
+  assert (tmp_path / "results.json").read_text() == before
+  experiment.run(tiny("finetune"), str(tmp_path), overwrite=True, print_summary=False)
+  moved = [p for p in os.listdir(tmp_path) if p.startswith("previous-")]
+  assert len(moved) == 1
+  assert (tmp_path / moved[0] / "results.json").read_text() == before
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("dataset", "imagenet", "config.dataset='imagenet' is not valid"),
+    ("incremental", "domain", "config.incremental='domain'"),
+    ("epochs", -1, "config.epochs=-1 must be a number >= 0"),
+    ("batch_size", 0, "config.batch_size=0 must be a number > 0"),
+    ("class_order", "a,b", "config.class_order='a,b'"),
+])
+def test_bad_config_values_named(field, value, match, tmp_path):
+  c = tiny("finetune")
+  setattr(c, field, value)
+  with pytest.raises(ValueError, match=match):
+    experiment.run(c, str(tmp_path), print_summary=False)
+  assert not os.listdir(tmp_path) or not (tmp_path / "results.json").exists()
+
+
+def test_tfds_mnist_on_mock_data(tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  c = tiny("finetune", dataset="mnist")
+  with tfds.testing.mock_data(num_examples=60):
+    r = experiment.run(c, str(tmp_path), print_summary=False)
+  assert np.asarray(r["accuracy_matrix"]).shape == (2, 2)
+  assert r["config"]["dataset"] == "mnist"
+
+
+def test_sharded_run_matches_single_device(tmp_path):
+  assert jax.local_device_count() >= 4, "conftest should emulate 4 CPU devices"
+  c1 = tiny("finetune", batch_size=32, eval_batch_size=100)
+  one = experiment.build(c1)
+  c4 = tiny("finetune", batch_size=32, eval_batch_size=100, num_devices=4)
+  four = experiment.build(c4)
+  assert four.mesh is not None and four.mesh.devices.size == 4
+  results = []
+  for trainer in (one, four):
+    state = trainer.init_state()
+    rows = []
+    for t in range(2):
+      trainer.begin_task(t)
+      state = trainer.method.run_task(trainer, state, t)
+      rows.append(trainer.accuracy_row(state, t))
+    results.append((jax.device_get(state.params), np.asarray(rows)))
+  for a, b in zip(jax.tree.leaves(results[0][0]), jax.tree.leaves(results[1][0])):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+  np.testing.assert_allclose(results[0][1], results[1][1], atol=0.02)
+  leaf = jax.tree.leaves(four.init_state().params)[0]
+  assert len(leaf.sharding.device_set) == 4
+
+
+def test_launcher_with_flag_overrides(tmp_path):
+  cmd = [sys.executable, os.path.join(_REPO, "experiments", "main.py"),
+         f"--config={os.path.join(_REPO, 'configs', 'finetune.py')}:runlocal",
+         f"--workdir={tmp_path}", "--config.num_tasks=2", "--config.epochs=1",
+         "--config.progress=False"]
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "ACC" in out.stdout and "BWT" in out.stdout
+  with open(tmp_path / "results.json") as f:
+    r = json.load(f)
+  assert r["config"]["epochs"] == 1 and r["config"]["num_tasks"] == 2
+  bad = subprocess.run(cmd[:-3] + ["--config.incremental=domain"], capture_output=True,
+                       text=True, timeout=300)
+  assert bad.returncode != 0 and "config.incremental='domain'" in bad.stderr
+
+
+def test_lr_schedule():
+  assert train.lr_for_epoch(0.1, 0, 10, (0.5, 0.75), 0.1) == pytest.approx(0.1)
+  assert train.lr_for_epoch(0.1, 5, 10, (0.5, 0.75), 0.1) == pytest.approx(0.01)
+  assert train.lr_for_epoch(0.1, 8, 10, (0.5, 0.75), 0.1) == pytest.approx(0.001)
+  assert config_lib.class_order(config_lib.base("x")) == "natural"
