@@ -198,18 +198,25 @@ class Trainer:
   # ------------------------------------------------------------------------------------------------
   # Jitted bodies.
 
-  def _logits(self, params, aux, mstate, batch_stats, x, task, current, train: bool):
+  def _logits(self, params, aux, mstate, batch_stats, x, task, current, train: bool, step=None):
     fp = self.method.forward_params(params, aux, mstate, task, current)
+    return self._apply_model(fp, batch_stats, x, task, train, step)
+
+  def _apply_model(self, fp, batch_stats, x, task, train: bool, step=None):
     variables = {"params": fp}
     if self.has_batch_stats:
       variables["batch_stats"] = batch_stats
     x = self.stream.normalize(x)
+    rngs = {}
+    if train:  # dropout (CLNP's convnet): a key per global step, identical when replayed
+      rngs["dropout"] = jax.random.fold_in(
+          jax.random.fold_in(jax.random.wrap_key_data(self.key), 7), step)
     if train and self.has_batch_stats:
       logits, mutated = self.model.apply(variables, x, task=task, train=True,
-                                         mutable=["batch_stats"])
+                                         mutable=["batch_stats"], rngs=rngs)
       new_stats = mutated["batch_stats"]
     else:
-      logits = self.model.apply(variables, x, task=task, train=train)
+      logits = self.model.apply(variables, x, task=task, train=train, rngs=rngs)
       new_stats = batch_stats
     return logits, new_stats
 
@@ -228,7 +235,7 @@ class Trainer:
 
     def loss_fn(params, aux):
       logits, new_stats = self._logits(params, aux, state.method, state.batch_stats, x, task,
-                                       task, train=True)
+                                       task, train=True, step=state.step)
       logits = self._mask_logits(logits, task)
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
       wsum = jnp.maximum(jnp.sum(w), 1.0)
@@ -276,7 +283,8 @@ class Trainer:
     eb = self.eval_batch_size
     n_max = data.x.shape[0]
     nb = -(-n_max // eb)
-    fp_args = (state.params, state.aux, state.method, state.batch_stats)
+    # The method's view is computed once, outside the batch loop.
+    fp = self.method.forward_params(state.params, state.aux, state.method, view_task, current)
 
     def body(i, acc):
       pos = i * eb + jnp.arange(eb, dtype=jnp.int32)
@@ -284,7 +292,7 @@ class Trainer:
       valid = (pos < data.n).astype(jnp.float32)
       x = jnp.take(data.x, idx, axis=0)
       y = jnp.take(data.y, idx, axis=0)
-      logits, _ = self._logits(*fp_args, x, view_task, current, train=False)
+      logits, _ = self._apply_model(fp, state.batch_stats, x, view_task, train=False)
       logits = self._mask_logits(logits, head_task)
       hit = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
       return acc + jnp.stack([jnp.sum(hit * valid), jnp.sum(valid)])
