@@ -132,3 +132,17 @@ def test_binarize_ste_hand_computed():
   assert float(val) == pytest.approx(2.0 + 0.0 + 1.0)
   # Straight-through: d/dm = d/d(binary mask) = w * x, for active and inactive entries alike.
   np.testing.assert_allclose(grad, [2.0, -3.0, 1.0])
+
+
+def test_optax_masked_with_maskable_spec_for_static_leaf_choices():
+  # Static, leaf-level choice (never decay biases, norms or heads): optax.masked takes the
+  # tree of Python bools from masks.maskable directly.
+  params = {"dense_0": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)},
+            "norm_0": {"scale": jnp.ones(2)}, "head": {"kernel": jnp.ones((2, 2))}}
+  spec = masks.maskable(params)
+  tx = optax.masked(optax.add_decayed_weights(0.5), spec)
+  zero = jax.tree.map(jnp.zeros_like, params)
+  u, _ = jax.jit(lambda g, p: tx.update(g, tx.init(p), p))(zero, params)
+  np.testing.assert_array_equal(u["dense_0"]["kernel"], jnp.full((2, 2), 0.5))
+  for leaf in (u["dense_0"]["bias"], u["norm_0"]["scale"], u["head"]["kernel"]):
+    np.testing.assert_array_equal(leaf, jnp.zeros_like(leaf))
