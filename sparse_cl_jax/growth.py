@@ -9,7 +9,7 @@ Layer 3 of the design, pure and jit-compatible (the drop fraction may be traced)
    further, e.g. to never-used positions ("unfired" growth). If a leaf has fewer growth candidates
    than ``n``, ``n`` shrinks to that number, keeping the count exact.
 2. :func:`regrow` sets the values of grown positions: zero (RigL; DST-for-CL as coded) or fresh
-   initial values.
+   initial values; :func:`apply_topology` also zeroes the dropped ones.
 3. :func:`reset_moments` zeroes the optimiser moments of changed positions in any optax state via
    ``optax.tree_utils.tree_map_params`` (no isinstance switch over optimiser states).
 
@@ -115,6 +115,17 @@ def regrow(params: types.Params, grown: types.Masks, *, mode: str = "zero",
     return jax.tree.map(lambda p, g, q: jnp.where(g, q.astype(p.dtype), p),
                         params, grown, init_params)
   raise ValueError(f"regrow mode must be 'zero' or 'init', got {mode!r}")
+
+
+def apply_topology(params: types.Params, result: DropGrowResult, *, mode: str = "zero",
+                   init_params: types.Params | None = None) -> types.Params:
+  """Writes a topology update into the params: dropped weights become +0.0, grown ones are set
+  by :func:`regrow` (zero or ``init_params``). Afterwards the params are exactly zero outside
+  ``result.masks`` wherever they were before, so a method whose training view is its sparse mask
+  need not re-apply the mask in the forward pass.
+  """
+  params = jax.tree.map(lambda p, d: jnp.where(d, jnp.zeros_like(p), p), params, result.dropped)
+  return regrow(params, result.grown, mode=mode, init_params=init_params)
 
 
 def reset_moments(tx: optax.GradientTransformation, opt_state, changed: types.Masks):

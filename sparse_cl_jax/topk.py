@@ -62,15 +62,24 @@ def _select(keys: list[jax.Array], k) -> list[jax.Array]:
   greater = [key > t for key in keys]
   n_greater = sum(jnp.sum(g, dtype=jnp.int32) for g in greater)
   remaining = k - n_greater
-  out = []
-  offset = jnp.int32(0)
-  for key, g in zip(keys, greater):
-    tie = (key == t) & (key > 0)
-    rank = jnp.cumsum(tie.astype(jnp.int32)) + offset
-    take = tie & (rank <= remaining)
-    offset = offset + jnp.sum(tie, dtype=jnp.int32)
-    out.append((g | take) & (k > 0))
-  return out
+  ties = [(key == t) & (key > 0) for key in keys]
+  n_ties = sum(jnp.sum(tie, dtype=jnp.int32) for tie in ties)
+
+  def rank_ties(_):
+    # Only when some tied positions must be left out: the earliest ones win (a cumsum per leaf,
+    # the costliest part of the selection on CPU, hence skipped when every tie is taken).
+    taken, offset = [], jnp.int32(0)
+    for tie in ties:
+      rank = jnp.cumsum(tie.astype(jnp.int32)) + offset
+      taken.append(tie & (rank <= remaining))
+      offset = offset + jnp.sum(tie, dtype=jnp.int32)
+    return taken
+
+  def take_all(_):
+    return ties
+
+  take = jax.lax.cond(n_ties > remaining, rank_ties, take_all, None)
+  return [(g | tk) & (k > 0) for g, tk in zip(greater, take)]
 
 
 def topk_mask(scores: types.Scores, k, *, candidates: types.Masks | None = None,

@@ -97,3 +97,15 @@ def test_reset_moments_any_optax_state(make):
   assert bool((mom["v"] != 0).all())
   for path_val in optax.tree_utils.tree_get_all_with_path(new, "nu"):
     np.testing.assert_array_equal(path_val[1]["w"] == 0, [False, True, False])
+
+
+def test_apply_topology_zeroes_dropped_and_sets_grown():
+  m = {"w": jnp.array([1, 1, 0, 0], bool)}
+  p = {"w": jnp.array([0.1, -2.0, 5.0, 7.0])}
+  res = growth.drop_and_grow(m, criteria.magnitude(p), {"w": jnp.array([0.0, 0.0, 1.0, 2.0])}, 0.5)
+  np.testing.assert_array_equal(res.dropped["w"], [1, 0, 0, 0])
+  np.testing.assert_array_equal(res.grown["w"], [0, 0, 0, 1])
+  out = jax.jit(growth.apply_topology)(p, res)
+  np.testing.assert_array_equal(out["w"], [0.0, -2.0, 5.0, 0.0])
+  out = growth.apply_topology(p, res, mode="init", init_params={"w": jnp.full(4, 3.0)})
+  np.testing.assert_array_equal(out["w"], [0.0, -2.0, 5.0, 3.0])
