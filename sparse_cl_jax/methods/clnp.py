@@ -1,0 +1,747 @@
+"""CLNP: Continual Learning via Neural Pruning (Golkar, Kagan & Cho 2019), with graceful forgetting.
+
+Neuron (filter) level parameter isolation for ReLU chain networks. The method state holds, per
+hidden layer, one integer per unit: ``owner[u] = 0`` (free, inactive) or ``k`` (activated by task
+``k``, i.e. the loop's task ``k - 1``; the ownership convention of :mod:`.base`). Weight-level masks
+are expanded from these vectors inside the jitted steps (Sec. 2.1, Fig. 1 of the paper):
+
+* active weights ``W(N_act -> N_act)``: a weight from unit ``i`` (layer l) to unit ``o`` (layer
+  l+1) with ``1 <= owner[i] <= owner[o]`` belongs to task ``owner[o]``; frozen for good;
+* interference weights ``W(N_inact -> N_act)``: into an owned unit from a unit that was inactive
+  when it was activated (``owner[i] == 0`` or ``owner[i] > owner[o]``); set to exactly 0.0 when
+  a task is pruned and frozen at 0.0 ever after;
+* free weights ``W(N -> N_inact)``: into a free unit from any unit; trainable by the next task and
+  re-initialised (fresh draw of the model's initialisers) at the start of every task.
+
+Per task ``t`` (Alg. 1 with graceful forgetting, Sec. 2.2):
+
+1. ``begin``: re-initialise the free weights, zero the interference weights.
+2. For every grid point (L1 scale x learning rate, ``clnp.grid_l1_scale`` x ``clnp.grid_lr``)
+   train a candidate from the same start with a per-layer L1 penalty on the trainable weights
+   (``clnp.l1``: one coefficient per weight layer, the hidden layers then the output layer).
+3. Per candidate: the mean post-ReLU activation of every unit / channel over the task's training
+   data (``E_S(N_l)``), then for every threshold ``theta`` of ``clnp.theta_grid`` (per-layer
+   thresholds ``theta * clnp.theta_scale[l]``) the validation accuracy of the network pruned at
+   ``theta``: free units with mean activation ``> theta`` become task ``t``'s units, the others
+   stay free and their outgoing weights into active units are cut.
+4. Graceful forgetting (:func:`search_thresholds`, :func:`select`): among candidates whose
+   unpruned validation accuracy lies within ``clnp.margin`` of the best candidate's, raise the
+   threshold as far as the pruned accuracy stays within the margin (one shared value, or layer by
+   layer with ``clnp.theta_search='per_layer'``); keep the sparsest (fewest active units).
+5. Commit the choice (owners assigned, interference weights set to 0.0) and optionally fine-tune
+   the task's weights (``clnp.finetune_epochs`` at ``clnp.finetune_lr`` with ``clnp.finetune_l1``:
+   the paper's "CLNP m = 4% + FT" uses 20 epochs, 1e-4, 5e-5).
+6. Diagnostics (Fig. 3, 4b, 5b): per layer, units used after the task, units newly activated by
+   it and earlier units it reuses (those active on its data and in its view).
+
+Output structures (Sec. 2.1, Fig. 2): multi-head (one pre-allocated head row per task; a head row
+sees the final hidden units active at its task) or single-head (``config.multi_head=False``: one
+output layer; task ``t`` sees only the final hidden units it activated itself, the others are
+masked out, and the output bias is trained by the first task only). Both promise exactly zero
+forgetting: earlier tasks' outputs are bit-identical after later tasks.
+
+Normalisation: per-task BatchNorm (``norm='task_batch'``, the default here) or none; a shared
+BatchNorm would update the running statistics of earlier tasks' channels and is refused.
+
+Statistics that selection uses come from the training data (mean activation) and the validation
+split (accuracies); the test split is never used. All thresholds, L1 coefficients, the task index
+and the phase are traced values, so the grid search adds no compilation. Because the grid branches
+on state snapshots only task boundaries are checkpointed (``resumable_within_task=False``).
+
+Example::
+
+  python experiments/main.py --config=configs/clnp.py:permuted_fashion_mnist --workdir=/tmp/clnp
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Sequence
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sparse_cl_jax import masks
+from sparse_cl_jax import models
+from sparse_cl_jax import transforms
+from sparse_cl_jax.methods import base
+
+DEFAULT_NORM = "task_batch"
+FORGETS_NOTHING = True
+# Chain networks: every hidden layer feeds only the next one (no residual additions).
+CHAIN_MODELS = ("mlp", "small_convnet", "clnp_convnet", "clnp_wide_fcn", "vgg16_bn")
+
+TRAIN, PRUNED = 0, 1  # values of mstate["phase"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Layout: which parameter leaf connects which units.
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How a chain network's parameters map onto its hidden units.
+
+  Attributes:
+    names: hidden layers (sown activations), forward order, e.g. ``('dense_0', 'dense_1')``.
+    units: units (channels) per hidden layer.
+    positions: spatial positions per example of each layer's activation (1 for dense layers).
+    roles: ``{leaf path: role}``; roles are ``('kernel', l)``, ``('bias', l)``,
+      ``('head_kernel',)``, ``('head_bias',)`` and ``('row',)`` (per-task rows on axis 0, e.g.
+      per-task BatchNorm).
+    multi_head: one head row per task (else a single shared output layer).
+  """
+  names: tuple[str, ...]
+  units: tuple[int, ...]
+  positions: tuple[int, ...]
+  roles: dict
+  multi_head: bool
+
+
+def make_layout(model, params, input_shape: Sequence[int], task_rows) -> Layout:
+  """Builds the :class:`Layout` of ``model`` (abstractly, no compute).
+
+  Args:
+    model: a Flax model of :mod:`sparse_cl_jax.models` (a chain network).
+    params: its params (arrays or ShapeDtypeStructs).
+    input_shape: one input, with batch axis, e.g. ``(1, 28, 28, 1)``.
+    task_rows: the leaves holding one row per task (``base.task_rows``).
+
+  Raises:
+    ValueError: a parameter leaf that fits none of the roles, or shapes that do not chain.
+  """
+  names = models.hidden_layer_names(model, input_shape)
+  if not names:
+    raise ValueError("CLNP needs a model with hidden ReLU layers that sow their activations")
+
+  def acts(key):
+    _, st = model.init_with_output(key, jnp.zeros(tuple(input_shape), jnp.float32), task=0,
+                                   train=False, mutable=True)
+    return models.hidden_activations(st)
+
+  shapes = jax.eval_shape(acts, jax.random.key(0))
+  units = tuple(int(shapes[n].shape[-1]) for n in names)
+  positions = tuple(int(math.prod(shapes[n].shape[1:-1])) for n in names)
+  index = {n: i for i, n in enumerate(names)}
+  rows = dict(zip(masks.paths(task_rows), jax.tree.leaves(task_rows)))
+  multi = False
+  roles = {}
+  for path, leaf in zip(masks.paths(params), jax.tree.leaves(params)):
+    shape = tuple(np.shape(leaf))
+    module, _, name = path.rpartition("/")
+    if module in index and name in ("kernel", "bias"):
+      k = index[module]
+      if shape[-1] != units[k]:
+        raise ValueError(f"{path}: last axis {shape[-1]} != {units[k]} units of {module}")
+      if name == "kernel":
+        if len(shape) not in (2, 4):
+          raise ValueError(f"{path}: kernel of rank {len(shape)} is not a dense or 2-D conv kernel")
+        if k > 0 and shape[-2] % units[k - 1]:
+          raise ValueError(f"{path}: input size {shape[-2]} is not a multiple of the "
+                           f"{units[k - 1]} units of {names[k - 1]}")
+        if k > 0 and len(shape) == 4 and shape[-2] != units[k - 1]:
+          raise ValueError(f"{path}: conv input channels {shape[-2]} != {units[k - 1]}")
+      roles[path] = (name, k)
+    elif path == "head/kernel":
+      if len(shape) != 3 or shape[1] % units[-1]:
+        raise ValueError(f"{path}: expected [heads, D, classes] with D a multiple of "
+                         f"{units[-1]}, got {shape}")
+      multi = shape[0] > 1
+      roles[path] = ("head_kernel",)
+    elif path == "head/bias":
+      roles[path] = ("head_bias",)
+    elif rows.get(path, False):
+      roles[path] = ("row",)
+    else:
+      raise ValueError(
+          f"CLNP cannot place parameter {path!r}: it is neither a hidden layer's kernel/bias, the "
+          "head, nor a per-task row. Shared normalisation would change earlier tasks' outputs: "
+          "use norm='task_batch' (or 'none').")
+  return Layout(names=names, units=units, positions=positions, roles=roles, multi_head=multi)
+
+
+def _shape_vec(v, ndim: int, axis: int):
+  """Reshapes a vector to rank ``ndim`` with its entries on ``axis`` (explicit broadcasting)."""
+  shape = [1] * ndim
+  shape[axis] = v.shape[0]
+  return v.reshape(shape)
+
+
+def _in_vec(owner, layout: Layout, k: int, shape):
+  """Owners of the units feeding the kernel of layer ``k`` (or the head, ``k = L``), along the
+  kernel's input axis (``-2``; dense inputs flattened from NHWC repeat the channels)."""
+  v = owner[layout.names[k - 1]]
+  din = shape[-2]
+  if din != v.shape[0]:
+    v = jnp.tile(v, din // v.shape[0])
+  return _shape_vec(v, len(shape), len(shape) - 2)
+
+
+def _kernel_owner(owner, layout: Layout, k: int, shape):
+  """Weight-level owner of hidden kernel ``k``: ``owner[out]`` for active weights, else 0."""
+  out = _shape_vec(owner[layout.names[k]], len(shape), len(shape) - 1)
+  if k == 0:  # inputs are always active
+    return jnp.broadcast_to(out, shape), jnp.broadcast_to(out, shape)
+  inn = _in_vec(owner, layout, k, shape)
+  w = jnp.where((inn >= 1) & (inn <= out), out, jnp.zeros_like(out))
+  return jnp.broadcast_to(w, shape), jnp.broadcast_to(out, shape)
+
+
+def _row(shape, task):
+  """True on row ``task`` of axis 0 (``task`` may be traced)."""
+  return jax.lax.broadcasted_iota(jnp.int32, shape, 0) == jnp.asarray(task, jnp.int32)
+
+
+def _map(layout: Layout, params, fn):
+  return masks.map_with_path(lambda path, p: fn(layout.roles[path], p), params)
+
+
+def weight_owner(layout: Layout, owner, params):
+  """Integer tree with the params' structure: which task each weight belongs to (0 = free).
+
+  Hidden kernels: active weights belong to their output unit's task, interference and free
+  weights are 0. Biases: their unit's owner. Multi-head heads: row r belongs to task r + 1 where
+  its input unit is active at r; single head: the input unit's owner. Per-task rows: r + 1.
+  """
+
+  def fn(role, p):
+    shape = jnp.shape(p)
+    if role[0] == "kernel":
+      return _kernel_owner(owner, layout, role[1], shape)[0]
+    if role[0] == "bias":
+      return owner[layout.names[role[1]]]
+    if role[0] == "head_kernel":
+      inn = _in_vec(owner, layout, len(layout.names), shape)
+      if not layout.multi_head:
+        return jnp.broadcast_to(inn, shape)
+      r1 = jax.lax.broadcasted_iota(jnp.int32, shape, 0) + 1
+      return jnp.where((inn >= 1) & (inn <= r1), r1, 0)
+    if role[0] in ("head_bias", "row"):
+      return jax.lax.broadcasted_iota(jnp.int32, shape, 0) + 1
+    return jnp.zeros(shape, jnp.int32)
+
+  return _map(layout, params, fn)
+
+
+def view_masks(layout: Layout, owner, params, task, training):
+  """What task ``task`` computes with (bool tree).
+
+  ``training`` (traced bool): the current task before pruning also sees the free units (and,
+  in a single head, the output rows of free final units). Otherwise: the weights and biases of
+  tasks ``1 .. task + 1`` (units of other tasks compute 0 and feed nothing); a single head sees
+  only the final units of task ``task + 1``.
+  """
+  j1 = jnp.asarray(task, jnp.int32) + 1
+
+  def fn(role, p):
+    shape = jnp.shape(p)
+    if role[0] == "kernel":
+      w, out = _kernel_owner(owner, layout, role[1], shape)
+      return ((w >= 1) & (w <= j1)) | (training & (out == 0))
+    if role[0] == "bias":
+      o = owner[layout.names[role[1]]]
+      return ((o >= 1) & (o <= j1)) | (training & (o == 0))
+    if role[0] == "head_kernel":
+      inn = _in_vec(owner, layout, len(layout.names), shape)
+      if layout.multi_head:
+        m = ((inn >= 1) & (inn <= j1)) | training
+      else:
+        m = (inn == j1) | (training & (inn == 0))
+      return jnp.broadcast_to(m, shape)
+    return jnp.ones(shape, jnp.bool_)
+
+  return _map(layout, params, fn)
+
+
+def trainable_masks(layout: Layout, owner, params, task, phase):
+  """What task ``task`` may change (bool tree): free positions before pruning, its own after."""
+  t1 = jnp.asarray(task, jnp.int32) + 1
+  before = jnp.asarray(phase, jnp.int32) == TRAIN
+
+  def fn(role, p):
+    shape = jnp.shape(p)
+    if role[0] == "kernel":
+      w, out = _kernel_owner(owner, layout, role[1], shape)
+      return jnp.where(before, out == 0, w == t1)
+    if role[0] == "bias":
+      o = owner[layout.names[role[1]]]
+      return jnp.where(before, o == 0, o == t1)
+    if role[0] == "head_kernel":
+      inn = jnp.broadcast_to(_in_vec(owner, layout, len(layout.names), shape), shape)
+      if layout.multi_head:
+        return _row(shape, task) & (before | ((inn >= 1) & (inn <= t1)))
+      return jnp.where(before, inn == 0, inn == t1)
+    if role[0] == "head_bias":
+      if layout.multi_head:
+        return _row(shape, task)
+      return jnp.broadcast_to(t1 == 1, shape)  # a shared output bias: first task only
+    if role[0] == "row":
+      return _row(shape, task)
+    return jnp.zeros(shape, jnp.bool_)
+
+  return _map(layout, params, fn)
+
+
+def interference_masks(layout: Layout, owner, params, task):
+  """Weights that must be exactly 0.0 once ``task`` is pruned (bool tree).
+
+  Into an owned unit from a unit that is not active at its task; in a multi-head net also head
+  row ``task`` from the final units inactive at ``task``.
+  """
+  t1 = jnp.asarray(task, jnp.int32) + 1
+
+  def fn(role, p):
+    shape = jnp.shape(p)
+    if role[0] == "kernel":
+      w, out = _kernel_owner(owner, layout, role[1], shape)
+      return (out >= 1) & (w == 0)
+    if role[0] == "head_kernel" and layout.multi_head:
+      inn = _in_vec(owner, layout, len(layout.names), shape)
+      return _row(shape, task) & ~((inn >= 1) & (inn <= t1))
+    return jnp.zeros(shape, jnp.bool_)
+
+  return _map(layout, params, fn)
+
+
+def free_masks(layout: Layout, owner, params):
+  """Free weights, re-initialised before every task: into free units (and a single head's rows
+  of free final units)."""
+
+  def fn(role, p):
+    shape = jnp.shape(p)
+    if role[0] == "kernel":
+      return _kernel_owner(owner, layout, role[1], shape)[1] == 0
+    if role[0] == "bias":
+      return owner[layout.names[role[1]]] == 0
+    if role[0] == "head_kernel" and not layout.multi_head:
+      inn = _in_vec(owner, layout, len(layout.names), shape)
+      return jnp.broadcast_to(inn == 0, shape)
+    return jnp.zeros(shape, jnp.bool_)
+
+  return _map(layout, params, fn)
+
+
+def activate(owner: dict, means: dict, thetas, task) -> dict:
+  """Free units whose mean activation exceeds their layer's threshold become task ``task``'s.
+
+  Args:
+    owner: ``{layer: int32 [units]}``.
+    means: ``{layer: float32 [units]}`` mean activation on the task's data.
+    thetas: ``{layer: float32 scalar}`` per-layer thresholds (traced OK).
+    task: the loop's task index (owner ``task + 1``).
+  """
+  t1 = jnp.asarray(task, jnp.int32) + 1
+  return {n: jnp.where((o == 0) & (means[n] > thetas[n]), t1, o) for n, o in owner.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Graceful forgetting.
+
+
+def search_thresholds(evaluate, grid, scale, floor: float, mode: str = "shared",
+                      movable=None):
+  """Raises the pruning threshold as far as the validation accuracy stays at or above ``floor``.
+
+  Args:
+    evaluate: ``evaluate(theta_vec) -> (accuracy, active_units)`` of the candidate pruned at the
+      per-layer thresholds ``theta_vec`` (float32 ``[L]``).
+    grid: ascending threshold values ``[K]``.
+    scale: per-layer multipliers ``[L]`` (``theta_vec = value * scale``).
+    floor: the lowest accepted accuracy (``best - m``).
+    mode: ``'shared'``: one value for all layers, the largest grid value whose accuracy is
+      ``>= floor``. ``'per_layer'``: greedy, from the last hidden layer to the first, the largest
+      value for that layer with the others held (the final hidden layer first: in a single head
+      it is the capacity that runs out).
+    movable: ``[L]`` bool, per-layer mode only: layers whose threshold may rise (default all);
+      a layer without free units is left at the smallest value, where raising it changes nothing.
+
+  Returns:
+    ``(theta_vec, accuracy, units, within)``; with ``within=False`` not even the smallest grid
+    value keeps the accuracy within the margin, and ``theta_vec`` is that smallest value.
+  """
+  grid = np.asarray(grid, np.float32)
+  scale = np.asarray(scale, np.float32)
+  theta = grid[0] * scale
+  acc0, units0 = evaluate(theta)
+  best = (theta, acc0, units0)
+  if acc0 < floor:
+    return theta, acc0, units0, False
+  if mode == "shared":
+    for value in grid[1:]:
+      acc, units = evaluate(value * scale)
+      if acc >= floor:
+        best = (value * scale, acc, units)
+    return (*best, True)
+  if mode != "per_layer":
+    raise ValueError(f"config.clnp.theta_search={mode!r}: use 'shared' or 'per_layer'")
+  movable = np.ones(scale.shape, bool) if movable is None else np.asarray(movable, bool)
+  for layer in reversed(range(scale.size)):
+    if not movable[layer]:
+      continue
+    for value in grid[1:]:
+      trial = best[0].copy()
+      trial[layer] = value * scale[layer]
+      acc, units = evaluate(trial)
+      if acc >= floor:
+        best = (trial, acc, units)
+  return (*best, True)
+
+
+def select(unpruned, pruned, units, eligible) -> int:
+  """Graceful forgetting (Sec. 2.2): the sparsest candidate within the margin.
+
+  Args:
+    unpruned: ``[G]`` validation accuracy of each trained candidate before pruning.
+    pruned: ``[G]`` its accuracy after pruning at its own threshold (:func:`search_thresholds`).
+    units: ``[G]`` active units after pruning (lower = sparser).
+    eligible: ``[G]`` bool: unpruned and pruned accuracy within the margin of the best unpruned.
+
+  Returns:
+    The index with the fewest units among the eligible ones (ties: higher pruned accuracy, then
+    the earlier grid point); if none is eligible, the best unpruned candidate.
+  """
+  eligible = np.asarray(eligible, bool)
+  if not eligible.any():
+    return int(np.argmax(np.asarray(unpruned)))
+  keys = [(int(units[g]), -float(pruned[g]), g) for g in np.flatnonzero(eligible)]
+  return int(min(keys)[2])
+
+
+# --------------------------------------------------------------------------------------------------
+# Activation statistics.
+
+
+def make_unit_means(model, normalize, layout: Layout, forward, *, batch_size: int,
+                    has_batch_stats: bool):
+  """A jitted ``f(params, batch_stats, mstate, data, task) -> {layer: float32 [units]}``.
+
+  The mean post-ReLU activation of every unit (channel: also averaged over spatial positions)
+  over the valid rows of ``data`` (a ``train.TaskData``), computed in evaluation mode with
+  ``forward(params, None, mstate, task, task)`` (the method's view of ``task``): ``E_S(N_l)``.
+  """
+
+  @jax.jit
+  def unit_means(params, batch_stats, mstate, data, task):
+    fp = forward(params, None, mstate, task, task)
+    variables = {"params": fp}
+    if has_batch_stats:
+      variables["batch_stats"] = batch_stats
+    n_max = data.x.shape[0]
+    nb = -(-n_max // batch_size)
+
+    def body(i, sums):
+      pos = i * batch_size + jnp.arange(batch_size, dtype=jnp.int32)
+      idx = jnp.minimum(pos, n_max - 1)
+      valid = (pos < data.n).astype(jnp.float32)
+      x = normalize(jnp.take(data.x, idx, axis=0))
+      _, st = model.apply(variables, x, task=task, train=False, mutable=["intermediates"])
+      acts = models.hidden_activations(st)
+      out = {}
+      for n in layout.names:
+        a = acts[n].astype(jnp.float32)
+        a = a.reshape(a.shape[0], -1, a.shape[-1])
+        out[n] = sums[n] + jnp.einsum("b,bpu->u", valid, a)
+      return out
+
+    init = {n: jnp.zeros((u,), jnp.float32) for n, u in zip(layout.names, layout.units)}
+    sums = jax.lax.fori_loop(0, nb, body, init)
+    count = jnp.maximum(data.n, 1).astype(jnp.float32)
+    return {n: sums[n] / (count * p) for n, p in zip(layout.names, layout.positions)}
+
+  return unit_means
+
+
+# --------------------------------------------------------------------------------------------------
+# Config helpers.
+
+
+def _per_layer(value, n: int, what: str) -> np.ndarray:
+  """A float per layer from a number, a 1-sequence (broadcast) or a sequence of length ``n``."""
+  if isinstance(value, (int, float)):
+    value = (value,)
+  v = np.asarray(tuple(value), np.float32)
+  if v.shape == (1,):
+    v = np.full((n,), v[0], np.float32)
+  if v.shape != (n,):
+    raise ValueError(f"config.clnp.{what}={tuple(value)} needs {n} entries (or one)")
+  return v
+
+
+def grid_points(config) -> list[tuple[float, float]]:
+  """The (L1 scale, learning rate) grid of graceful forgetting, in config order."""
+  cc = config.clnp
+  scales = tuple(cc.grid_l1_scale) or (1.0,)
+  lrs = tuple(cc.grid_lr) or (float(config.learning_rate),)
+  return [(float(s), float(lr)) for s, lr in itertools.product(scales, lrs)]
+
+
+# --------------------------------------------------------------------------------------------------
+# The method.
+
+
+def make(config, ctx: base.Context) -> base.Method:
+  """CLNP with the ``config.clnp`` fields described in ``configs/clnp.py``."""
+  cc = config.clnp
+  if config.model not in CHAIN_MODELS:
+    raise ValueError(f"CLNP needs a chain network (one of {CHAIN_MODELS}); config.model="
+                     f"{config.model!r} has residual connections or is unknown")
+  if ctx.stream.incremental != "task":
+    raise ValueError("CLNP needs the task id at test time (config.incremental='task'); use "
+                     "config.multi_head=False for the paper's single-head setting")
+  norm = getattr(ctx.model, "norm", "none")
+  if norm not in ("none", "task_batch", "batch_stats_only"):
+    raise ValueError(f"CLNP with norm={norm!r} would change earlier tasks' outputs (shared "
+                     "running statistics); use norm='task_batch' or 'none'")
+  input_shape = (1,) + tuple(ctx.stream.input_shape)
+  layout = make_layout(ctx.model, ctx.params, input_shape, ctx.task_rows)
+  L, T = len(layout.names), ctx.num_tasks
+  l1 = _per_layer(cc.l1, L + 1, "l1")
+  ft_l1 = _per_layer(cc.finetune_l1, L + 1, "finetune_l1")
+  theta_scale = _per_layer(cc.theta_scale, L, "theta_scale")
+  theta_grid = np.asarray(tuple(cc.theta_grid), np.float32)
+  if theta_grid.ndim != 1 or not theta_grid.size or np.any(np.diff(theta_grid) <= 0):
+    raise ValueError(f"config.clnp.theta_grid={tuple(cc.theta_grid)} must be a non-empty "
+                     "ascending sequence")
+  margin = float(cc.margin)
+  if margin < 0:
+    raise ValueError(f"config.clnp.margin={margin} must be >= 0")
+  grid = grid_points(config)
+  G = len(grid)
+  has_bs = "batch_stats" in ctx.variables
+  names = layout.names
+  l1_index = {p: (r[1] if r[0] == "kernel" else L) for p, r in layout.roles.items()
+              if r[0] in ("kernel", "head_kernel")}
+
+  def init_state(ctx):
+    del ctx
+    return {
+        "owner": {n: jnp.zeros((u,), jnp.int32) for n, u in zip(names, layout.units)},
+        "phase": jnp.asarray(TRAIN, jnp.int32),
+        "l1": jnp.asarray(l1),
+        "theta": jnp.zeros((T, L), jnp.float32),  # chosen per-layer thresholds
+        "reused": jnp.zeros((T, L), jnp.int32),  # earlier units each task uses
+        # Per task and grid point: validation accuracy unpruned and pruned (-1: not searched),
+        # active units after pruning (-1: not searched), its thresholds.
+        "grid_val": jnp.zeros((T, G, 2), jnp.float32),
+        "grid_units": jnp.zeros((T, G), jnp.int32),
+        "grid_theta": jnp.zeros((T, G, L), jnp.float32),
+        "choice": jnp.full((T, 2), -1, jnp.int32),  # (grid point, 1 if within the margin)
+    }
+
+  def forward_params(params, aux, m, task, current):
+    del aux
+    training = (jnp.asarray(task, jnp.int32) == jnp.asarray(current, jnp.int32)) & (
+        m["phase"] == TRAIN)
+    return masks.apply(params, view_masks(layout, m["owner"], params, task, training))
+
+  params_like = ctx.params
+
+  def tx_args(m, task):
+    tr = trainable_masks(layout, m["owner"], params_like, task, m["phase"])
+    return {"frozen": masks.logical_not(tr)}
+
+  def wrap_tx(tx):
+    return optax.chain(tx, transforms.freeze(mask_arg="frozen"))
+
+  def penalty(params, aux, m, task):
+    """Per-layer L1 on the weights the task trains (Sec. 2.2)."""
+    del aux
+    tr = trainable_masks(layout, m["owner"], params, task, m["phase"])
+    total = jnp.zeros((), jnp.float32)
+    for path, p, t in zip(masks.paths(params), jax.tree.leaves(params), jax.tree.leaves(tr)):
+      if path in l1_index:
+        total = total + m["l1"][l1_index[path]] * jnp.sum(jnp.where(t, jnp.abs(p), 0.0))
+    return total
+
+  key = jax.random.wrap_key_data(ctx.key)
+  model = ctx.model
+
+  @jax.jit
+  def begin(state, t):
+    m = dict(state.method)
+    fresh = model.init(jax.random.fold_in(key, t), jnp.zeros(input_shape, jnp.float32), task=0,
+                       train=False)["params"]
+    free = free_masks(layout, m["owner"], state.params)
+    zero = interference_masks(layout, m["owner"], state.params, t)
+    params = jax.tree.map(lambda p, f, fr, z: jnp.where(z, jnp.zeros_like(p), jnp.where(fr, f, p)),
+                          state.params, fresh, free, zero)
+    m["phase"] = jnp.asarray(TRAIN, jnp.int32)
+    return state._replace(params=params, method=m)
+
+  @jax.jit
+  def set_l1(state, coeffs):
+    m = dict(state.method)
+    m["l1"] = coeffs
+    return state._replace(method=m)
+
+  def theta_dict(theta_vec):
+    return {n: theta_vec[i] for i, n in enumerate(names)}
+
+  @jax.jit
+  def pruned_view(state, means, theta_vec, t):
+    """Candidate pruned at ``theta_vec`` (owners assigned, phase PRUNED; params untouched)."""
+    m = dict(state.method)
+    m["owner"] = activate(m["owner"], means, theta_dict(theta_vec), t)
+    m["phase"] = jnp.asarray(PRUNED, jnp.int32)
+    return state._replace(method=m)
+
+  @jax.jit
+  def commit(state, means, theta_vec, t, records):
+    """Prunes at ``theta_vec``: owners assigned, interference weights set to exactly 0.0."""
+    state = pruned_view(state, means, theta_vec, t)
+    m = dict(state.method)
+    zero = interference_masks(layout, m["owner"], state.params, t)
+    params = jax.tree.map(lambda p, z: jnp.where(z, jnp.zeros_like(p), p), state.params, zero)
+    m["theta"] = m["theta"].at[t].set(theta_vec)
+    for name, value in records.items():
+      m[name] = m[name].at[t].set(value)
+    return state._replace(params=params, method=m)
+
+  @jax.jit
+  def finish(state, means, t):
+    """Records how many earlier units task ``t`` reuses (active on its data, in its view)."""
+    m = dict(state.method)
+    theta = m["theta"][t]
+    counts = []
+    for i, n in enumerate(names):
+      o = m["owner"][n]
+      used = (o >= 1) & (o <= t) & (means[n] > theta[i])
+      if i == L - 1 and not layout.multi_head:
+        used = jnp.zeros_like(used)  # a single head masks other tasks' final units
+      counts.append(jnp.sum(used, dtype=jnp.int32))
+    m["reused"] = m["reused"].at[t].set(jnp.stack(counts))
+    return state._replace(method=m)
+
+  unit_means = make_unit_means(model, ctx.stream.normalize, layout, forward_params,
+                               batch_size=int(config.eval_batch_size), has_batch_stats=has_bs)
+
+  def means_of(trainer, s, t):
+    return unit_means(s.params, s.batch_stats, s.method, trainer.task_data(t, "train"),
+                      jnp.int32(t))
+
+  def new_units(owner_np, means_np, theta_vec):
+    return sum(int(np.sum((owner_np[n] == 0) & (means_np[n] > theta_vec[i])))
+               for i, n in enumerate(names))
+
+  def run_task(trainer, state, t):
+    tt = jnp.int32(t)
+    state = trainer.apply(state, lambda s: begin(s, tt))
+    owner_np = {n: np.asarray(v) for n, v in state.method["owner"].items()}
+    old_units = sum(int(np.sum(v > 0)) for v in owner_np.values())
+    movable = np.asarray([bool(np.any(owner_np[n] == 0)) for n in names])
+    prev_theta = np.asarray(state.method["theta"])[max(t - 1, 0)]
+    # 1. One candidate per grid point, all from the same start.
+    cands = []
+    unpruned = np.zeros((G,))
+    for g, (scale, lr) in enumerate(grid):
+      s = state if g == G - 1 else jax.tree.map(jnp.copy, state)
+      coeffs = jnp.asarray(l1 * np.float32(scale))
+      s = trainer.apply(s, lambda s, c=coeffs: set_l1(s, c))
+      s = trainer.train(s, t, epochs=int(config.epochs), lr=lr, phase=f"train {g + 1}/{G}")
+      unpruned[g] = trainer.evaluate(s, t, split="val")
+      cands.append((s, means_of(trainer, s, t)))
+    del state, s
+    # 2. Graceful forgetting: thresholds as high as the margin allows, then the sparsest.
+    floor = float(unpruned.max()) - margin - 1e-9
+    pruned = np.full((G,), -1.0)
+    units = np.full((G,), -1, np.int64)
+    thetas = np.zeros((G, L), np.float32)
+    eligible = np.zeros((G,), bool)
+    for g, (s, means) in enumerate(cands):
+      if unpruned[g] < floor:
+        continue
+      means_np = {n: np.asarray(v) for n, v in means.items()}
+
+      def evaluate(theta_vec, s=s, means=means, means_np=means_np):
+        acc = trainer.evaluate(pruned_view(s, means, jnp.asarray(theta_vec), tt), t, split="val")
+        new = sum(int(np.sum((owner_np[n] == 0) & (means_np[n] > theta_vec[i])))
+                  for i, n in enumerate(names))
+        return acc, old_units + new
+
+      thetas[g], pruned[g], units[g], eligible[g] = search_thresholds(
+          evaluate, theta_grid, theta_scale, floor, mode=str(cc.theta_search), movable=movable)
+    g = select(unpruned, pruned, units, eligible)
+    if t > 0:  # a layer without free units keeps its last threshold (for the reuse diagnostic)
+      thetas[g] = np.where(movable, thetas[g], prev_theta)
+    if not eligible[g]:
+      logging.warning("CLNP task %d: no candidate stays within margin %g of the best validation "
+                      "accuracy %.4f after pruning; keeping the best one at the lowest thresholds",
+                      t + 1, margin, unpruned.max())
+      thetas[g] = np.where(movable, theta_grid[0] * theta_scale, thetas[g])
+    logging.info("CLNP task %d: grid point %s (l1 scale, lr), thresholds %s: val %.4f -> %.4f, "
+                 "%d active units", t + 1, grid[g], thetas[g], unpruned[g], pruned[g], units[g])
+    records = {"grid_val": jnp.asarray(np.stack([unpruned, pruned], 1), jnp.float32),
+               "grid_units": jnp.asarray(units, jnp.int32),
+               "grid_theta": jnp.asarray(thetas),
+               "choice": jnp.asarray([g, int(eligible[g])], jnp.int32)}
+    chosen, means = cands[g]
+    del cands
+    state = trainer.apply(chosen, lambda s: commit(s, means, jnp.asarray(thetas[g]), tt, records))
+    del chosen
+    # 3. Optional fine-tuning of the task's own weights.
+    if int(cc.finetune_epochs):
+      state = trainer.apply(state, lambda s: set_l1(s, jnp.asarray(ft_l1)))
+      state = trainer.train(state, t, epochs=int(cc.finetune_epochs),
+                            lr=float(cc.finetune_lr), phase="finetune")
+    final_means = means_of(trainer, state, t)
+    return trainer.apply(state, lambda s: finish(s, final_means, tt))
+
+  def report(ctx, state):
+    m = jax.device_get(state.method)
+    params = jax.device_get(state.params)
+    own = jax.device_get(weight_owner(layout, state.method["owner"], params))
+    out = base.ownership_report(ctx, own)
+    neurons = {}
+    for i, n in enumerate(names):
+      o = np.asarray(m["owner"][n])
+      u = int(o.size)
+      new = [int(np.sum(o == j + 1)) for j in range(T)]
+      used = [int(np.sum((o >= 1) & (o <= j + 1))) for j in range(T)]
+      reused = [int(x) for x in np.asarray(m["reused"])[:, i]]
+      neurons[n] = {
+          "units": u,
+          "used_fraction_after_task": [x / u for x in used],
+          "new_per_task": new,
+          "reused_per_task": reused,
+          "task_fraction": [(new[j] + reused[j]) / u for j in range(T)],
+          "free_after_last_task": (u - used[-1]) / u,
+      }
+    selection = []
+    for j in range(T):
+      g, within = (int(x) for x in np.asarray(m["choice"][j]))
+      if g < 0:
+        selection.append(None)
+        continue
+      gv = np.asarray(m["grid_val"][j])
+      selection.append({
+          "grid_point": g, "l1_scale": grid[g][0], "learning_rate": grid[g][1],
+          "theta_per_layer": [float(x) for x in np.asarray(m["theta"][j])],
+          "val_unpruned": float(gv[g, 0]), "val_pruned": float(gv[g, 1]),
+          "best_val_unpruned": float(gv[:, 0].max()), "within_margin": bool(within),
+          "active_units": int(np.asarray(m["grid_units"][j])[g]),
+      })
+    out["neurons_per_layer"] = neurons
+    out["clnp"] = {
+        "layers": list(names), "multi_head": layout.multi_head, "margin": margin,
+        "grid": [list(p) for p in grid], "theta_grid": [float(x) for x in theta_grid],
+        "theta_search": str(cc.theta_search), "selection": selection,
+        "grid_val": np.asarray(m["grid_val"]).tolist(),
+        "grid_units": np.asarray(m["grid_units"]).tolist(),
+        "grid_theta": np.asarray(m["grid_theta"]).tolist(),
+    }
+    return out
+
+  return base.Method(name="clnp", run_task=run_task, init_state=init_state,
+                     forward_params=forward_params, wrap_tx=wrap_tx, tx_args=tx_args,
+                     penalty=penalty, report=report, resumable_within_task=False)
+
+
+def layout_of(ctx: base.Context) -> Layout:
+  """The :class:`Layout` of a context's model (for tests and diagnostics)."""
+  return make_layout(ctx.model, ctx.params, (1,) + tuple(ctx.stream.input_shape), ctx.task_rows)
+

@@ -1,0 +1,666 @@
+"""CPG — Compacting, Picking and Growing (Hung et al., NeurIPS 2019) — and PAE.
+
+Registry names ``'cpg'`` and ``'pae'`` both build from this module (``config.method`` decides);
+both read their settings from ``config.cpg`` (:func:`default_config`).
+
+Per task t (owner ``t + 1``, task-IL, one head and one BatchNorm row per task), Algorithm 1 of the
+paper:
+
+1. **Accuracy goal** (``cpg.goal``), always measured on *validation* data: ``'individual'`` trains
+   a base-width model on the task alone from the network's initial values (the as-coded goal: the
+   "baseline" accuracy of an individual model; as coded every baseline starts from the same
+   seed), ``'finetune'`` fine-tunes the whole base-width network from its current weights (the
+   paper's fine-Avg goals); both reference trainings run on a throw-away copy of the state with
+   the same compiled step, ``'fixed'`` takes ``cpg.goal_values`` (one number, or one
+   per task: e.g. the validation accuracies of a ``configs/individual.py`` run, which is how
+   ``benchmarks/cpg_results.py`` avoids training the individual models twice). A goal counts as met
+   when ``val >= goal - cpg.goal_tolerance`` (as coded ``allow_acc_loss = 0``).
+2. **Picking + training**: the weights owned by tasks < t+1 are frozen; a real-valued mask over
+   them (``state.aux['pick']``, initialised to 0.01) is binarised with ``> 5e-3`` in the forward
+   pass with a straight-through gradient (:func:`sparse_cl_jax.transforms.binarize_ste`), so the
+   effective old weight is ``binary(m) * w_old``. The mask is trained by Adam (``Method.aux_tx``,
+   lr 5e-4, x0.2 at 50% and x0 at 70% of the epochs as coded) together with the free (released)
+   weights, the task's head and norm row (base optimiser, ``config.epochs``). PAE: no mask, every
+   old weight is used.
+3. **Growing**: if the goal is missed and the network may still grow, the task restarts from its
+   starting point with a wider network: the *allocated* region (see below) grows by one level
+   (as coded +0.5x of the parameter count: levels ``cpg.levels = (1.0, 1.5)``, PAE ``(1.0, 1.5,
+   2.0)``; channels grow by the square root), the newly allocated weights are (re-)initialised
+   to their initial values, which no view has ever used (a deliberate, logged initialisation),
+   and step 2 runs again from the task's starting point (as coded: the wider network restarts
+   from the previous task's checkpoint, released weights zero).
+4. **Compacting**: gradual magnitude pruning of the task's own weights (per layer, over the task's
+   candidate weights = the free weights it started from, as coded) in stages ``cpg.stages``
+   (0.1 .. 0.9, 0.95), each ``cpg.stage_epochs`` long at ``cpg.prune_lr`` with a cubic ramp
+   (:func:`sparse_cl_jax.schedules.cubic`, Zhu & Gupta 2017) from the previous stage's sparsity over
+   ``cpg.ramp_epochs``, the mask updated every ``cpg.prune_every`` batches (a trainer hook). The
+   largest sparsity whose validation accuracy still meets the goal is kept. By default (the
+   paper's Algorithm 1) pruning stops at the first stage that misses the goal;
+   ``cpg.stop_at_first_miss=False`` runs every stage and keeps the largest passing one (as coded).
+   ``cpg.min_train_acc`` (as coded 0.95; default 0 = off) additionally requires the stage's
+   accuracy on (a validation-sized slice of) the training data. If the goal is missed even at the
+   maximum width, as coded, the task is still pruned to leave ``round(1 / (remaining + 1), 1)`` of
+   its weights for each remaining task (``cpg.reserve_for_remaining``).
+5. **Retraining** (tasks after the first, as coded): the picking mask is re-initialised and
+   trained again with the kept weights for up to ``cpg.retrain_epochs`` epochs, keeping the best
+   epoch on validation (patience ``cpg.retrain_patience``); used only if it beats the compacted
+   model's validation accuracy.
+6. The kept weights become owned by the task and frozen; pruned ones are zero and free for later
+   tasks; the task's binary picks are stored bit-packed.
+
+Growth without reshaping or recompiling: the model is built once at the *maximum* width
+(``config.width_multiplier`` is the maximum; ``configs/cpg.py`` sets ``sqrt(1.5)``, ``pae``
+``sqrt(2)``). :func:`allocation_levels` computes, once, for every parameter position the smallest
+growth level at which it exists in the narrower network (by probing the network with everything
+beyond a level's widths zeroed); the method state stores it (``alloc``, int8, data not a closure
+constant) and the level each task was trained at (``level[T]``). Every view masks positions above
+the viewing task's level to zero, so a narrow task never sees the units added later, and growing
+is only enlarging the allocated region: no new arrays, no retrace. Reported expansion, redundancy
+and stored bytes count the allocated region only.
+
+Zero forgetting: the view of a finished task j uses weights owned by tasks 1..j+1 (old ones times
+task j's stored picks), its own head and norm row, at its own level; none of these change later
+(freezing is ``transforms.freeze`` with the frozen mask as data), so its outputs are
+bit-identical after any later picking, growth or compaction (BWT exactly 0).
+
+Control flow (retry after growth, keep the best stage) branches on evaluated accuracies and keeps
+snapshots in Python, so the method sets ``resumable_within_task=False``: only task boundaries are
+checkpointed and an interrupted task is replayed from its start (deterministically).
+
+Example::
+
+  python experiments/main.py --config=configs/cpg.py:fashion_mnist --workdir=/tmp/cpg
+"""
+
+from __future__ import annotations
+
+import math
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from sparse_cl_jax import masks
+from sparse_cl_jax import metrics
+from sparse_cl_jax import schedules
+from sparse_cl_jax import topk
+from sparse_cl_jax import transforms
+from sparse_cl_jax import types
+from sparse_cl_jax.methods import base
+from sparse_cl_jax.methods import piggyback
+
+DEFAULT_NORM = "task_batch"
+FORGETS_NOTHING = True
+GOALS = ("individual", "finetune", "fixed")
+STATS = ("goal", "val_trained", "sparsity", "val_compacted", "val_final", "attempts", "retrained")
+
+
+def default_config(method: str = "cpg") -> ml_collections.ConfigDict:
+  """``config.cpg`` with the as-coded CIFAR-100 settings (epochs come from the config)."""
+  c = ml_collections.ConfigDict()
+  c.picking = method == "cpg"
+  # Growth: parameter-count multipliers of the allocated network (channels grow by the square
+  # root when growth_counts == 'params', as coded).
+  c.levels = (1.0, 1.5) if method == "cpg" else (1.0, 1.5, 2.0)
+  c.growth_counts = "params"  # or 'channels'
+  # Picking (Piggyback mask over old weights).
+  c.mask_init = 1e-2
+  c.mask_threshold = 5e-3
+  c.mask_lr = 5e-4
+  c.mask_lr_schedule = ((0.5, 0.2), (0.7, 0.0))  # (fraction of epochs, factor), cumulative
+  # Accuracy goal (always on validation data).
+  c.goal = "individual"  # 'individual' | 'finetune' | 'fixed'
+  c.goal_values = ()  # for 'fixed': one value for all tasks or one per task
+  c.goal_epochs = 0  # reference training epochs; 0 = config.epochs
+  c.goal_tolerance = 0.0  # as coded allow_acc_loss
+  c.min_train_acc = 0.0  # as coded 0.95 (a stage / a width counts only above it)
+  # Compaction.
+  c.stages = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+  c.stage_epochs = 20
+  c.ramp_epochs = 4.0
+  c.prune_every = 10  # batches between mask updates
+  c.prune_lr = 1e-3
+  c.stop_at_first_miss = True  # paper; False = as coded (run every stage, keep the largest pass)
+  c.reserve_for_remaining = True  # as coded: prune even when the goal is missed at max width
+  # Retraining after compaction (tasks after the first, as coded).
+  c.retrain_epochs = 30
+  c.retrain_lr = 1e-3
+  c.retrain_mask_lr = 1e-4
+  c.retrain_patience = 5
+  c.retrain_reinit_mask = True
+  c.retrain_first_task = False
+  return c
+
+
+def channel_multipliers(levels, counts: str = "params") -> list[float]:
+  """Channel-width multipliers of the growth levels (``sqrt`` of parameter multipliers)."""
+  levels = [float(x) for x in levels]
+  if not levels or any(x <= 0 for x in levels) or sorted(set(levels)) != levels:
+    raise ValueError(f"config.cpg.levels={tuple(levels)} must be positive and increasing")
+  if counts not in ("params", "channels"):
+    raise ValueError(f"config.cpg.growth_counts={counts!r}: choose 'params' or 'channels'")
+  return [math.sqrt(x) if counts == "params" else x for x in levels]
+
+
+def allocation_levels(model, variables: dict, input_shape, multipliers,
+                      rows: types.LeafSpec) -> types.Params:
+  """For every param position, the first growth level whose network contains it (int8 tree).
+
+  ``model`` is the maximum-width network and ``variables`` its initial variables (running
+  statistics as initialised: mean 0, variance 1); level ``l`` is the same network with
+  ``width_multiplier = multipliers[l]``. A position belongs to level ``l`` when it connects live
+  units of the narrower network: the units beyond the narrower network's widths (the last axis of
+  every kernel / bias / norm leaf, a prefix) are zeroed in a positive probe of the wide network,
+  and the positions with a nonzero gradient of the summed logits are the live ones (inputs of a
+  flattened conv feature map are found the same way). Rows of per-task leaves share row 0's
+  pattern. Positions alive at no level get ``len(multipliers)``.
+
+  Raises:
+    ValueError: if the levels are not nested (a narrower network not contained in a wider one).
+  """
+  x = jnp.ones((1,) + tuple(input_shape), jnp.float32)
+  key = jax.random.key(0)
+  params = variables["params"]
+  extra = {c: v for c, v in variables.items() if c not in ("params", "intermediates")}
+  n_levels = len(multipliers)
+
+  def fan(p, r):
+    shape = tuple(p.shape[1:]) if r else tuple(p.shape)
+    return float(np.prod(shape[:-1])) if len(shape) >= 2 else 1.0
+
+  @jax.jit
+  def probe_grads(probe):
+    return jax.grad(lambda q: jnp.sum(model.apply({"params": q, **extra}, x, task=0,
+                                                  train=False)))(probe)
+
+  level = jax.tree.map(lambda p: np.full(np.shape(p), n_levels, np.int8), params)
+  for lv in reversed(range(n_levels)):
+    narrow = model.clone(width_multiplier=float(multipliers[lv]))
+    shapes = jax.eval_shape(lambda k, n=narrow: n.init(k, x, task=0, train=False), key)["params"]
+    if jax.tree.structure(shapes) != jax.tree.structure(params):
+      raise ValueError("the narrow network's params do not mirror the wide one's")
+
+    def alive_last(p, s, lv=lv):
+      shape = np.shape(p)
+      if not shape:
+        return np.ones((), bool)
+      if len(s.shape) != len(shape) or s.shape[-1] > shape[-1]:
+        raise ValueError(f"growth level {lv} is wider than the model ({s.shape} vs {shape}); "
+                         "config.width_multiplier must be the maximum width")
+      return np.broadcast_to(np.arange(shape[-1]) < s.shape[-1], shape)
+
+    alive = jax.tree.map(alive_last, params, shapes)
+    probe = jax.tree.map(
+        lambda p, a, r: jnp.where(jnp.asarray(a), 1.0 / fan(p, r), 0.0).astype(p.dtype),
+        params, alive, rows)
+    grads = jax.device_get(probe_grads(probe))
+
+    def decide(g, a, r):
+      nz = np.asarray(g) != 0
+      if r and nz.ndim:
+        nz = np.broadcast_to(nz[:1], nz.shape)
+      return nz & a
+
+    allocated = jax.tree.map(decide, grads, alive, rows)
+    for al, old in zip(jax.tree.leaves(allocated), jax.tree.leaves(level)):
+      if lv + 1 < n_levels and np.any(al & (old > lv + 1)):
+        raise ValueError("growth levels are not nested")
+    level = jax.tree.map(lambda old, al, lv=lv: np.where(al, lv, old).astype(np.int8), level,
+                         allocated)
+  return level
+
+
+def view(params: types.Params, pick, m, task, current, *, spec: types.LeafSpec,
+         rows: types.LeafSpec, picking: bool, threshold: float) -> types.Params:
+  """The params task ``task`` computes with after ``current`` was trained (traced ints).
+
+  ``m`` holds ``own`` (ownership), ``alloc`` (:func:`allocation_levels`), ``level`` ([T]) and,
+  with picking, ``bits`` (stored picks). With ``k = task + 1`` and the task's level ``lv``:
+
+  * positions above ``lv`` (not allocated for the task) are 0, on every leaf;
+  * weights owned by earlier tasks (``1 <= own < k``) enter as ``w * pick``: the live
+    straight-through mask for the task being trained, the stored bits for finished tasks, 1 for
+    tasks not trained yet and without picking (PAE);
+  * the task's own weights (``own == k``) enter as they are, and so do free allocated weights
+    while the task is the one being trained (released ones hold exact zeros);
+  * everything else (free weights of a finished task, later tasks' weights) is 0.
+  Per-task leaves (heads, norm rows) are only masked by the allocation.
+  """
+  task = jnp.asarray(task, jnp.int32)
+  current = jnp.asarray(current, jnp.int32)
+  k = task + 1
+  cur = task == current
+  future = task > current
+  lv = m["level"][jnp.minimum(task, current)].astype(jnp.int8)
+  stored = piggyback.get_bits(m["bits"], task, spec) if picking else None
+
+  def one(p, o, a, s, r, *extra):
+    allocated = a <= lv
+    zero = jnp.zeros_like(p)
+    if r:
+      return jnp.where(allocated, p, zero)
+    older = (o >= 1) & (o < k)
+    usable = (o == k) | (cur & (o == 0) & allocated)
+    old_val = p
+    if picking and s:
+      live_mask, bits = extra
+      live = transforms.binarize_ste(live_mask, threshold).astype(p.dtype)
+      mk = jnp.where(future, jnp.ones_like(p), jnp.where(cur, live, bits.astype(p.dtype)))
+      old_val = p * mk
+    return jnp.where(older, old_val, jnp.where(usable, p, zero))
+
+  trees = [params, m["own"], m["alloc"], spec, rows]
+  if picking:
+    trees += [pick, stored]
+  return jax.tree.map(one, *trees)
+
+
+@jax.jit
+def _copy(tree):
+  """A copy in fresh buffers (one compiled call), safe to keep while the original is donated."""
+  return jax.tree.map(jnp.copy, tree)
+
+
+def _per_task_goal(values, t: int) -> float:
+  values = tuple(float(v) for v in values)
+  if not values:
+    raise ValueError("config.cpg.goal='fixed' needs config.cpg.goal_values (one or one per task)")
+  return values[t] if len(values) > 1 else values[0]
+
+
+def make(config, ctx: base.Context) -> base.Method:
+  """CPG (``config.method='cpg'``) or PAE (``'pae'``: no picking) with ``config.cpg``."""
+  name = config.method
+  if name not in ("cpg", "pae"):
+    raise ValueError(f"cpg.make builds 'cpg' or 'pae', not {name!r}")
+  cc = config.cpg
+  picking = name == "cpg" and bool(cc.picking)
+  if cc.goal not in GOALS:
+    raise ValueError(f"config.cpg.goal={cc.goal!r}: choose one of {GOALS}")
+  spec, rows = ctx.spec, ctx.task_rows
+  T = ctx.num_tasks
+  model = ctx.model
+  thr = float(cc.mask_threshold)
+  mask_init = float(cc.mask_init)
+  levels = [float(x) for x in cc.levels]
+  cmult = channel_multipliers(levels, cc.growth_counts)
+  base_width = float(model.width_multiplier) / cmult[-1]
+  n_levels = len(levels)
+  alloc_np = allocation_levels(model, ctx.variables, ctx.stream.input_shape,
+                               [base_width * c for c in cmult], rows)
+  epochs = int(config.epochs)
+  tol = float(cc.goal_tolerance)
+
+  # ------------------------------------------------------------------------------------------------
+  # Method state and the per-step functions.
+
+  @jax.jit
+  def build_state(params, alloc):
+    m = {"own": masks.new_ownership(params),
+         "alloc": alloc,
+         "trainable": masks.zeros(params),
+         "level": jnp.zeros((T,), jnp.int32),
+         "stats": {k: jnp.zeros((T,), jnp.float32) for k in STATS}}
+    if picking:
+      m["bits"] = piggyback.new_bits(params, spec, T)
+    return m
+
+  def init_state(ctx):
+    return build_state(ctx.params, alloc_np)
+
+  def fresh_pick(params):
+    return {"pick": piggyback.init_real_mask(params, spec, mask_init)}
+
+  def init_aux(ctx):
+    return fresh_pick(ctx.params) if picking else {}
+
+  def forward_params(params, aux, m, task, current):
+    return view(params, aux.get("pick"), m, task, current, spec=spec, rows=rows,
+                picking=picking, threshold=thr)
+
+  def tx_args(m, task):
+    del task
+    return {"frozen": masks.logical_not(m["trainable"])}
+
+  def wrap_tx(tx):
+    return optax.chain(tx, transforms.freeze(mask_arg="frozen"))
+
+  aux_tx = optax.inject_hyperparams(optax.adam)(learning_rate=float(cc.mask_lr)) if picking else None
+
+  def trainable_of(params, m, t):
+    lv = m["level"][t].astype(jnp.int8)
+    row_t = base.task_slice(params, rows, t)
+    return jax.tree.map(lambda o, a, rt, r: (rt & (a <= lv)) if r else ((o == 0) & (a <= lv)),
+                        m["own"], m["alloc"], row_t, rows)
+
+  placed = {}
+
+  def initial_params(trainer):
+    """The network's initial values, on the trainer's device(s) (data, not a jit constant)."""
+    if id(trainer) not in placed:
+      placed.clear()
+      placed[id(trainer)] = trainer._put(ctx.params)
+    return placed[id(trainer)]
+
+  @jax.jit
+  def begin(state, t):
+    m = dict(state.method)
+    prev = m["level"][jnp.maximum(t - 1, 0)]
+    m["level"] = m["level"].at[t].set(jnp.where(t > 0, prev, 0))
+    m["trainable"] = trainable_of(state.params, m, t)
+    aux = fresh_pick(state.params) if picking else state.aux
+    return state._replace(method=m, aux=aux)
+
+  @jax.jit
+  def grow(state, t, fresh):
+    """Allocates the next level; its weights get the never-used values of ``fresh``."""
+    m = dict(state.method)
+    new = m["level"][t] + 1
+    m["level"] = m["level"].at[t].set(new)
+    row_t = base.task_slice(state.params, rows, t)
+    region = jax.tree.map(lambda a, rt: (a == new.astype(jnp.int8)) & rt, m["alloc"], row_t)
+    params = jax.tree.map(lambda p, f, g: jnp.where(g, f, p), state.params, fresh, region)
+    m["trainable"] = trainable_of(params, m, t)
+    return state._replace(params=params, method=m)
+
+  @jax.jit
+  def reference(state, t, finetune, fresh):
+    """A throw-away state for the goal's reference model: everything free, base width."""
+    m = dict(state.method)
+    m["own"] = jax.tree.map(jnp.zeros_like, m["own"])
+    m["level"] = m["level"].at[t].set(0)
+    row_t = base.task_slice(state.params, rows, t)
+    params = jax.tree.map(lambda p, f, rt: jnp.where(rt & ~finetune, f, p), state.params, fresh,
+                          row_t)
+    # 'individual': every shared weight and the task's rows restart from the network's initial
+    # values (as coded, every baseline model is trained from the same seed); 'finetune' keeps the
+    # current weights (released ones are zero), the task's rows are untouched initial values.
+    m["trainable"] = trainable_of(params, m, t)
+    return state._replace(params=params, method=m)
+
+  @jax.jit
+  def prune_to(state, t, sparsity):
+    """Keeps ``n0 - round(s * n0)`` of the task's candidate weights per layer (by magnitude)."""
+    m = dict(state.method)
+    lv = m["level"][t].astype(jnp.int8)
+    cur = jax.tree.map(lambda tr, s: tr & s, m["trainable"], spec)
+    n0 = jax.tree.map(
+        lambda o, a, s: jnp.sum((o == 0) & (a <= lv), dtype=jnp.int32) if s else jnp.int32(0),
+        m["own"], m["alloc"], spec)
+    keep_n = jax.tree.map(
+        lambda n: n - jnp.round(sparsity * n.astype(jnp.float32)).astype(jnp.int32), n0)
+    keep = topk.topk_mask(jax.tree.map(jnp.abs, state.params), keep_n, candidates=cur, spec=spec)
+    keep = jax.tree.map(jnp.logical_and, keep, cur)
+    released = jax.tree.map(lambda c, kp: c & ~kp, cur, keep)
+    params = jax.tree.map(lambda p, r: jnp.where(r, jnp.zeros_like(p), p), state.params, released)
+    m["trainable"] = jax.tree.map(lambda s, kp, tr: kp if s else tr, spec, keep, m["trainable"])
+    return state._replace(params=params, method=m)
+
+  @jax.jit
+  def reset_pick(state):
+    return state._replace(aux=fresh_pick(state.params)) if picking else state
+
+  @jax.jit
+  def finish(state, t, stats):
+    m = dict(state.method)
+    kept = jax.tree.map(lambda tr, r: tr & (not r), m["trainable"], rows)
+    m["own"] = masks.assign(m["own"], kept, t + 1)
+    if picking:
+      live = jax.tree.map(lambda a, s: (a > thr) if s else jnp.zeros((), jnp.bool_),
+                          state.aux["pick"], spec)
+      m["bits"] = piggyback.set_bits(m["bits"], live, t, spec)
+    m["trainable"] = masks.zeros(m["trainable"])
+    m["stats"] = {k: v.at[t].set(stats[k]) for k, v in m["stats"].items()}
+    return state._replace(method=m)
+
+  # ------------------------------------------------------------------------------------------------
+  # Python orchestration (recorded trainer operations).
+
+  def n_candidates(state, t):
+    m = jax.device_get(state.method)
+    lv = int(m["level"][t])
+    return sum(int(np.sum((o == 0) & (a <= lv)))
+               for o, a, s in zip(jax.tree.leaves(m["own"]), jax.tree.leaves(m["alloc"]),
+                                  jax.tree.leaves(spec)) if s)
+
+  def grown_count(t, level):
+    return int(sum(np.sum(a[t] == level) if r else np.sum(a == level)
+                   for a, r in zip(jax.tree.leaves(alloc_np), jax.tree.leaves(rows))))
+
+  def train_ok(trainer, state, t):
+    if float(cc.min_train_acc) <= 0.0:
+      return True
+    d = trainer.task_data(t, "train")
+    n_eval = int(trainer.val_data.x.shape[1])
+    if d.x.shape[0] >= n_eval:
+      sub = d._replace(x=d.x[:n_eval], y=d.y[:n_eval], ids=d.ids[:n_eval],
+                       n=jnp.minimum(d.n, n_eval))
+    else:
+      pad = n_eval - d.x.shape[0]
+      sub = d._replace(x=jnp.pad(d.x, [(0, pad)] + [(0, 0)] * (d.x.ndim - 1)),
+                       y=jnp.pad(d.y, (0, pad)), ids=jnp.pad(d.ids, (0, pad), constant_values=-1))
+    return trainer.evaluate(state, t, split="val", data=sub) > float(cc.min_train_acc)
+
+  def mask_lr_fn(lr, n_epochs):
+    def fn(epoch):
+      factor = 1.0
+      for frac, f in cc.mask_lr_schedule:
+        if epoch >= round(float(frac) * n_epochs):
+          factor *= float(f)
+      return float(lr * factor) if picking else 0.0
+    return fn
+
+  def goal_for(trainer, state, t):
+    if cc.goal == "fixed":
+      return _per_task_goal(cc.goal_values, t)
+    temp = reference(_copy(state), jnp.int32(t), jnp.asarray(cc.goal == "finetune"),
+                     initial_params(trainer))
+    temp = trainer.train(temp, t, epochs=int(cc.goal_epochs) or epochs,
+                         phase=f"{cc.goal} reference", aux_lr=0.0)
+    acc = trainer.evaluate(temp, t, split="val")
+    del temp
+    return acc
+
+  def compact(trainer, state, t, goal, met, acc0, level):
+    """Gradual pruning in stages; returns (state, chosen sparsity, its validation accuracy)."""
+    tt = jnp.int32(t)
+    if n_candidates(state, t) == 0:
+      return state, 0.0, acc0
+    at_max_unmet = (not met) and level >= n_levels - 1
+    must = 1.0
+    if at_max_unmet:
+      if not cc.reserve_for_remaining:
+        return state, 0.0, acc0
+      remaining = T - t - 1
+      must = 1.0 - round(1.0 / (remaining + 1), 1)
+      if must <= 0.0:
+        return state, 0.0, acc0
+      logging.info("task %d: goal %.4f missed at the maximum width; pruning to about %.2f to "
+                   "leave room for %d more tasks (as coded)", t + 1, goal, must, remaining)
+    best = (_copy(state), 0.0, acc0)
+    nb = max(1, -(-int(trainer.task_data(t).n) // int(config.batch_size)))
+    freq = max(1, int(cc.prune_every))
+    s_prev = 0.0
+    for s in (float(x) for x in cc.stages):
+      if s <= s_prev:
+        continue
+      if at_max_unmet and s_prev >= must:
+        break
+      ramp = max(1, round(float(cc.ramp_epochs) * nb))
+      sched = schedules.cubic(s, begin_step=0, end_step=ramp, initial_sparsity=s_prev,
+                              frequency=freq)
+      # The schedule at every mask update of the ramp, evaluated once (host values).
+      points = np.asarray(sched(np.arange(0, ramp + freq + 1, freq, dtype=np.int32)))
+
+      def hook(st, steps_done, points=points):
+        i = steps_done // freq
+        if i >= len(points):
+          return st
+        return prune_to(st, tt, jnp.float32(points[i]))
+
+      state = trainer.train(state, t, epochs=int(cc.stage_epochs), phase=f"compact {s:.2f}",
+                            lr=float(cc.prune_lr), lr_milestones=(), aux_lr=0.0, hook=hook,
+                            hook_every=freq)
+      state = trainer.apply(state, lambda st, s=s: prune_to(st, tt, jnp.float32(s)))
+      acc = trainer.evaluate(state, t, split="val")
+      logging.info("task %d: sparsity %.2f -> val %.4f (goal %.4f)", t + 1, s, acc, goal)
+      if not train_ok(trainer, state, t):
+        break
+      s_prev = s
+      if at_max_unmet or acc >= goal - tol:
+        best = (_copy(state), s, acc)
+      elif cc.stop_at_first_miss:
+        break
+    return best
+
+  def retrain(trainer, state, t, acc_chosen):
+    if int(cc.retrain_epochs) <= 0 or (t == 0 and not cc.retrain_first_task):
+      return state, acc_chosen, 0
+    pre = _copy(state)
+    if picking and cc.retrain_reinit_mask:
+      state = trainer.apply(state, reset_pick)
+    best, best_acc, bad = None, acc_chosen, 0
+    for e in range(int(cc.retrain_epochs)):
+      state = trainer.train(state, t, epochs=1, phase="retrain", lr=float(cc.retrain_lr),
+                            lr_milestones=(),
+                            aux_lr=float(cc.retrain_mask_lr) if picking else 0.0,
+                            reset_optimizer=e == 0)
+      acc = trainer.evaluate(state, t, split="val")
+      if acc > best_acc:
+        best, best_acc, bad = _copy(state), acc, 0
+      else:
+        bad += 1
+        if int(cc.retrain_patience) and bad >= int(cc.retrain_patience):
+          break
+    if best is None:
+      return pre, acc_chosen, 0
+    return best, best_acc, 1
+
+  def run_task(trainer, state, t):
+    tt = jnp.int32(t)
+    state = trainer.apply(state, lambda s: begin(s, tt))
+    goal = goal_for(trainer, state, t)
+    level = int(jax.device_get(state.method["level"][t]))
+    snap = _copy(state)
+    attempts = 0
+    while True:
+      attempts += 1
+      state = trainer.train(state, t, epochs=epochs, phase=f"train x{levels[level]:g}",
+                            aux_lr_fn=mask_lr_fn(float(cc.mask_lr), epochs))
+      acc = trainer.evaluate(state, t, split="val")
+      met = acc >= goal - tol and train_ok(trainer, state, t)
+      if met or level >= n_levels - 1:
+        break
+      level += 1
+      logging.info("task %d: val %.4f misses the goal %.4f; restarting the task at %gx "
+                   "parameters: %d newly allocated weights (re-)initialised to their never-used "
+                   "initial values", t + 1, acc, goal, levels[level], grown_count(t, level))
+      start = _copy(snap)
+      init = initial_params(trainer)
+      state = trainer.apply(state, lambda s, start=start, init=init: grow(start, tt, init))
+      snap = _copy(state)
+    del snap
+    state, chosen, acc_c = compact(trainer, state, t, goal, met, acc, level)
+    state, acc_f, retrained = retrain(trainer, state, t, acc_c)
+    logging.info("task %d: goal %.4f, trained %.4f (%d attempt(s), %gx), sparsity %.2f -> %.4f, "
+                 "final %.4f", t + 1, goal, acc, attempts, levels[level], chosen, acc_c, acc_f)
+    stats = {"goal": goal, "val_trained": acc, "sparsity": chosen, "val_compacted": acc_c,
+             "val_final": acc_f, "attempts": attempts, "retrained": retrained}
+    stats = {k: jnp.float32(v) for k, v in stats.items()}
+    return trainer.apply(state, lambda s: finish(s, tt, stats))
+
+  # ------------------------------------------------------------------------------------------------
+  # Reporting.
+
+  def report(ctx, state):
+    m = jax.device_get(state.method)
+    own_l = jax.tree.leaves(m["own"])
+    alloc_l = jax.tree.leaves(m["alloc"])
+    spec_l = [bool(s) for s in jax.tree.leaves(spec)]
+    rows_l = [bool(r) for r in jax.tree.leaves(rows)]
+    lv_task = np.asarray(m["level"]).astype(int)
+    final = int(lv_task.max())
+    bits_l = None
+    if picking:
+      bits_l = jax.tree.leaves(m["bits"])
+
+    def spec_sum(fn):
+      return int(sum(np.sum(fn(i)) for i in range(len(spec_l)) if spec_l[i]))
+
+    total = sum(int(np.size(alloc_l[i])) for i in range(len(spec_l)) if spec_l[i])
+    base_n = spec_sum(lambda i: alloc_l[i] <= 0)
+    alloc_n = spec_sum(lambda i: alloc_l[i] <= final)
+    free_n = spec_sum(lambda i: (own_l[i] == 0) & (alloc_l[i] <= final))
+    used, own_n, picked_frac = [], [], []
+    for j in range(T):
+      k = j + 1
+      older_n = spec_sum(lambda i, k=k: (own_l[i] >= 1) & (own_l[i] < k))
+      if picking:
+        w, sh = j // 32, np.uint32(j % 32)
+        picked = spec_sum(lambda i, k=k, w=w, sh=sh:
+                          (own_l[i] >= 1) & (own_l[i] < k) & (((bits_l[i][w] >> sh) & 1) == 1))
+      else:
+        picked = older_n
+      mine = spec_sum(lambda i, k=k: own_l[i] == k)
+      used.append(picked + mine)
+      own_n.append(mine)
+      picked_frac.append(picked / older_n if older_n else float("nan"))
+
+    # Stored bytes: allocated shared weights, per-task rows at each task's level, masks over the
+    # allocated maskable weights, per-task running statistics at each task's level.
+    params = jax.device_get(state.params)
+    p_paths = masks.paths(params)
+    weights = 0
+    for i, a in enumerate(alloc_l):
+      if rows_l[i]:
+        weights += sum(int(np.sum(a[j] <= lv_task[j])) for j in range(T))
+      else:
+        weights += int(np.sum(a <= final))
+    bits_per = masks.ownership_bits(T) + (T if picking else 0)
+    mask_bytes = sum((int(np.sum(alloc_l[i] <= final)) * bits_per + 7) // 8
+                     for i in range(len(spec_l)) if spec_l[i])
+    scale_alloc = {p.rsplit("/", 1)[0]: alloc_l[i] for i, p in enumerate(p_paths)
+                   if rows_l[i] and p.endswith("/scale")}
+    stats_n = 0
+    bstats = jax.device_get(state.batch_stats)
+    for path, leaf in masks.leaves_with_paths(bstats):
+      a = scale_alloc.get(path.rsplit("/", 1)[0])
+      if a is not None and a.shape == np.shape(leaf):
+        stats_n += sum(int(np.sum(a[j] <= lv_task[j])) for j in range(T))
+      else:
+        stats_n += int(np.size(leaf))
+    stored = {"weights": 4 * weights, "masks": mask_bytes, "per_task": 4 * stats_n}
+    stored["total"] = sum(stored.values())
+    full = metrics.model_bytes(params, mask_bits=bits_per, maskable=spec, per_task_trees=[bstats])
+    stats = {k: np.asarray(v).tolist() for k, v in m["stats"].items()}
+    return {
+        "density_per_task": [u / max(total, 1) for u in used],
+        "mask_bits": bits_per,
+        "ownership": m["own"],
+        "model_bytes": stored,
+        "model_bytes_full_width": full,
+        "base_maskable_weights": base_n,
+        "allocated_maskable_weights": alloc_n,
+        "expansion": alloc_n / max(base_n, 1),
+        "redundant": free_n / max(base_n, 1),
+        "weights_used_per_task": used,
+        "own_weights_per_task": own_n,
+        "own_fraction_of_base_per_task": [n / max(base_n, 1) for n in own_n],
+        "picked_fraction_per_task": picked_frac,
+        "level_per_task": lv_task.tolist(),
+        "param_multiplier_per_task": [levels[v] for v in lv_task.tolist()],
+        "goal_per_task": stats["goal"],
+        "val_trained_per_task": stats["val_trained"],
+        "chosen_sparsity_per_task": stats["sparsity"],
+        "val_compacted_per_task": stats["val_compacted"],
+        "val_final_per_task": stats["val_final"],
+        "attempts_per_task": [int(a) for a in stats["attempts"]],
+        "retrained_per_task": [int(r) for r in stats["retrained"]],
+    }
+
+  return base.Method(name=name, run_task=run_task, init_state=init_state, init_aux=init_aux,
+                     forward_params=forward_params, wrap_tx=wrap_tx, tx_args=tx_args,
+                     aux_tx=aux_tx, report=report, resumable_within_task=False)

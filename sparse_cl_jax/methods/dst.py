@@ -1,0 +1,494 @@
+"""Dynamic sparse training for continual learning (Yildirim et al., CPAL 2024).
+
+"Continual Learning with Dynamic Sparse Training: Exploring Algorithms for Effective Model
+Updates", Sec. 3. Task-incremental; every task ``t`` (owner ``t + 1``) gets its own subnetwork at
+a fixed per-task sparsity ``s``:
+
+1. ``begin``: draw the task's mask, per layer exactly ``k_l`` positions
+   (:func:`sparsity.target_counts`, ``init='uniform'`` or ``'erk'``), at random over *all*
+   positions (as coded: the mask may include frozen weights of earlier tasks, which the task then
+   computes with but never changes). Free positions in the mask are the task's trainable weights;
+   they start at zero for tasks after the first (as coded; ``new_weights='init'``: fresh initial
+   values). Task 0 starts from the model's initialisation.
+2. Train with the config's optimiser; every ``update_every`` steps the trainer's hook runs
+   :func:`topology_update` (jitted, separate from the train step, so the step never retraces):
+   drop by smallest magnitude ``floor(f * n)`` of the ``n`` trainable active weights of each layer,
+   ``f`` cosine-annealed from ``drop_fraction`` (0.5) to ``drop_fraction_final`` (0.005) over the
+   task's steps, stepped per batch (as coded); grow as many per layer among positions that are
+   neither active nor owned by earlier tasks, by ``random`` (SET), ``unfired`` (random among
+   positions never active during this task, as coded), ``gradient`` (largest ``|dL/dw|`` on a
+   fresh batch at the masked weights, RigL) or ``momentum`` (largest ``|m|`` of the optimiser's
+   first moment, SNFS). Grown weights start at zero (as coded; ``regrow='init'``: fresh values).
+   The per-layer count is exact after every update.
+3. ``finish``: the task's trainable active weights become owned by the task (frozen for good);
+   its mask is stored as bit ``t`` of a per-weight ``uint32`` word (``bits``), the fixed-shape
+   equivalent of a ``[T, ...]`` stack of bool masks at 1/8 of the memory.
+
+Evaluation of task ``j`` uses exactly ``mask_j`` (own + reused frozen weights), task ``j``'s head
+and per-task BN row, so with per-task BN (``norm='task_batch'``, the default) its outputs are
+bit-identical after later tasks: BWT is exactly 0. Shared non-maskable leaves (biases of layers
+without a norm) are trained by the first task only, then frozen (as in PackNet).
+
+Forward transfer as in the paper (eq. 4): ``R[i, j]`` for ``j > i`` is task ``i``'s subnetwork,
+head and BN (affine and running statistics) applied to task ``j``'s data, its labels read as
+positions within task ``i``'s head (as coded). ``forward_params`` places row ``i`` of every
+per-task leaf at row ``j`` for that view; ``finish`` copies task ``i``'s running statistics into the
+not-yet-trained rows, and ``begin`` resets the new task's row to the initial statistics, so this
+bookkeeping never affects training.
+
+The train step uses a masking op with a dense (straight-through) gradient: the optimiser sees
+``dL/dw`` at every position, as PyTorch does for the as-coded weights that are physically zero
+outside the mask; the ``freeze`` transform (last in the chain, mask passed as data) zeroes every
+update outside the task's trainable active weights, so the optimiser's first moment is dense (what
+momentum growth reads) while nothing outside the mask changes.
+
+Differences from the authors' code (muratonuryildirim/CL-with-DST), all documented defaults:
+
+* Exact per-layer counts (top-k of random scores) instead of Bernoulli draws; drop count
+  ``floor(f * n_trainable)`` instead of ``ceil(f * n_mask)``; a dropped position is not regrown in
+  the same update.
+* Growth never picks a position owned by an earlier task. As coded, random/unfired growth can pick
+  one, but the weight is then held at zero during training and restored to the old value at test
+  time (a train/test mismatch); gradient and momentum growth effectively never pick one (their
+  gradient is zeroed there).
+* Drop only among the task's own trainable weights (``drop_frozen=True``: also among the reused
+  frozen ones, as coded).
+* Momentum growth scores ``|mu|`` of Adam (as coded: ``|mu / (sqrt(nu) + 1e-8)|``).
+* Per-task heads (task-IL, dense, not masked) instead of one masked 100-way head with argmax over
+  all logits; per-task BN by default (``norm='batch_stats_only'``: no affine, batch statistics at
+  test time, as coded); no test-time augmentation; no checkpoint selection on train accuracy.
+
+Example::
+
+  python experiments/main.py --config=configs/dst_cl.py:fashion_mnist --workdir=/tmp/dst \
+      --config.dst.init=erk --config.dst.growth=gradient --config.dst.sparsity=0.9
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sparse_cl_jax import criteria
+from sparse_cl_jax import growth as growth_lib
+from sparse_cl_jax import masks
+from sparse_cl_jax import schedules
+from sparse_cl_jax import sparsity as sparsity_lib
+from sparse_cl_jax import topk
+from sparse_cl_jax import transforms
+from sparse_cl_jax.methods import base
+
+DEFAULT_NORM = "task_batch"
+FORGETS_NOTHING = True
+
+INITS = ("uniform", "erk")
+GROWTH_MODES = ("random", "unfired", "gradient", "momentum")
+WEIGHT_INITS = ("zero", "init")
+_WORD = 32  # tasks per uint32 word of ``bits``
+_HOOK_SALT = 0xD57  # folded into the train operation's key for the topology updates
+
+# Traces of this module's jitted functions (``begin``, ``finish``, ``update_<growth>``), for tests.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-task masks as bits of uint32 words: bits[w] holds tasks 32 w .. 32 w + 31.
+
+
+def num_words(num_tasks: int) -> int:
+  """uint32 words per weight needed for ``num_tasks`` per-task mask bits."""
+  return max(1, -(-int(num_tasks) // _WORD))
+
+
+def new_bits(params, num_tasks: int):
+  """All-zero per-task mask bits: a uint32 tree with leaves ``[num_words(T), *shape]``."""
+  w = num_words(num_tasks)
+  return jax.tree.map(lambda p: jnp.zeros((w,) + tuple(jnp.shape(p)), jnp.uint32), params)
+
+
+def get_task_mask(bits, task) -> Any:
+  """Task ``task``'s bool mask from the bits (``task`` may be traced)."""
+  task = jnp.asarray(task, jnp.int32)
+  shift = (task % _WORD).astype(jnp.uint32)
+
+  def one(b):
+    word = b[task // _WORD]
+    return (jnp.right_shift(word, shift) & jnp.uint32(1)) == jnp.uint32(1)
+
+  return jax.tree.map(one, bits)
+
+
+def set_task_mask(bits, task_masks, task) -> Any:
+  """Sets bit ``task`` to ``task_masks`` (other tasks' bits untouched)."""
+  task = jnp.asarray(task, jnp.int32)
+  shift = (task % _WORD).astype(jnp.uint32)
+
+  def one(b, m):
+    w = task // _WORD
+    keep = b[w] & ~jnp.left_shift(jnp.uint32(1), shift)
+    return b.at[w].set(keep | jnp.left_shift(m.astype(jnp.uint32), shift))
+
+  return jax.tree.map(one, bits, task_masks)
+
+
+# --------------------------------------------------------------------------------------------------
+# Masking with a dense gradient.
+
+
+@jax.custom_vjp
+def mask_dense_grad(w: jax.Array, m: jax.Array) -> jax.Array:
+  """``where(m, w, 0)`` whose gradient w.r.t. ``w`` is the gradient w.r.t. the masked weight.
+
+  The optimiser then sees ``dL/dw_eff`` at inactive positions too, like PyTorch code whose
+  inactive weights are physically zero (RigL/SNFS growth signals). Updates outside the trainable
+  mask must be discarded by the optimiser chain (``transforms.freeze``).
+  """
+  return jnp.where(m, w, jnp.zeros_like(w))
+
+
+def _mask_fwd(w, m):
+  return mask_dense_grad(w, m), None
+
+
+def _mask_bwd(residual, g):
+  del residual
+  return g, None
+
+
+mask_dense_grad.defvjp(_mask_fwd, _mask_bwd)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure pieces (testable on hand-made trees).
+
+
+def growth_schedule(growth: str, growth_per_task, num_tasks: int) -> list[str]:
+  """The growth mode of every task: ``growth_per_task`` (list or comma string) overrides ``growth``.
+
+  Adaptive growth (Sec. 5.3 of the paper): e.g. ``('random',) * 5 + ('gradient',) * 5``.
+  """
+  if isinstance(growth_per_task, str):
+    growth_per_task = [g.strip() for g in growth_per_task.split(",") if g.strip()]
+  modes = list(growth_per_task or ()) or [growth] * num_tasks
+  if len(modes) != num_tasks:
+    raise ValueError(f"config.dst.growth_per_task has {len(modes)} entries for {num_tasks} tasks: "
+                     f"{modes}")
+  for g in modes:
+    if g not in GROWTH_MODES:
+      raise ValueError(f"unknown DST growth mode {g!r}; choose from {GROWTH_MODES}")
+  return modes
+
+
+def trainable(mstate, spec, rows, task) -> Any:
+  """What task ``task`` may change: its free active weights, its rows, shared leaves (task 0)."""
+  task = jnp.asarray(task, jnp.int32)
+  rows_mask = base.task_slice(mstate["mask"], rows, task)
+
+  def one(m, o, r, s, is_row):
+    if s:
+      return m & (o == 0) & r
+    if is_row:
+      return r
+    return jnp.full(jnp.shape(m), task == 0)
+
+  return jax.tree.map(one, mstate["mask"], mstate["own"], rows_mask, spec, rows)
+
+
+def topology_update(mstate, params, *, fraction, growth: str, spec, key=None, grads=None,
+                    opt_state=None, drop_frozen: bool = False):
+  """One drop-and-grow step of the current task's mask (pure; jit-compatible).
+
+  Args:
+    mstate: the method state (``mask``, ``own``, ``used`` are read).
+    params: current params (drop by smallest ``|w|``).
+    fraction: drop fraction of each layer's droppable active weights (traced OK).
+    growth: ``'random'``, ``'unfired'``, ``'gradient'`` or ``'momentum'`` (static).
+    spec: maskable leaves.
+    key: randomness for random / unfired growth.
+    grads: dense gradient tree (``'gradient'``).
+    opt_state: optax state holding a first moment (``'momentum'``).
+    drop_frozen: also drop reused weights of earlier tasks (as coded); default only the task's own.
+
+  Returns:
+    ``(new_mstate, growth.DropGrowResult)``: ``mask`` updated, ``used`` accumulated. Per layer the
+    number of active positions is unchanged; growth never picks an owned position, an active one,
+    or (``'unfired'``) one that was active earlier in this task.
+  """
+  mask, own, used = mstate["mask"], mstate["own"], mstate["used"]
+  free = masks.free(own)
+  drop_cand = mask if drop_frozen else masks.logical_and(mask, free)
+  grow_cand = free
+  if growth == "unfired":
+    grow_cand = masks.logical_and(free, masks.logical_not(used))
+  if growth in ("random", "unfired"):
+    scores = criteria.random(params, key=key)
+  elif growth == "gradient":
+    scores = criteria.gradient(params, grads=grads)
+  elif growth == "momentum":
+    scores = criteria.momentum(params, opt_state=opt_state)
+  else:
+    raise ValueError(f"unknown DST growth mode {growth!r}; choose from {GROWTH_MODES}")
+  res = growth_lib.drop_and_grow(mask, criteria.magnitude(params), scores, fraction, spec=spec,
+                                 drop_candidates=drop_cand, grow_candidates=grow_cand)
+  new = dict(mstate)
+  new["mask"] = res.masks
+  new["used"] = growth_lib.mark_used(used, res.masks)
+  return new, res
+
+
+def view_masks(mstate, task, current) -> Any:
+  """The mask task ``task`` computes with after ``current`` was trained.
+
+  ``task >= current``: the current (latest) task's mask, i.e. task ``current``'s subnetwork (the
+  forward-transfer view for later tasks); ``task < current``: the stored mask of ``task``.
+  """
+  later = jnp.asarray(task, jnp.int32) >= jnp.asarray(current, jnp.int32)
+  stored = get_task_mask(mstate["bits"], task)
+  return jax.tree.map(lambda m, b: jnp.where(later, m, b), mstate["mask"], stored)
+
+
+# --------------------------------------------------------------------------------------------------
+# The method.
+
+
+def _check_config(dc, config) -> None:
+  sparsity_lib.check_sparsity(dc.sparsity, "config.dst.sparsity")
+  if dc.init not in INITS:
+    raise ValueError(f"config.dst.init={dc.init!r}; choose from {INITS}")
+  if int(dc.update_every) < 0:
+    raise ValueError(f"config.dst.update_every={dc.update_every!r} must be >= 0 (0 = static)")
+  for field in ("new_weights", "regrow"):
+    if dc[field] not in WEIGHT_INITS:
+      raise ValueError(f"config.dst.{field}={dc[field]!r}; choose from {WEIGHT_INITS}")
+  if not 0.0 <= float(dc.drop_fraction_final) <= float(dc.drop_fraction) <= 1.0:
+    raise ValueError("need 0 <= config.dst.drop_fraction_final <= config.dst.drop_fraction <= 1, "
+                     f"got {dc.drop_fraction_final} and {dc.drop_fraction}")
+
+
+def make(config, ctx: base.Context) -> base.Method:
+  """DST for CL with ``config.dst.{init, growth, growth_per_task, sparsity, update_every, ...}``.
+
+  Fields of ``config.dst`` (see ``configs/dst_cl.py``): ``init`` ('uniform' | 'erk'), ``growth``
+  (one of :data:`GROWTH_MODES`, every task), ``growth_per_task`` (optional list overriding it),
+  ``sparsity`` (per task), ``update_every`` (dT in steps; 0 = static sparse training),
+  ``drop_fraction`` / ``drop_fraction_final`` (cosine schedule ends), ``new_weights`` and
+  ``regrow`` ('zero' as coded | 'init'), ``reset_moments`` (zero the optimiser moments of changed
+  positions; as coded False), ``mask_overlap`` (a task's mask may include earlier tasks' frozen
+  weights; as coded True), ``drop_frozen`` (as coded False here, see the module docstring).
+  """
+  dc = config.dst
+  _check_config(dc, config)
+  T = ctx.num_tasks
+  spec, rows = ctx.spec, ctx.task_rows
+  s = float(dc.sparsity)
+  modes = growth_schedule(dc.growth, dc.growth_per_task, T)
+  if "momentum" in modes and config.optimizer == "sgd" and not config.momentum:
+    raise ValueError("DST momentum growth needs a first moment: use Adam or SGD with momentum")
+  if ctx.stream.incremental != "task":
+    logging.warning("DST for CL is a task-incremental method; running it class-incremental")
+  norm = getattr(ctx.model, "norm", "none")
+  if norm == "batch":
+    logging.warning("DST with shared BatchNorm running statistics forgets: use norm='task_batch' "
+                    "(default) or 'batch_stats_only' (as coded)")
+  counts = sparsity_lib.target_counts(ctx.params, s, distribution=dc.init, spec=spec)
+  sizes = [int(np.size(p)) for p, f in zip(jax.tree.leaves(ctx.params), jax.tree.leaves(spec))
+           if f]
+  total = max(sum(sizes), 1)
+  kept = sum(c for c, f in zip(jax.tree.leaves(counts), jax.tree.leaves(spec)) if f)
+  has_stats = "batch_stats" in ctx.variables
+  per_task_stats = has_stats and norm == "task_batch"
+  init_stats = ctx.variables.get("batch_stats", {})
+  in_shape = (1,) + tuple(ctx.stream.input_shape)
+  class_il = ctx.stream.incremental == "class"
+  head_mask = jnp.asarray(ctx.stream.head_mask)
+  batch_size = int(config.batch_size)
+  overlap = bool(dc.mask_overlap)
+  drop_frozen = bool(dc.drop_frozen)
+
+  def fresh_params(key):
+    return ctx.model.init(key, jnp.zeros(in_shape, jnp.float32), task=0, train=False)["params"]
+
+  def init_state(ctx):
+    return {
+        "own": masks.new_ownership(ctx.params),
+        # Dense until the first task draws its mask: the random-init baseline sees the full model.
+        "mask": masks.ones(ctx.params),
+        "used": masks.zeros(ctx.params),
+        "bits": new_bits(ctx.params, T),
+        "num_updates": jnp.zeros((T,), jnp.int32),
+        "num_regrown": jnp.zeros((T,), jnp.int32),
+    }
+
+  def forward_params(params, aux, m, task, current):
+    del aux
+    sel = view_masks(m, task, current)
+    later = jnp.asarray(task, jnp.int32) > jnp.asarray(current, jnp.int32)
+    t = jnp.asarray(task, jnp.int32)
+    c = jnp.asarray(current, jnp.int32)
+
+    def one(p, mk, f, is_row):
+      if f:
+        p = mask_dense_grad(p, mk)
+      if is_row:  # task i's head / BN row at row j for the forward-transfer view (j > i)
+        p = jnp.where(later, p.at[t].set(p[c]), p)
+      return p
+
+    return jax.tree.map(one, params, sel, spec, rows)
+
+  def tx_args(m, task):
+    return {"frozen": masks.logical_not(trainable(m, spec, rows, task))}
+
+  def wrap_tx(tx):
+    return optax.chain(tx, transforms.freeze(mask_arg="frozen"))
+
+  def set_rows(tree, task, values):
+    """Row ``task`` of every leaf of ``tree`` set to row ``task`` of ``values``."""
+    return jax.tree.map(lambda a, v: a.at[task].set(v[task]), tree, values)
+
+  @jax.jit
+  def begin(state, t, key):
+    TRACE_COUNTS["begin"] += 1
+    m = dict(state.method)
+    own = m["own"]
+    cand = jax.tree.map(lambda o: jnp.ones(o.shape, jnp.bool_) if overlap else o == 0, own)
+    scores = criteria.random(state.params, key=jax.random.fold_in(key, 0))
+    mask = topk.topk_mask(scores, counts, candidates=cand, spec=spec)
+    fill = (fresh_params(jax.random.fold_in(key, 1)) if dc.new_weights == "init"
+            else jax.tree.map(jnp.zeros_like, state.params))
+    later_task = t > 0
+
+    def start(p, mk, o, q, f):
+      if not f:
+        return p
+      return jnp.where(later_task & mk & (o == 0), q.astype(p.dtype), p)
+
+    params = jax.tree.map(start, state.params, mask, own, fill, spec)
+    m["mask"] = mask
+    m["used"] = mask
+    bs = state.batch_stats
+    if per_task_stats:
+      bs = set_rows(bs, t, init_stats)
+    return state._replace(params=params, batch_stats=bs, method=m)
+
+  @jax.jit
+  def finish(state, t):
+    TRACE_COUNTS["finish"] += 1
+    m = dict(state.method)
+    mine = masks.where_spec(spec, m["mask"], fill=False)
+    m["own"] = masks.assign(m["own"], mine, t + 1)
+    m["bits"] = set_task_mask(m["bits"], mine, t)
+    bs = state.batch_stats
+    if per_task_stats:  # untrained rows get task t's statistics (forward-transfer view only)
+      def copy_down(a):
+        later = jax.lax.broadcasted_iota(jnp.int32, a.shape, 0) > t
+        return jnp.where(later, a[t][None], a)
+      bs = jax.tree.map(copy_down, bs)
+    return state._replace(batch_stats=bs, method=m)
+
+  def dense_grads(state, data, t, key):
+    """``dL/dw_eff`` at the task's masked weights on a random batch of its training data."""
+    idx = jax.random.randint(key, (batch_size,), 0, jnp.maximum(data.n, 1))
+    x = ctx.stream.normalize(jnp.take(data.x, idx, axis=0))
+    y = jnp.take(data.y, idx, axis=0)
+    eff = forward_params(state.params, state.aux, state.method, t, t)
+
+    def loss(e):
+      variables = {"params": e}
+      if has_stats:
+        variables["batch_stats"] = state.batch_stats
+        logits, _ = ctx.model.apply(variables, x, task=t, train=True, mutable=["batch_stats"])
+      else:
+        logits = ctx.model.apply(variables, x, task=t, train=True)
+      if class_il:
+        logits = jnp.where(head_mask[t][None, :], logits, jnp.finfo(logits.dtype).min)
+      return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+
+    return jax.grad(loss)(eff)
+
+  updates: dict = {}
+
+  def get_update(mode, tx):
+    if mode in updates:
+      return updates[mode]
+
+    @jax.jit
+    def update(state, data, t, fraction, key):
+      TRACE_COUNTS[f"update_{mode}"] += 1
+      grads = dense_grads(state, data, t, jax.random.fold_in(key, 2)) if mode == "gradient" \
+          else None
+      m, res = topology_update(state.method, state.params, fraction=fraction, growth=mode,
+                               spec=spec, key=jax.random.fold_in(key, 0), grads=grads,
+                               opt_state=state.opt_state, drop_frozen=drop_frozen)
+      if dc.regrow == "init":
+        params = growth_lib.regrow(state.params, res.grown, mode="init",
+                                   init_params=fresh_params(jax.random.fold_in(key, 1)))
+      else:
+        params = growth_lib.regrow(state.params, res.grown, mode="zero")
+      opt_state = state.opt_state
+      if dc.reset_moments:
+        opt_state = growth_lib.reset_moments(tx, opt_state, res.changed)
+      m["num_updates"] = m["num_updates"].at[t].add(1)
+      m["num_regrown"] = m["num_regrown"].at[t].add(masks.count(res.grown, spec))
+      return state._replace(params=params, opt_state=opt_state, method=m)
+
+    updates[mode] = update
+    return update
+
+  def run_task(trainer, state, t):
+    tt = jnp.int32(t)
+    key = trainer.op_key(0)
+    state = trainer.apply(state, lambda st: begin(st, tt, key))
+    data = trainer.task_data(t)
+    nb = max(1, math.ceil(int(data.n) / batch_size))
+    every = int(dc.update_every)
+    hook = None
+    if every > 0:
+      sched = schedules.cosine_drop_fraction(float(dc.drop_fraction),
+                                             total_steps=max(1, nb * int(config.epochs)),
+                                             final=float(dc.drop_fraction_final))
+      update = get_update(modes[t], trainer.tx)
+      train_key = jax.random.fold_in(trainer.op_key(0), _HOOK_SALT)  # the train op's own key
+
+      def hook(st, steps_done):
+        return update(st, data, tt, sched(steps_done), jax.random.fold_in(train_key, steps_done))
+
+    state = trainer.train(state, t, epochs=config.epochs, phase=f"dst-{modes[t]}", hook=hook,
+                          hook_every=every)
+    return trainer.apply(state, lambda st: finish(st, tt))
+
+  def report(ctx, state):
+    m = jax.device_get(state.method)
+    flags = jax.tree.leaves(spec)
+    own = [np.asarray(o) for o, f in zip(jax.tree.leaves(m["own"]), flags) if f]
+    bits = [np.asarray(b) for b, f in zip(jax.tree.leaves(m["bits"]), flags) if f]
+    dens, reused = [], []
+    for j in range(T):
+      word, sh = j // _WORD, np.uint32(j % _WORD)
+      mj = [((b[word] >> sh) & np.uint32(1)).astype(bool) for b in bits]
+      n = sum(int(x.sum()) for x in mj)
+      old = sum(int((x & (o >= 1) & (o <= j)).sum()) for x, o in zip(mj, own))
+      dens.append(float(n) / total)
+      reused.append(float(old) / n if n else float("nan"))
+    out = {"density_per_task": dens, "mask_bits": T, "ownership": m["own"]}
+    if overlap:  # every task's mask holds exactly the target counts
+      out["expected_density_per_task"] = [float(kept) / total] * T
+    out["dst"] = {
+        "init": dc.init, "sparsity": s, "growth_per_task": modes,
+        "update_every": int(dc.update_every),
+        "updates_per_task": np.asarray(m["num_updates"]).tolist(),
+        "regrown_per_task": np.asarray(m["num_regrown"]).tolist(),
+        "reused_fraction_per_task": reused,
+        "backbone_used": float(sum(int((o > 0).sum()) for o in own)) / total,
+    }
+    return out
+
+  return base.Method(name="dst", run_task=run_task, init_state=init_state,
+                     forward_params=forward_params, wrap_tx=wrap_tx, tx_args=tx_args,
+                     report=report)
