@@ -32,7 +32,8 @@ Per task ``t`` (Alg. 1 with graceful forgetting, Sec. 2.2):
    the task's weights (``clnp.finetune_epochs`` at ``clnp.finetune_lr`` with ``clnp.finetune_l1``:
    the paper's "CLNP m = 4% + FT" uses 20 epochs, 1e-4, 5e-5).
 6. Diagnostics (Fig. 3, 4b, 5b): per layer, units used after the task, units newly activated by
-   it and earlier units it reuses (those active on its data and in its view).
+   it and earlier units it reuses (those active on its data and in its view, i.e. mean activation
+   above the layer's threshold; a layer without free units keeps its previous threshold).
 
 Output structures (Sec. 2.1, Fig. 2): multi-head (one pre-allocated head row per task; a head row
 sees the final hidden units active at its task) or single-head (``config.multi_head=False``: one
