@@ -26,7 +26,7 @@ Presets:
 * ``permuted_fashion_mnist``: the same on Fashion-MNIST (real data, ``make fashion-mnist``).
   Several hours on 2 CPU cores.
 * ``permuted_fashion_mnist_small``: what ``benchmarks/clnp_results.py`` measures on 2 CPU cores
-  (docs/results_clnp.md): MLP 2x500 (the paper: 2x2000), all 54k training images, 10 epochs per
+  (docs/results.md): MLP 2x500 (the paper: 2x2000), all 54k training images, 10 epochs per
   candidate, the paper's optimiser; L1 grid 30x and 100x the paper's per-layer alphas, margin
   m = 1%, thresholds searched layer by layer. ~30 min for CLNP on 2 shared CPU cores.
   Expected: ACC ~85.6% (single-task training ~88.4%), BWT exactly 0, all 10 tasks fit. With

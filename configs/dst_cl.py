@@ -14,7 +14,7 @@ Presets:
   fashion_mnist (default): 5-task Split Fashion-MNIST, MLP 784-256-256 with per-task BN (dense ->
     BN -> ReLU), 2 epochs per task, batch 128, Adam 1e-3, dT = 20 steps (about 170 steps per
     task). Runnable here: 20-40 s per run on 2 shared CPU cores, mostly compilation; ACC about
-    99.2% at every sparsity (docs/results_dst.md). --config.scenario=permuted gives the harder
+    99.2% at every sparsity (docs/results.md). --config.scenario=permuted gives the harder
     5-task Permuted Fashion-MNIST (10 classes per task, ACC about 87% at 80% sparsity).
     --config.model=small_convnet works too but costs about 2 CPU-seconds per batch of 128 here
     (about 300x the MLP).
