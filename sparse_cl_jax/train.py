@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
-import time
 from typing import Any, Callable, NamedTuple
 
 from absl import logging
@@ -34,6 +32,7 @@ import optax
 import tqdm
 
 from sparse_cl_jax import data as data_lib
+from sparse_cl_jax import types
 from sparse_cl_jax.methods import base
 
 
@@ -125,6 +124,7 @@ class Trainer:
     self._task = -1
     self._op = 0
     self._op_log: dict = {}
+    self._initial_params = None
 
     n_dev = int(config.num_devices) or jax.local_device_count()
     if n_dev > jax.local_device_count():
@@ -144,7 +144,7 @@ class Trainer:
     n_eval = max(stream.x_val.shape[1], stream.x_test.shape[1])
     self.val_data = self._to_device("val", pad_to=n_eval)
     self.test_data = self._to_device("test", pad_to=n_eval)
-    self.head_mask = self._put(jnp.asarray(stream.head_mask))
+    self.head_mask = self.put(jnp.asarray(stream.head_mask))
 
     self._run_steps = jax.jit(self._run_steps_impl, donate_argnums=(0,))
     self._eval_counts = jax.jit(self._eval_counts_impl)
@@ -153,10 +153,22 @@ class Trainer:
   # ------------------------------------------------------------------------------------------------
   # Placement.
 
-  def _put(self, x):
+  def put(self, x):
+    """``x`` (any pytree) placed on the trainer's device(s): replicated over the mesh if any."""
     if self.replicated is None:
       return jax.device_put(x)
     return jax.device_put(x, self.replicated)
+
+  def initial_params(self) -> types.Params:
+    """The network's initial params on the trainer's device(s), placed once and cached.
+
+    Methods that re-initialise weights (growth, individual models, reference models) pass them
+    to their jitted functions as data, so the values are not baked into the compiled code. The
+    cached arrays are never donated: treat them as read-only.
+    """
+    if self._initial_params is None:
+      self._initial_params = self.put(jax.tree.map(jnp.copy, self.ctx.params))
+    return self._initial_params
 
   def _to_device(self, split: str, pad_to: int | None = None) -> DeviceData:
     s = self.stream
@@ -166,7 +178,7 @@ class Trainer:
       for i, fill in ((0, 0), (1, 0), (2, -1)):
         widths = [(0, 0), (0, extra)] + [(0, 0)] * (arrays[i].ndim - 2)
         arrays[i] = np.pad(arrays[i], widths, constant_values=fill)
-    return DeviceData(*(self._put(a) for a in arrays))
+    return DeviceData(*(self.put(a) for a in arrays))
 
   def _shard_batch(self, x):
     if self.mesh is None:
@@ -188,12 +200,12 @@ class Trainer:
         params=v["params"], batch_stats=v.get("batch_stats", {}),
         opt_state=self.tx.init(v["params"]), aux=aux, aux_opt_state=self.aux_tx.init(aux),
         method=self.method.init_state(self.ctx), step=jnp.zeros((), jnp.int32))
-    return self._put(state)
+    return self.put(state)
 
   def reset_optimizer(self, state: TrainState) -> TrainState:
     """Fresh optimiser moments (same shapes: no recompilation)."""
-    return state._replace(opt_state=self._put(self.tx.init(state.params)),
-                          aux_opt_state=self._put(self.aux_tx.init(state.aux)))
+    return state._replace(opt_state=self.put(self.tx.init(state.params)),
+                          aux_opt_state=self.put(self.aux_tx.init(state.aux)))
 
   # ------------------------------------------------------------------------------------------------
   # Jitted bodies.

@@ -238,8 +238,11 @@ class ScriptedTrainer:
   def task_data(self, t, split="train"):
     return self._trainer.task_data(t, split)
 
-  def _put(self, x):
-    return self._trainer._put(x)
+  def put(self, x):
+    return self._trainer.put(x)
+
+  def initial_params(self):
+    return self._trainer.initial_params()
 
 
 @pytest.mark.parametrize("stop_at_first_miss,expected", [(True, 0.4), (False, 0.8)])

@@ -104,6 +104,21 @@ def test_packnet_earlier_weights_and_outputs_bit_identical():
   assert any((np.asarray(o) == 2).any() for o in jax.tree.leaves(own))
 
 
+def test_initial_params_cached_and_untouched_by_training():
+  c = tiny("individual")
+  trainer = experiment.build(c)
+  init = trainer.initial_params()
+  assert trainer.initial_params() is init  # placed once
+  expected = jax.tree.map(np.array, trainer.ctx.params)
+  state = trainer.init_state()
+  trainer.begin_task(0)
+  state = trainer.method.run_task(trainer, state, 0)  # donates the state it trains
+  for a, b in zip(jax.tree.leaves(trainer.initial_params()), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(np.asarray(a), b)
+  assert any(not np.array_equal(np.asarray(a), b)
+             for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(expected)))
+
+
 def test_resume_after_task_gives_same_matrix(tmp_path):
   c = tiny("packnet")
   full = experiment.run(c, str(tmp_path / "full"), print_summary=False)

@@ -41,6 +41,7 @@ import ml_collections
 import optax
 
 from sparse_cl_jax import masks as masks_lib
+from sparse_cl_jax import transforms
 from sparse_cl_jax import types
 
 
@@ -141,6 +142,29 @@ def task_slice(params: types.Params, rows: types.LeafSpec, task) -> types.Masks:
     return idx == jnp.asarray(task, jnp.int32)
 
   return jax.tree.map(one, params, rows)
+
+
+FROZEN_ARG = "frozen"
+
+
+def freezing_tx(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+  """``wrap_tx`` of a method that freezes weights: ``tx`` then :func:`transforms.freeze`.
+
+  The frozen mask is data, read from the ``frozen`` keyword of ``update`` (see
+  :func:`frozen_args`), so changing it between tasks never retraces the step.
+  """
+  return optax.chain(tx, transforms.freeze(mask_arg=FROZEN_ARG))
+
+
+def frozen_args(trainable: types.Masks) -> dict:
+  """The ``tx_args`` of :func:`freezing_tx`: everything that is not ``trainable`` is frozen."""
+  return {FROZEN_ARG: masks_lib.logical_not(trainable)}
+
+
+def stored_trainable_args(mstate, task) -> dict:
+  """``tx_args`` of methods whose state keeps the current task's mask as ``mstate['trainable']``."""
+  del task
+  return frozen_args(mstate["trainable"])
 
 
 def shared_nonmaskable(spec: types.LeafSpec, rows: types.LeafSpec) -> types.LeafSpec:

@@ -65,11 +65,9 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from sparse_cl_jax import masks
 from sparse_cl_jax import models
-from sparse_cl_jax import transforms
 from sparse_cl_jax.methods import base
 
 DEFAULT_NORM = "task_batch"
@@ -543,11 +541,9 @@ def make(config, ctx: base.Context) -> base.Method:
   params_like = ctx.params
 
   def tx_args(m, task):
-    tr = trainable_masks(layout, m["owner"], params_like, task, m["phase"])
-    return {"frozen": masks.logical_not(tr)}
+    return base.frozen_args(trainable_masks(layout, m["owner"], params_like, task, m["phase"]))
 
-  def wrap_tx(tx):
-    return optax.chain(tx, transforms.freeze(mask_arg="frozen"))
+  wrap_tx = base.freezing_tx
 
   def penalty(params, aux, m, task):
     """Per-layer L1 on the weights the task trains (Sec. 2.2)."""

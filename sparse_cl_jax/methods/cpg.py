@@ -321,12 +321,8 @@ def make(config, ctx: base.Context) -> base.Method:
     return view(params, aux.get("pick"), m, task, current, spec=spec, rows=rows,
                 picking=picking, threshold=thr)
 
-  def tx_args(m, task):
-    del task
-    return {"frozen": masks.logical_not(m["trainable"])}
-
-  def wrap_tx(tx):
-    return optax.chain(tx, transforms.freeze(mask_arg="frozen"))
+  tx_args = base.stored_trainable_args
+  wrap_tx = base.freezing_tx
 
   aux_tx = optax.inject_hyperparams(optax.adam)(learning_rate=float(cc.mask_lr)) if picking else None
 
@@ -336,14 +332,6 @@ def make(config, ctx: base.Context) -> base.Method:
     return jax.tree.map(lambda o, a, rt, r: (rt & (a <= lv)) if r else ((o == 0) & (a <= lv)),
                         m["own"], m["alloc"], row_t, rows)
 
-  placed = {}
-
-  def initial_params(trainer):
-    """The network's initial values, on the trainer's device(s) (data, not a jit constant)."""
-    if id(trainer) not in placed:
-      placed.clear()
-      placed[id(trainer)] = trainer._put(ctx.params)
-    return placed[id(trainer)]
 
   @jax.jit
   def begin(state, t):
@@ -457,7 +445,7 @@ def make(config, ctx: base.Context) -> base.Method:
     if cc.goal == "fixed":
       return _per_task_goal(cc.goal_values, t)
     temp = reference(_copy(state), jnp.int32(t), jnp.asarray(cc.goal == "finetune"),
-                     initial_params(trainer))
+                     trainer.initial_params())
     temp = trainer.train(temp, t, epochs=int(cc.goal_epochs) or epochs,
                          phase=f"{cc.goal} reference", aux_lr=0.0)
     acc = trainer.evaluate(temp, t, split="val")
@@ -559,7 +547,7 @@ def make(config, ctx: base.Context) -> base.Method:
                    "parameters: %d newly allocated weights (re-)initialised to their never-used "
                    "initial values", t + 1, acc, goal, levels[level], grown_count(t, level))
       start = _copy(snap)
-      init = initial_params(trainer)
+      init = trainer.initial_params()
       state = trainer.apply(state, lambda s, start=start, init=init: grow(start, tt, init))
       snap = _copy(state)
     del snap

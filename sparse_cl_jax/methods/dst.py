@@ -82,7 +82,6 @@ from sparse_cl_jax import masks
 from sparse_cl_jax import schedules
 from sparse_cl_jax import sparsity as sparsity_lib
 from sparse_cl_jax import topk
-from sparse_cl_jax import transforms
 from sparse_cl_jax.methods import base
 
 DEFAULT_NORM = "task_batch"
@@ -343,10 +342,9 @@ def make(config, ctx: base.Context) -> base.Method:
     return jax.tree.map(one, params, sel, spec, rows)
 
   def tx_args(m, task):
-    return {"frozen": masks.logical_not(trainable(m, spec, rows, task))}
+    return base.frozen_args(trainable(m, spec, rows, task))
 
-  def wrap_tx(tx):
-    return optax.chain(tx, transforms.freeze(mask_arg="frozen"))
+  wrap_tx = base.freezing_tx
 
   def set_rows(tree, task, values):
     """Row ``task`` of every leaf of ``tree`` set to row ``task`` of ``values``."""

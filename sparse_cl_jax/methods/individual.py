@@ -31,11 +31,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from sparse_cl_jax import masks
 from sparse_cl_jax import metrics
-from sparse_cl_jax import transforms
 from sparse_cl_jax.methods import base
 
 DEFAULT_NORM = "task_batch"
@@ -45,14 +43,6 @@ def make(config, ctx: base.Context) -> base.Method:
   """Independent per-task models; ``config.epochs`` and the base optimiser per task."""
   rows = ctx.task_rows
   T = ctx.num_tasks
-  placed = {}
-
-  def initial_params(trainer):
-    """The network's initial values on the trainer's device(s) (passed as data to ``begin``)."""
-    if id(trainer) not in placed:
-      placed.clear()
-      placed[id(trainer)] = trainer._put(ctx.params)
-    return placed[id(trainer)]
 
   def init_state(ctx):
     bank = jax.tree.map(
@@ -67,12 +57,8 @@ def make(config, ctx: base.Context) -> base.Method:
     return jax.tree.map(lambda p, b, r: p if r else jnp.where(cur, p, b[task]),
                         params, m["bank"], rows)
 
-  def tx_args(m, task):
-    del task
-    return {"frozen": masks.logical_not(m["trainable"])}
-
-  def wrap_tx(tx):
-    return optax.chain(tx, transforms.freeze(mask_arg="frozen"))
+  tx_args = base.stored_trainable_args
+  wrap_tx = base.freezing_tx
 
   @jax.jit
   def begin(state, t, fresh):
@@ -92,7 +78,7 @@ def make(config, ctx: base.Context) -> base.Method:
 
   def run_task(trainer, state, t):
     tt = jnp.int32(t)
-    init = initial_params(trainer)
+    init = trainer.initial_params()
     state = trainer.apply(state, lambda s: begin(s, tt, init))
     state = trainer.train(state, t, epochs=config.epochs)
     return trainer.apply(state, lambda s: finish(s, tt))

@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from sparse_cl_jax import masks
 from sparse_cl_jax import topk
-from sparse_cl_jax import transforms
 from sparse_cl_jax.methods import base
 
 DEFAULT_NORM = "task_batch"
@@ -57,12 +55,8 @@ def make(config, ctx: base.Context) -> base.Method:
     del aux
     return masks.apply(params, view(m["own"], task, current))
 
-  def tx_args(m, task):
-    del task
-    return {"frozen": masks.logical_not(m["trainable"])}
-
-  def wrap_tx(tx):
-    return optax.chain(tx, transforms.freeze(mask_arg="frozen"))
+  tx_args = base.stored_trainable_args
+  wrap_tx = base.freezing_tx
 
   @jax.jit
   def begin(state, t):

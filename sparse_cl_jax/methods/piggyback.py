@@ -158,12 +158,8 @@ def make(config, ctx: base.Context) -> base.Method:
   def forward_params(params, aux, m, task, current):
     return masked_params(params, aux["mask"], m["bits"], task, current, spec=spec, threshold=thr)
 
-  def tx_args(m, task):
-    del task
-    return {"frozen": masks.logical_not(m["trainable"])}
-
-  def wrap_tx(tx):
-    return optax.chain(tx, transforms.freeze(mask_arg="frozen"))
+  tx_args = base.stored_trainable_args
+  wrap_tx = base.freezing_tx
 
   aux_tx = optax.inject_hyperparams(optax.adam)(learning_rate=float(pc.mask_lr))
 
