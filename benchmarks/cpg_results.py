@@ -1,6 +1,6 @@
 """CPG, PAE, PackNet, fine-tuning and individual models on 5-task Split Fashion-MNIST (issue 4).
 
-Produces the table of ``docs/results_cpg.md``::
+Produces the table of ``docs/results.md``::
 
   python benchmarks/cpg_results.py --workdir=/tmp/cpg_results
   python benchmarks/cpg_results.py --workdir=/tmp/cpg_results --methods=cpg,pae  # reuses the rest

@@ -9,11 +9,11 @@ Presets:
   (none)         5-task Split-Digits, MLP 256-256: ~1-2 min on 2 CPU cores.
   runlocal       a few seconds (conformance test).
   fashion_mnist  5-task Split Fashion-MNIST, small convnet, schedule shortened for 2 CPU cores
-                 (1000 examples per task, 4 epochs; see docs/results_cpg.md and
+                 (1000 examples per task, 4 epochs; see docs/results.md and
                  benchmarks/cpg_results.py for the measured table).
   cifar100       the paper's 20-task CIFAR-100 (5 classes per superclass, CPG's order), VGG16-BN
-                 (our vgg16_bn has no FC-4096 layers: the harness does not pass fc_layers), as-coded
-                 schedule: 100 epochs SGD-nesterov lr 1e-2 (x0.1 at 50, 80), mask Adam 5e-4, stages
+                 with CPG's two FC-4096 layers (``model_kwargs.fc_layers``), as-coded schedule:
+                 100 epochs SGD-nesterov lr 1e-2 (x0.1 at 50, 80), mask Adam 5e-4, stages
                  0.1..0.95 x 20 epochs, retrain 30; days on one GPU.
 Expected result: BWT exactly 0; expansion <= 1.5x; ACC at least PackNet's (paper, CIFAR-100:
 CPG 80.9, PAE 77.1, PackNet 67.5).
@@ -58,7 +58,7 @@ def apply_preset(c, arg):
     c.cpg.prune_every = 1
     c.cpg.retrain_epochs = 1
   elif arg == "fashion_mnist":
-    # Shortened to fit 2 shared CPU cores (benchmarks/cpg_results.py, docs/results_cpg.md):
+    # Shortened to fit 2 shared CPU cores (benchmarks/cpg_results.py, docs/results.md):
     # 1000 training examples per task, 4 epochs, one epoch per compaction stage (ramp over its
     # first half), a coarser stage grid than as coded, 3 retraining epochs.
     c.dataset = "fashion_mnist"
@@ -85,6 +85,7 @@ def apply_preset(c, arg):
     c.num_tasks = 20
     c.class_order = superclass_order()
     c.model = "vgg16_bn"
+    c.model_kwargs.fc_layers = True  # as coded: two FC-4096 layers before the heads
     c.batch_size = 32
     c.epochs = 100
     c.optimizer = "sgd"

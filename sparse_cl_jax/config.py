@@ -46,6 +46,9 @@ def base(method: str) -> ml_collections.ConfigDict:
   c.norm = "auto"  # "auto": the method's preferred norm for models that have one
   c.width_multiplier = 1.0
   c.multi_head = True  # task-IL: one head per task; class-IL always uses one shared head
+  # Further dataclass fields of the model, e.g. {"fc_layers": True} for CPG's VGG16-BN; checked
+  # against the model's fields when it is built.
+  c.model_kwargs = ml_collections.ConfigDict()
   # Optimisation.
   c.epochs = 10
   c.batch_size = 64

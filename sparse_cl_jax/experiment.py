@@ -71,6 +71,18 @@ def build_model(config, stream: data_lib.TaskStream):
     natural = models.create(config.model, num_heads=1, num_classes=2).norm
     norm = "none" if natural == "none" else methods.default_norm(config.method)
   kwargs["norm"] = norm
+  extra = dict(config.get("model_kwargs") or {})
+  fields = models.model_fields(config.model)
+  managed = {"num_heads", "num_classes", "num_tasks", "norm", "width_multiplier", "hidden"}
+  for k in extra:
+    if k in managed:
+      raise ValueError(f"config.model_kwargs.{k} is set by the harness; use config.{k} instead"
+                       if k in ("norm", "width_multiplier", "hidden") else
+                       f"config.model_kwargs.{k} is set by the harness from the task stream")
+    if k not in fields:
+      raise ValueError(f"config.model_kwargs.{k}: model {config.model!r} has no field {k!r}; "
+                       f"its fields are {sorted(fields - managed)}")
+  kwargs.update(extra)
   return models.create(config.model, num_heads=num_heads, num_classes=stream.num_outputs,
                        **kwargs)
 

@@ -57,6 +57,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -725,6 +726,15 @@ def create(name: str, *, num_heads: int, num_classes: int, **kwargs: Any) -> nn.
     raise ValueError(f'Unknown model {name!r}; valid names: {", ".join(MODEL_NAMES)}.')
   cls, preset = _REGISTRY[name]
   return cls(num_heads=num_heads, num_classes=num_classes, **{**preset, **kwargs})
+
+
+def model_fields(name: str) -> frozenset[str]:
+  """The dataclass fields a registered model accepts (what ``create``'s ``**kwargs`` may set)."""
+  if name not in _REGISTRY:
+    raise ValueError(f'Unknown model {name!r}; valid names: {", ".join(MODEL_NAMES)}.')
+  cls, _ = _REGISTRY[name]
+  return frozenset(f.name for f in dataclasses.fields(cls) if f.init and f.name not in
+                   ('parent', 'name'))
 
 
 def init(model: nn.Module, key: Array, input_shape: Sequence[int]) -> Variables:

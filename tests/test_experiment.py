@@ -189,6 +189,32 @@ def test_bad_config_values_named(field, value, match, tmp_path):
   assert not os.listdir(tmp_path) or not (tmp_path / "results.json").exists()
 
 
+@pytest.mark.parametrize("key,match", [
+    ("fc_layer", r"model_kwargs.fc_layer: model 'mlp' has no field 'fc_layer'"),
+    ("norm", r"model_kwargs.norm is set by the harness; use config.norm"),
+])
+def test_bad_model_kwargs_named(key, match, tmp_path):
+  c = tiny("finetune")
+  c.model_kwargs[key] = True
+  with pytest.raises(ValueError, match=match):
+    experiment.run(c, str(tmp_path), print_summary=False)
+
+
+def test_cpg_cifar100_preset_builds_vgg_with_fc_layers():
+  import types as pytypes
+  c = load_config("cpg", "cifar100")
+  stream = pytypes.SimpleNamespace(incremental="task", num_tasks=20, num_outputs=5)
+  model = experiment.build_model(c, stream)
+  assert model.fc_layers and model.num_heads == 20
+  v = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), task=0,
+                                        train=False))
+  # Two FC-4096 layers at the maximum width (sqrt(1.5) x 4096 units) before the heads.
+  width = round(4096 * 1.5 ** 0.5)
+  assert v["params"]["dense_0"]["kernel"].shape[-1] == width
+  assert v["params"]["dense_1"]["kernel"].shape == (width, width)
+  assert v["params"]["head"]["kernel"].shape == (20, width, 5)
+
+
 def test_tfds_mnist_on_mock_data(tmp_path):
   tfds = pytest.importorskip("tensorflow_datasets")
   c = tiny("finetune", dataset="mnist")
