@@ -38,6 +38,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from sparse_cl_jax import config as config_lib
 from sparse_cl_jax import experiment
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,18 +58,14 @@ def load_config(name: str, arg: str | None):
 
 def common(c, args):
   """The data, model and schedule every method shares."""
-  c.dataset = "fashion_mnist"
+  config_lib.short_split_fashion_mnist(c)
   c.num_tasks = 5
   c.class_order = "natural"
   c.incremental = "task"
-  c.model = "small_convnet"
-  c.batch_size = 128
   c.max_train_per_task = args.max_train_per_task
   c.epochs = args.epochs
   c.optimizer = "sgd"
-  c.learning_rate = 0.02
   c.momentum = 0.9
-  c.lr_milestones = (0.5, 0.8)
   c.seed = args.seed
   c.progress = False
   c.checkpoint_every_epochs = 0

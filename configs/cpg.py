@@ -61,13 +61,7 @@ def apply_preset(c, arg):
     # Shortened to fit 2 shared CPU cores (benchmarks/cpg_results.py, docs/results.md):
     # 1000 training examples per task, 4 epochs, one epoch per compaction stage (ramp over its
     # first half), a coarser stage grid than as coded, 3 retraining epochs.
-    c.dataset = "fashion_mnist"
-    c.model = "small_convnet"
-    c.batch_size = 128
-    c.max_train_per_task = 1000
-    c.epochs = 4
-    c.learning_rate = 0.02
-    c.lr_milestones = (0.5, 0.8)
+    config_lib.short_split_fashion_mnist(c)
     c.cpg.goal = "individual"
     c.cpg.goal_tolerance = 0.005  # ~6 of the 1200 validation examples (as coded 0.0)
     c.cpg.stages = (0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 0.95)

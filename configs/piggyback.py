@@ -41,13 +41,7 @@ def get_config(arg: str | None = None):
     c.max_train_per_task = 100
     c.piggyback.mask_lr = 1e-3
   elif arg == "fashion_mnist":
-    c.dataset = "fashion_mnist"
-    c.model = "small_convnet"
-    c.batch_size = 128
-    c.max_train_per_task = 1000
-    c.epochs = 4
-    c.learning_rate = 0.02
-    c.lr_milestones = (0.5, 0.8)
+    config_lib.short_split_fashion_mnist(c)
   elif arg:
     raise ValueError(f"unknown config argument {arg!r}; use 'runlocal', 'fashion_mnist' or nothing")
   return c

@@ -701,6 +701,12 @@ _REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
 
+def _lookup(name: str):
+  if name not in _REGISTRY:
+    raise ValueError(f'Unknown model {name!r}; valid names: {", ".join(MODEL_NAMES)}.')
+  return _REGISTRY[name]
+
+
 def create(name: str, *, num_heads: int, num_classes: int, **kwargs: Any) -> nn.Module:
   """Builds a registered model.
 
@@ -722,17 +728,13 @@ def create(name: str, *, num_heads: int, num_classes: int, **kwargs: Any) -> nn.
 
     model = create('vgg16_bn', num_heads=20, num_classes=5, fc_layers=True, norm='task_batch')
   """
-  if name not in _REGISTRY:
-    raise ValueError(f'Unknown model {name!r}; valid names: {", ".join(MODEL_NAMES)}.')
-  cls, preset = _REGISTRY[name]
+  cls, preset = _lookup(name)
   return cls(num_heads=num_heads, num_classes=num_classes, **{**preset, **kwargs})
 
 
 def model_fields(name: str) -> frozenset[str]:
   """The dataclass fields a registered model accepts (what ``create``'s ``**kwargs`` may set)."""
-  if name not in _REGISTRY:
-    raise ValueError(f'Unknown model {name!r}; valid names: {", ".join(MODEL_NAMES)}.')
-  cls, _ = _REGISTRY[name]
+  cls, _ = _lookup(name)
   return frozenset(f.name for f in dataclasses.fields(cls) if f.init and f.name not in
                    ('parent', 'name'))
 

@@ -167,7 +167,7 @@ class Trainer:
     cached arrays are never donated: treat them as read-only.
     """
     if self._initial_params is None:
-      self._initial_params = self.put(jax.tree.map(jnp.copy, self.ctx.params))
+      self._initial_params = self.put(self.ctx.params)
     return self._initial_params
 
   def _to_device(self, split: str, pad_to: int | None = None) -> DeviceData:
