@@ -124,14 +124,20 @@ def grasp(params, *, masks=None, grads=None, opt_state=None, key=None, loss_fn=N
           apply_fn=None, input_shape=None, activations=None) -> types.Scores:
   """``w * (H g)`` at the masked params (GraSP, Wang et al. 2020; keep the largest).
 
-  ``H g`` is a Hessian-gradient product computed with forward-over-reverse differentiation of
-  ``loss_fn``; ``g`` is treated as a constant, as in the paper.
+  ``H g`` is a Hessian-gradient product computed reverse-over-reverse, ``grad(<grad L, g>)``
+  with ``g`` held constant, as in the paper. (Reverse-over-reverse works through the custom-VJP
+  convolutions of :mod:`sparse_cl_jax.ops`, where forward mode is not defined.)
   """
   del grads, opt_state, key, apply_fn, input_shape, activations
   loss_fn = _need(loss_fn, "loss_fn", "grasp")
   w = _masked(params, masks)
   g = jax.lax.stop_gradient(jax.grad(loss_fn)(w))
-  _, hg = jax.jvp(jax.grad(loss_fn), (w,), (g,))
+
+  def grad_dot_g(p):
+    gp = jax.grad(loss_fn)(p)
+    return sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(g)))
+
+  hg = jax.grad(grad_dot_g)(w)
   return jax.tree.map(lambda a, b: (a * b).astype(jnp.float32), w, hg)
 
 

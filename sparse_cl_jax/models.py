@@ -68,6 +68,8 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from sparse_cl_jax import ops
+
 Array = jax.Array
 Variables = dict[str, Any]
 NormFn = Callable[[Array], Array]
@@ -82,6 +84,15 @@ _BN_EPSILON = 1e-5
 _he_fan_out = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 # akamaster / PrAC-LTH ResNet-s conv init (kaiming normal, fan_in).
 _he_fan_in = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
+
+
+class Conv(nn.Conv):
+  """``nn.Conv`` whose convolution is :func:`ops.conv_general_dilated` (same params, same values).
+
+  On CPU its backward pass stays fast inside ``lax.fori_loop`` bodies; elsewhere it is the stock
+  ``lax.conv_general_dilated`` (:mod:`sparse_cl_jax.runtime` decides).
+  """
+  conv_general_dilated: Callable[..., Array] | None = ops.conv_general_dilated
 
 
 def scaled_width(width: int, multiplier: float) -> int:
@@ -315,12 +326,12 @@ class SmallConvNet(nn.Module):
   def __call__(self, x: Array, task: Any = 0, train: bool = False) -> Array:
     rows = _check_norm(self.norm, self.num_heads, self.num_tasks)
     for i, w in enumerate((32, 64)):
-      conv = nn.Conv(scaled_width(w, self.width_multiplier), (3, 3), padding=((1, 1), (1, 1)),
+      conv = Conv(scaled_width(w, self.width_multiplier), (3, 3), padding=((1, 1), (1, 1)),
                      use_bias=self.norm == 'none', name=f'conv_{i}')
       x = conv(x)
       x = _norm_layer(self.norm, name=f'norm_{i}', num_tasks=rows, task=task, train=train)(x)
       x = _relu_and_sow(conv, x)
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = ops.max_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))
     dense = nn.Dense(scaled_width(256, self.width_multiplier), name='dense_0')
     x = _relu_and_sow(dense, dense(x))
@@ -360,13 +371,13 @@ class CLNPConvNet(nn.Module):
   def __call__(self, x: Array, task: Any = 0, train: bool = False) -> Array:
     rows = _check_norm(self.norm, self.num_heads, self.num_tasks)
     for i, w in enumerate((32, 32, 64, 64)):
-      conv = nn.Conv(scaled_width(w, self.width_multiplier), (3, 3), padding=((1, 1), (1, 1)),
+      conv = Conv(scaled_width(w, self.width_multiplier), (3, 3), padding=((1, 1), (1, 1)),
                      use_bias=self.norm == 'none', name=f'conv_{i}')
       x = conv(x)
       x = _norm_layer(self.norm, name=f'norm_{i}', num_tasks=rows, task=task, train=train)(x)
       x = _relu_and_sow(conv, x)
       if i % 2 == 1:
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = ops.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         x = nn.Dropout(self.dropout[i // 2], deterministic=not train)(x)
     x = x.reshape((x.shape[0], -1))
     dense = nn.Dense(scaled_width(512, self.width_multiplier), name='dense_0')
@@ -419,7 +430,7 @@ class CLNPWideFCN(nn.Module):
     rows = _check_norm(self.norm, self.num_heads, self.num_tasks)
     spec = ((128, 1, 1), (256, 2, 0), (512, 1, 0), (1024, 2, 1), (2048, 1, 0))
     for i, (w, stride, pad) in enumerate(spec):
-      conv = nn.Conv(scaled_width(w, self.width_multiplier), (3, 3), strides=(stride, stride),
+      conv = Conv(scaled_width(w, self.width_multiplier), (3, 3), strides=(stride, stride),
                      padding=((pad, pad), (pad, pad)), use_bias=self.norm == 'none',
                      name=f'conv_{i}')
       x = conv(x)
@@ -495,7 +506,7 @@ class BasicBlock(nn.Module):
   def __call__(self, x: Array, task: Any = 0, train: bool = False) -> Array:
     norm = functools.partial(_norm_layer, self.norm, num_tasks=self.num_tasks, task=task,
                              train=train)
-    conv = functools.partial(nn.Conv, self.features, use_bias=False, kernel_init=self.kernel_init)
+    conv = functools.partial(Conv, self.features, use_bias=False, kernel_init=self.kernel_init)
     s = self.strides
     project = s != 1 or x.shape[-1] != self.features
     conv_0 = conv((3, 3), strides=(s, s), padding=((1, 1), (1, 1)), name='conv_0')
@@ -558,7 +569,7 @@ class ResNet18(nn.Module):
   def __call__(self, x: Array, task: Any = 0, train: bool = False) -> Array:
     rows = _check_norm(self.norm, self.num_heads, self.num_tasks)
     width = functools.partial(scaled_width, multiplier=self.width_multiplier)
-    stem = nn.Conv(width(64), (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+    stem = Conv(width(64), (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
                    kernel_init=_he_fan_out, name='stem')
     x = stem(x)
     if not self.preact:
@@ -609,7 +620,7 @@ class ResNetCifar(nn.Module):
     n = (self.depth - 2) // 6
     rows = _check_norm(self.norm, self.num_heads, self.num_tasks)
     width = functools.partial(scaled_width, multiplier=self.width_multiplier)
-    stem = nn.Conv(width(16), (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+    stem = Conv(width(16), (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
                    kernel_init=_he_fan_in, name='stem')
     x = stem(x)
     x = _norm_layer(self.norm, name='norm_stem', num_tasks=rows, task=task, train=train)(x)
@@ -667,9 +678,9 @@ class VGG16BN(nn.Module):
     i = 0
     for v in cfg:
       if v == 'M':
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = ops.max_pool(x, (2, 2), strides=(2, 2))
         continue
-      conv = nn.Conv(scaled_width(v, self.width_multiplier), (3, 3), padding=((1, 1), (1, 1)),
+      conv = Conv(scaled_width(v, self.width_multiplier), (3, 3), padding=((1, 1), (1, 1)),
                      use_bias=False, kernel_init=_he_fan_out, name=f'conv_{i}')
       x = conv(x)
       x = _norm_layer(self.norm, name=f'norm_{i}', num_tasks=rows, task=task, train=train)(x)

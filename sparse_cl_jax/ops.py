@@ -1,0 +1,186 @@
+"""Convolution and max-pooling with backward passes that XLA:CPU runs fast everywhere.
+
+Why this module exists (measured, see ``docs/results.md`` and ``benchmarks/peer_pytorch.py``):
+
+* JAX differentiates a convolution into two convolutions (input gradient, kernel gradient) whose
+  dimension numbers are not the standard ``NHWC``/``HWIO`` layout. At the top level of a jitted
+  function XLA:CPU rewrites them into a layout its fast convolution libraries take; inside a
+  ``lax.fori_loop``/``lax.scan`` body it does not, and they fall back to a naive loop nest: a
+  kernel gradient that costs ~20 ms at top level costs ~700 ms inside a loop (jax-ml/jax#12868).
+  :func:`conv_general_dilated` has a ``jax.custom_vjp`` whose backward pass is written as
+  ordinary ``NHWC``/``HWIO`` convolutions (explicit transposes and padding), so it is fast in a
+  loop body too. Its values are those of ``lax.conv_general_dilated`` (tested to float rounding).
+* ``nn.max_pool``'s backward pass is a ``select_and_scatter`` that XLA:CPU runs slowly.
+  :func:`max_pool` takes the maximum over the window's strided slices instead: the backward pass
+  is a few element-wise selects. The forward values are identical; the gradient is identical
+  except where several elements of one window tie for the maximum (``select_and_scatter`` gives
+  it all to the first one, this splits it), which after a ReLU only happens at 0, where the ReLU
+  passes no gradient anyway.
+
+Whether these replace the stock ops is decided in :mod:`sparse_cl_jax.runtime` (per backend: on
+by default on CPU, off on GPU/TPU where cuDNN/XLA handle the stock ops well). Both functions
+take the stock signatures, so ``nn.Conv(..., conv_general_dilated=ops.conv_general_dilated)``
+keeps the parameter tree unchanged.
+
+Forward-mode differentiation (``jax.jvp``) through a ``custom_vjp`` is not defined; the library
+computes Hessian-vector products (GraSP) reverse-over-reverse, which works. Code that needs
+``jax.jvp`` through a model can switch to the stock ops with ``runtime.use_fast_ops(False)``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+from sparse_cl_jax import runtime
+
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _is_nhwc(dimension_numbers, ndim: int) -> bool:
+  if ndim != 4 or dimension_numbers is None:
+    return False
+  try:
+    want = lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), _NHWC)
+    got = lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), dimension_numbers)
+  except (TypeError, ValueError):
+    return False
+  return want == got
+
+
+def _explicit_padding(padding, in_sizes, k_sizes, strides, dilation):
+  if isinstance(padding, str):
+    eff = [(k - 1) * d + 1 for k, d in zip(k_sizes, dilation)]
+    return tuple(lax.padtype_to_pads(in_sizes, eff, strides, padding))
+  return tuple((int(lo), int(hi)) for lo, hi in padding)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+                         precision=None, preferred_element_type=None):
+  """``lax.conv_general_dilated`` with a loop-friendly backward pass (see the module docstring).
+
+  Used when :func:`runtime.fast_ops` is on and the call is a plain 2-D ``NHWC``/``HWIO``
+  convolution (no input dilation, no feature/batch groups); every other call goes to
+  ``lax.conv_general_dilated`` unchanged.
+  """
+  n_sp = lhs.ndim - 2
+  lhs_dilation = tuple(lhs_dilation or (1,) * n_sp)
+  rhs_dilation = tuple(rhs_dilation or (1,) * n_sp)
+  window_strides = tuple(window_strides)
+  plain = (runtime.fast_ops() and _is_nhwc(dimension_numbers, lhs.ndim)
+           and all(d == 1 for d in lhs_dilation) and feature_group_count == 1
+           and batch_group_count == 1 and preferred_element_type is None)
+  if not plain:
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count, precision=precision,
+        preferred_element_type=preferred_element_type)
+  pads = _explicit_padding(padding, lhs.shape[1:3], rhs.shape[0:2], window_strides, rhs_dilation)
+  return _conv(lhs, rhs, window_strides, pads, rhs_dilation, precision)
+
+
+def _forward(x, w, strides, pads, dilation, precision):
+  return lax.conv_general_dilated(x, w, strides, pads, rhs_dilation=dilation,
+                                  dimension_numbers=_NHWC, precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv(x, w, strides, pads, dilation, precision):
+  return _forward(x, w, strides, pads, dilation, precision)
+
+
+def _conv_fwd(x, w, strides, pads, dilation, precision):
+  return _forward(x, w, strides, pads, dilation, precision), (x, w)
+
+
+def _input_grad(dy, w, x_shape, strides, pads, dilation, precision):
+  """dL/dx: the output gradient, zero-dilated by the stride, correlated with the flipped kernel.
+
+  With ``x_pad = pad(x, pads)`` and ``y[o] = sum_k x_pad[o*s + k*d] w[k]``, the gradient is
+  ``dx_pad[i] = sum_k dy_dil[i - k*d] w[k]``: a stride-1 convolution of ``dy`` dilated by ``s``
+  (interior zeros) with the spatially flipped, in/out-swapped kernel, padded by ``(K-1)*d`` on
+  the low side; cropping ``pads`` off ``dx_pad`` folds into the same padding.
+  """
+  kh, kw = w.shape[0], w.shape[1]
+  cfg = [(0, 0, 0)]
+  for ax, (k, s, d, (lo, _)) in enumerate(zip((kh, kw), strides, dilation, pads)):
+    size_in = x_shape[1 + ax]
+    size_out = dy.shape[1 + ax]
+    low = (k - 1) * d - lo
+    high = size_in + (k - 1) * d - ((size_out - 1) * s + 1) - low
+    cfg.append((low, high, s - 1))
+  cfg.append((0, 0, 0))
+  dy_pad = lax.pad(dy, jnp.zeros((), dy.dtype), cfg)
+  w_t = jnp.transpose(jnp.flip(w, (0, 1)), (0, 1, 3, 2))  # [KH, KW, C_out, C_in]
+  return lax.conv_general_dilated(dy_pad, w_t, (1, 1), 'VALID', rhs_dilation=dilation,
+                                  dimension_numbers=_NHWC, precision=precision)
+
+
+def _kernel_grad(x, dy, w_shape, strides, pads, dilation, precision):
+  """dL/dw[k, ci, co] = sum_{n, o} x_pad[n, o*s + k*d, ci] dy[n, o, co], as an NHWC conv.
+
+  The input channels play the batch, the examples the input features and ``dy`` the kernel
+  (dilated by the stride); the window moves by the kernel dilation.
+  """
+  kh, kw = w_shape[0], w_shape[1]
+  cfg = [(0, 0, 0)]
+  for ax, (k, s, d, (lo, _)) in enumerate(zip((kh, kw), strides, dilation, pads)):
+    size_out = dy.shape[1 + ax]
+    needed = (k - 1) * d + (size_out - 1) * s + 1  # extent of x_pad that the output reads
+    high = needed - lo - x.shape[1 + ax]
+    cfg.append((lo, high, 0))
+  cfg.append((0, 0, 0))
+  x_pad = lax.pad(x, jnp.zeros((), x.dtype), cfg)
+  lhs = jnp.transpose(x_pad, (3, 1, 2, 0))  # [C_in, H, W, N]
+  rhs = jnp.transpose(dy, (1, 2, 0, 3))  # [OH, OW, N, C_out]
+  out = lax.conv_general_dilated(lhs, rhs, dilation, 'VALID', rhs_dilation=strides,
+                                 dimension_numbers=_NHWC, precision=precision)
+  return jnp.transpose(out, (1, 2, 0, 3))  # [KH, KW, C_in, C_out]
+
+
+def _conv_bwd(strides, pads, dilation, precision, res, dy):
+  x, w = res
+  dx = _input_grad(dy, w, x.shape, strides, pads, dilation, precision)
+  dw = _kernel_grad(x, dy, w.shape, strides, pads, dilation, precision)
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def max_pool(x, window_shape: Sequence[int], strides: Sequence[int] | None = None,
+             padding: str | Sequence[tuple[int, int]] = 'VALID'):
+  """``flax.linen.max_pool`` for ``[B, H, W, C]`` inputs, as a maximum over strided slices.
+
+  Forward values equal ``nn.max_pool``'s (padding counts as ``-inf``). Falls back to
+  ``nn.max_pool`` when :func:`runtime.fast_ops` is off or the input is not 4-D.
+  """
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top  (models import this module)
+  window_shape = tuple(window_shape)
+  strides = tuple(strides) if strides is not None else (1,) * len(window_shape)
+  if not runtime.fast_ops() or x.ndim != 4 or len(window_shape) != 2:
+    return nn.max_pool(x, window_shape, strides=strides, padding=padding)
+  pads = _explicit_padding(padding, x.shape[1:3], window_shape, strides, (1, 1))
+  (kh, kw), (sh, sw) = window_shape, strides
+  if any(p != (0, 0) for p in pads):
+    neg = jnp.array(-jnp.inf, x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else (
+        jnp.array(jnp.iinfo(x.dtype).min, x.dtype))
+    x = lax.pad(x, neg, [(0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)])
+  h, w = x.shape[1], x.shape[2]
+  oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
+  if (kh, kw) == (sh, sw) and h == oh * sh and w == ow * sw:
+    # Non-overlapping windows that tile the input: one reshape and one reduction.
+    return jnp.max(x.reshape(x.shape[0], oh, kh, ow, kw, x.shape[3]), axis=(2, 4))
+  out = None
+  for i in range(kh):
+    for j in range(kw):
+      part = lax.slice(x, (0, i, j, 0), (x.shape[0], i + (oh - 1) * sh + 1,
+                                         j + (ow - 1) * sw + 1, x.shape[3]), (1, sh, sw, 1))
+      out = part if out is None else jnp.maximum(out, part)
+  return out

@@ -1,0 +1,88 @@
+"""Per-backend execution choices, decided in one place.
+
+Each choice below was measured (``benchmarks/peer_pytorch.py``, ``docs/results.md``); none of
+them changes what is computed, only how fast:
+
+* :func:`fast_ops` -- whether models use :mod:`sparse_cl_jax.ops`' convolution and max-pooling
+  (backward passes that XLA:CPU runs fast inside loop bodies) instead of the stock ``lax``/Flax
+  ops. Default: on for the CPU backend, off for GPU/TPU. Override with
+  ``SPARSE_CL_JAX_FAST_OPS=0/1`` or :func:`use_fast_ops` (also a context manager).
+* :func:`epoch_loop` -- how :class:`~sparse_cl_jax.train.Trainer` runs the batches of an epoch:
+  ``'device'`` (a ``lax.fori_loop`` inside one jitted call per chunk) or ``'host'`` (one jitted
+  step per batch, called from Python). Default ``'device'`` everywhere (with the fast ops it is
+  the fastest on CPU too, and it has no per-step dispatch cost); ``config.epoch_loop`` overrides.
+* :func:`enable_compilation_cache` -- JAX's persistent compilation cache, so a second run of a
+  sweep or a resumed run loads its executables instead of compiling them.
+
+The decision is read when a function is traced, so it is fixed per compiled executable.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import jax
+
+EPOCH_LOOPS = ('auto', 'device', 'host')
+
+_state = threading.local()
+
+
+def _env_flag(name: str) -> bool | None:
+  v = os.environ.get(name)
+  if v is None or v == '':
+    return None
+  if v.lower() in ('1', 'true', 'yes', 'on'):
+    return True
+  if v.lower() in ('0', 'false', 'no', 'off'):
+    return False
+  raise ValueError(f'{name}={v!r}: use 1 or 0.')
+
+
+def fast_ops() -> bool:
+  """Whether models use :mod:`sparse_cl_jax.ops` (see the module docstring)."""
+  forced = getattr(_state, 'fast_ops', None)
+  if forced is not None:
+    return forced
+  env = _env_flag('SPARSE_CL_JAX_FAST_OPS')
+  if env is not None:
+    return env
+  return jax.default_backend() == 'cpu'
+
+
+class use_fast_ops:  # pylint: disable=invalid-name
+  """Forces :func:`fast_ops` on or off (``None``: back to the default); also a context manager.
+
+  Example::
+
+    with runtime.use_fast_ops(False):
+      hvp = jax.jvp(jax.grad(loss), (params,), (v,))  # forward mode through stock convs
+  """
+
+  def __init__(self, enabled: bool | None):
+    self._enabled = enabled
+    self._saved = getattr(_state, 'fast_ops', None)
+    _state.fast_ops = enabled
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    _state.fast_ops = self._saved
+    return False
+
+
+def epoch_loop(requested: str = 'auto') -> str:
+  """``'device'`` or ``'host'``: how the trainer loops over an epoch's batches.
+
+  ``'auto'`` picks ``'device'`` on every backend. Measured on the 2-core CPU machine with the
+  fast ops (small convnet, batch 128): the in-loop step is as fast as a top-level one and saves
+  the per-step dispatch; without the fast ops ``'host'`` would be several times faster there,
+  which is why the fast ops and the device loop go together.
+  """
+  if requested not in EPOCH_LOOPS:
+    raise ValueError(f'epoch_loop={requested!r}; valid: {", ".join(EPOCH_LOOPS)}.')
+  if requested != 'auto':
+    return requested
+  return 'device'
