@@ -4,7 +4,9 @@ Three layers, each usable alone:
 
 1. **Sources** (`load_source`, `from_arrays`): a whole labelled image dataset as host numpy arrays,
    ``uint8`` NHWC images and ``int32`` labels, with a train and a test split. Nothing here ever
-   downloads anything unless TFDS is asked to (and is online).
+   downloads anything. CIFAR-10/100 are read from the official python archives and MNIST /
+   Fashion-MNIST from their IDX files without TensorFlow or TFDS; a prepared TFDS tree is the
+   other route (``tensorflow-datasets`` is imported only when that route is used).
 2. **Task streams** (`make_stream`): Split-X (disjoint class groups) or Permuted-X (all classes,
    one fixed pixel permutation per task), task- or class-incremental labels, a stratified validation
    split held out from the training data (the test split is never used for selection), and every
@@ -29,10 +31,12 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import io
 import os
 import pathlib
 import pickle
 import struct
+import tarfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,13 +53,25 @@ from sparse_cl_jax import types
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt',
                          'Sneaker', 'Bag', 'Ankle boot')
-_FASHION_MNIST_FILES = {
+# The four IDX files of MNIST and Fashion-MNIST (same names; ``.gz`` or uncompressed).
+_IDX_FILES = {
     'x_train': 'train-images-idx3-ubyte',
     'y_train': 'train-labels-idx1-ubyte',
     'x_test': 't10k-images-idx3-ubyte',
     'y_test': 't10k-labels-idx1-ubyte',
 }
+# Official CIFAR python archives: (archive file, folder it extracts to, train members, test
+# members, meta member, label key, class-name key).
+CIFAR_ARCHIVES = {
+    'cifar10': ('cifar-10-python.tar.gz', 'cifar-10-batches-py',
+                tuple(f'data_batch_{i}' for i in range(1, 6)), ('test_batch',), 'batches.meta',
+                b'labels', b'label_names'),
+    'cifar100': ('cifar-100-python.tar.gz', 'cifar-100-python', ('train',), ('test',), 'meta',
+                 b'fine_labels', b'fine_label_names'),
+}
 _TFDS_NAMES = ('mnist', 'cifar10', 'cifar100')
+TFDS_PREPARE = ('pip install "sparse_cl_jax[tfds]" tensorflow, then '
+                '`tfds build {name} --data_dir=DIR --file_format=array_record`')
 _FOLDER_NAMES = ('tiny_imagenet', 'mini_imagenet')
 SOURCE_NAMES = ('digits', 'fashion_mnist') + _TFDS_NAMES + _FOLDER_NAMES
 _TFDS_PREFIX = 'tfds:'
@@ -133,11 +149,26 @@ def load_source(name: str, *, data_dir: str | os.PathLike[str] | None = None,
     * ``'fashion_mnist'``: the four IDX files (``train-images-idx3-ubyte.gz`` ...) read directly
       from ``data_dir`` (default ``/usr/share/datasets/fashion-mnist``, Debian package
       ``dataset-fashion-mnist``); uncompressed files without ``.gz`` are accepted too.
-    * ``'mnist'``, ``'cifar10'``, ``'cifar100'``: through ``tfds.data_source(name, split=...,
-      data_dir=data_dir)`` (random access, no TensorFlow needed once the dataset is prepared in
-      ``array_record`` format). ``'tfds:<name>'`` loads any TFDS image classification dataset
-      with ``image`` and ``label`` features the same way (e.g. ``'tfds:fashion_mnist'``).
-      CIFAR-100 also gets ``coarse_labels`` (its 20 superclasses).
+    * ``'mnist'``, ``'cifar10'``, ``'cifar100'``: two routes, tried in this order.
+
+      1. The official files in ``data_dir`` (no TensorFlow, no TFDS): MNIST's four IDX files
+         (``train-images-idx3-ubyte[.gz]``, ``train-labels-idx1-ubyte[.gz]``,
+         ``t10k-images-idx3-ubyte[.gz]``, ``t10k-labels-idx1-ubyte[.gz]``); CIFAR's python
+         archive ``cifar-10-python.tar.gz`` / ``cifar-100-python.tar.gz``, its extracted folder
+         ``cifar-10-batches-py/`` / ``cifar-100-python/`` inside ``data_dir``, or ``data_dir``
+         being that folder or archive itself. The archive is read in place (never extracted);
+         its pickles (dicts with ``b'data'`` uint8 [N, 3072] in CHW order and ``b'labels'``, or
+         ``b'fine_labels'`` and ``b'coarse_labels'`` for CIFAR-100) are read by an unpickler
+         that admits numpy arrays and nothing else. CIFAR-100 labels are the 100 fine labels.
+      2. A TFDS tree prepared in ``array_record`` format, through ``tfds.data_source(name,
+         split=..., data_dir=data_dir)`` (random access; reading needs ``tensorflow-datasets``,
+         the ``tfds`` extra, but not TensorFlow; preparing it needs TensorFlow, see the README).
+         ``data_dir=None`` is TFDS's default (``~/tensorflow_datasets`` or ``$TFDS_DATA_DIR``).
+
+      When neither route finds the data, ``FileNotFoundError`` names both.
+      ``'tfds:<name>'`` loads any TFDS image classification dataset with ``image`` and ``label``
+      features by route 2 only (e.g. ``'tfds:fashion_mnist'``). CIFAR-100 gets
+      ``coarse_labels`` (its 20 superclasses) from either route.
     * ``'tiny_imagenet'``, ``'mini_imagenet'``: from a directory you prepared, ``data_dir``
       (required). Accepted layouts, tried in this order:
 
@@ -171,14 +202,15 @@ def load_source(name: str, *, data_dir: str | os.PathLike[str] | None = None,
 
   Raises:
     ValueError: unknown name.
-    FileNotFoundError: the files of a local source are missing.
+    FileNotFoundError: the files of a local source are missing (for mnist / cifar10 / cifar100:
+      neither the official files nor a prepared TFDS tree were found).
   """
   if name == 'digits':
     return _load_digits(seed)
   if name == 'fashion_mnist':
     return _load_fashion_mnist(data_dir)
   if name in _TFDS_NAMES:
-    return _load_tfds(name, data_dir)
+    return _load_official_or_tfds(name, data_dir)
   if name.startswith(_TFDS_PREFIX) and len(name) > len(_TFDS_PREFIX):
     return _load_tfds(name[len(_TFDS_PREFIX):], data_dir)
   if name in _FOLDER_NAMES:
@@ -290,29 +322,188 @@ def _load_digits(seed: int) -> Source:
                 class_names=tuple(str(c) for c in range(10)))
 
 
-def _load_fashion_mnist(data_dir: str | os.PathLike[str] | None) -> Source:
-  directory = pathlib.Path(FASHION_MNIST_DIR if data_dir is None else data_dir)
-  arrays = {}
-  for key, stem in _FASHION_MNIST_FILES.items():
-    candidates = [directory / f'{stem}.gz', directory / stem]
-    path = next((p for p in candidates if p.is_file()), None)
+def _find_idx_files(directory: pathlib.Path) -> dict[str, pathlib.Path] | None:
+  """The four IDX files in ``directory`` (``.gz`` preferred), or None if any is missing."""
+  found = {}
+  for key, stem in _IDX_FILES.items():
+    path = next((p for p in (directory / f'{stem}.gz', directory / stem) if p.is_file()), None)
     if path is None:
-      raise FileNotFoundError(
-          f'Fashion-MNIST file {stem}.gz not found in {directory}. Install the real data with '
-          f'`apt-get install -y dataset-fashion-mnist` (files go to {FASHION_MNIST_DIR}), or pass '
-          f'data_dir=<directory holding the four IDX files>.')
-    arrays[key] = read_idx(path)
+      return None
+    found[key] = path
+  return found
+
+
+def _load_idx_source(name: str, files: dict[str, pathlib.Path],
+                     class_names: Sequence[str] | None) -> Source:
+  arrays = {key: read_idx(path) for key, path in files.items()}
   for split in ('train', 'test'):
     x, y = arrays[f'x_{split}'], arrays[f'y_{split}']
     if x.ndim != 3 or y.ndim != 1 or x.shape[0] != y.shape[0]:
-      raise ValueError(f'Fashion-MNIST {split}: images {x.shape} and labels {y.shape} do not '
-                       'match (expected [N, 28, 28] and [N]).')
+      raise ValueError(f'{name} {split}: images {x.shape} and labels {y.shape} do not match '
+                       '(expected [N, 28, 28] and [N]).')
   return from_arrays(arrays['x_train'], arrays['y_train'], arrays['x_test'], arrays['y_test'],
-                     name='fashion_mnist', num_classes=10, class_names=FASHION_MNIST_CLASSES)
+                     name=name, num_classes=10, class_names=class_names)
 
 
-def _load_tfds(tfds_name: str, data_dir: str | os.PathLike[str] | None) -> Source:
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+def _load_fashion_mnist(data_dir: str | os.PathLike[str] | None) -> Source:
+  directory = pathlib.Path(FASHION_MNIST_DIR if data_dir is None else data_dir)
+  files = _find_idx_files(directory)
+  if files is None:
+    raise FileNotFoundError(
+        f'Fashion-MNIST IDX files (train-images-idx3-ubyte.gz ...) not found in {directory}. '
+        f'Install the real data with `apt-get install -y dataset-fashion-mnist` (files go to '
+        f'{FASHION_MNIST_DIR}), or pass data_dir=<directory holding the four IDX files>.')
+  return _load_idx_source('fashion_mnist', files, FASHION_MNIST_CLASSES)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+  """An unpickler that rebuilds dicts, lists, strings and numpy arrays and nothing else.
+
+  The official CIFAR python archives hold pickled dicts of numpy arrays and lists; any other
+  global (a class or function a crafted pickle could call) is refused.
+  """
+
+  _ALLOWED = {
+      ('numpy', 'ndarray'), ('numpy', 'dtype'),
+      ('numpy.core.multiarray', '_reconstruct'), ('numpy.core.multiarray', 'scalar'),
+      ('numpy._core.multiarray', '_reconstruct'), ('numpy._core.multiarray', 'scalar'),
+      ('_codecs', 'encode'),  # how protocol-2 pickles written by Python 3 store bytes
+  }
+
+  def find_class(self, module, name):
+    if (module, name) not in self._ALLOWED:
+      raise pickle.UnpicklingError(
+          f'refusing to load {module}.{name} from a CIFAR archive: the official files hold only '
+          'numpy arrays, lists and strings.')
+    if module == 'numpy.core.multiarray' and hasattr(np, '_core'):
+      module = 'numpy._core.multiarray'  # NumPy 2 (the old path only warns)
+    return super().find_class(module, name)
+
+
+def _unpickle_arrays(raw: bytes, what: str) -> dict:
+  try:
+    content = _ArrayUnpickler(io.BytesIO(raw), encoding='bytes').load()
+  except (pickle.UnpicklingError, EOFError, ValueError) as e:
+    raise ValueError(f'{what}: not a CIFAR python pickle ({e}).') from e
+  if not isinstance(content, dict):
+    raise ValueError(f'{what}: expected a pickled dict, got {type(content).__name__}.')
+  return content
+
+
+def _find_cifar(name: str, directory: pathlib.Path) -> pathlib.Path | None:
+  """The archive or extracted folder of ``name`` at or inside ``directory``, if any."""
+  archive, folder, train_files, _, _, _, _ = CIFAR_ARCHIVES[name]
+  if directory.is_file() and tarfile.is_tarfile(directory):
+    return directory
+  for candidate in (directory / folder, directory):
+    if candidate.is_dir() and all((candidate / f).is_file() for f in train_files):
+      return candidate
+  if (directory / archive).is_file():
+    return directory / archive
+  return None
+
+
+def _read_cifar_members(location: pathlib.Path, members: Sequence[str]) -> dict[str, bytes]:
+  """Raw bytes of the named files of an extracted CIFAR folder or a CIFAR tar archive."""
+  if location.is_dir():
+    missing = [m for m in members if not (location / m).is_file()]
+    if missing:
+      raise FileNotFoundError(f'{location}: missing {", ".join(missing)} of the CIFAR archive.')
+    return {m: (location / m).read_bytes() for m in members}
+  out = {}
+  with tarfile.open(location, 'r:*') as tar:
+    for info in tar:
+      base = info.name.rsplit('/', 1)[-1]
+      if info.isfile() and base in members and base not in out:
+        f = tar.extractfile(info)
+        out[base] = f.read()
+  missing = [m for m in members if m not in out]
+  if missing:
+    raise FileNotFoundError(f'{location}: the archive has no {", ".join(missing)}; expected the '
+                            'official CIFAR python archive.')
+  return out
+
+
+def _load_cifar(name: str, location: pathlib.Path) -> Source:
+  """CIFAR-10 or CIFAR-100 from the official python archive or its extracted folder."""
+  _, _, train_files, test_files, meta_file, label_key, names_key = CIFAR_ARCHIVES[name]
+  raw = _read_cifar_members(location, list(train_files) + list(test_files) + [meta_file])
+  splits = {}
+  for split, files in (('train', train_files), ('test', test_files)):
+    xs, ys, coarse = [], [], []
+    for f in files:
+      d = _unpickle_arrays(raw[f], f'{location}/{f}')
+      if b'data' not in d or label_key not in d:
+        raise ValueError(f'{location}/{f}: expected keys b"data" and {label_key!r}, found '
+                         f'{sorted(d)}.')
+      x = np.asarray(d[b'data'])
+      if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3 * 32 * 32:
+        raise ValueError(f'{location}/{f}: b"data" must be uint8 [N, 3072], got {x.dtype} '
+                         f'{x.shape}.')
+      # Rows are 1024 red, 1024 green, 1024 blue values of a 32x32 image (row-major): CHW.
+      xs.append(x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+      ys.append(np.asarray(d[label_key], np.int64))
+      if name == 'cifar100':
+        if b'coarse_labels' not in d:
+          raise ValueError(f'{location}/{f}: CIFAR-100 pickles need b"coarse_labels".')
+        coarse.append(np.asarray(d[b'coarse_labels'], np.int64))
+    splits[split] = (np.concatenate(xs), np.concatenate(ys),
+                     np.concatenate(coarse) if coarse else None)
+  meta = _unpickle_arrays(raw[meta_file], f'{location}/{meta_file}')
+  num_classes = 100 if name == 'cifar100' else 10
+  names = meta.get(names_key)
+  class_names = None
+  if names is not None and len(names) == num_classes:
+    class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+  coarse_labels = None
+  if name == 'cifar100':
+    coarse_labels = _class_to_coarse(splits['train'][1], splits['train'][2], num_classes)
+  return from_arrays(splits['train'][0], splits['train'][1], splits['test'][0],
+                     splits['test'][1], name=name, num_classes=num_classes,
+                     class_names=class_names, coarse_labels=coarse_labels)
+
+
+def _official_files_hint(name: str) -> str:
+  if name == 'mnist':
+    return ('the four MNIST IDX files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, '
+            't10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz)')
+  archive, folder = CIFAR_ARCHIVES[name][:2]
+  return f'the official python archive {archive} (or its extracted folder {folder}/)'
+
+
+def _load_official_or_tfds(name: str, data_dir: str | os.PathLike[str] | None) -> Source:
+  """Route 1 (official files in ``data_dir``), else route 2 (a prepared TFDS tree)."""
+  if data_dir is not None:
+    directory = pathlib.Path(data_dir)
+    if name == 'mnist':
+      files = _find_idx_files(directory) if directory.is_dir() else None
+      if files is not None:
+        return _load_idx_source('mnist', files, [str(c) for c in range(10)])
+    else:
+      location = _find_cifar(name, directory)
+      if location is not None:
+        return _load_cifar(name, location)
+  where = 'TFDS\'s default data_dir' if data_dir is None else f'data_dir={os.fspath(data_dir)}'
+  both = (f'{name} not found in {where}. Either put {_official_files_hint(name)} in '
+          f'config.data_dir (no TensorFlow needed), or prepare a TFDS tree: '
+          f'{TFDS_PREPARE.format(name=name)}, and pass that DIR as data_dir (see the README, '
+          '"Data").')
+  try:
+    import tensorflow_datasets  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    raise FileNotFoundError(both + ' (tensorflow-datasets is not installed, so only the '
+                            'official files can be read here.)') from None
+  return _load_tfds(name, data_dir, missing_message=both)
+
+
+def _load_tfds(tfds_name: str, data_dir: str | os.PathLike[str] | None, *,
+               missing_message: str | None = None) -> Source:
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ImportError(
+        f'Reading the TFDS dataset {tfds_name!r} needs tensorflow-datasets: '
+        'pip install "sparse_cl_jax[tfds]".') from None
 
   splits = {}
   info = None
@@ -321,11 +512,13 @@ def _load_tfds(tfds_name: str, data_dir: str | os.PathLike[str] | None) -> Sourc
       ds = tfds.data_source(tfds_name, split=split,
                             data_dir=None if data_dir is None else os.fspath(data_dir))
     except Exception as e:  # TFDS raises many types; add the actionable part and keep the cause.
-      raise RuntimeError(
+      if missing_message is not None:
+        raise FileNotFoundError(f'{missing_message} TFDS said: {type(e).__name__}: {e}') from e
+      raise FileNotFoundError(
           f'Could not open TFDS dataset {tfds_name!r} split {split!r} (data_dir={data_dir}). '
-          'tfds.data_source needs the dataset prepared in array_record format, e.g. online: '
-          f'`tfds build {tfds_name} --file_format=array_record` (needs TensorFlow), then pass '
-          f'its data_dir. Cause: {type(e).__name__}: {e}') from e
+          'tfds.data_source needs the dataset prepared in array_record format: '
+          f'{TFDS_PREPARE.format(name=tfds_name)}, then pass that DIR as data_dir. '
+          f'Cause: {type(e).__name__}: {e}') from e
     info = ds.dataset_info
     n = len(ds)
     first = ds[0] if n else None

@@ -2,10 +2,13 @@
 
 import gzip
 import importlib.util
+import os
 import pathlib
 import pickle
 import struct
+import subprocess
 import sys
+import tarfile
 
 import chex
 import jax
@@ -262,6 +265,183 @@ def test_from_arrays_conversions_and_errors():
 def test_unknown_dataset():
   with pytest.raises(ValueError, match='digits, fashion_mnist, mnist, cifar10, cifar100'):
     data.load_source('imagenet21k')
+
+
+# ------------------------------------------------------------------------------------------------
+# Official CIFAR python archives and MNIST IDX files (no TensorFlow, no TFDS)
+# ------------------------------------------------------------------------------------------------
+
+
+def _cifar_images(n, seed):
+  """uint8 [n, 32, 32, 3] with distinct, position-dependent values per channel."""
+  rng = np.random.default_rng(seed)
+  return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+
+
+def _cifar_rows(images):
+  """The official row layout: 1024 red, 1024 green, 1024 blue values, each plane row-major."""
+  return images.transpose(0, 3, 1, 2).reshape(images.shape[0], 3 * 32 * 32).copy()
+
+
+def _dump(path, obj):
+  with open(path, 'wb') as f:
+    pickle.dump(obj, f, protocol=2)  # The official archives are protocol-2 pickles.
+
+
+def _write_cifar10(root, per_batch=3, n_test=4):
+  """cifar-10-batches-py/ (5 data batches, test_batch, batches.meta) and its .tar.gz archive."""
+  folder = root / 'cifar-10-batches-py'
+  folder.mkdir(parents=True)
+  train_x, train_y = [], []
+  for i in range(1, 6):
+    x = _cifar_images(per_batch, i)
+    y = [(3 * i + j) % 10 for j in range(per_batch)]
+    _dump(folder / f'data_batch_{i}', {b'batch_label': f'training batch {i} of 5'.encode(),
+                                        b'labels': y, b'data': _cifar_rows(x),
+                                        b'filenames': [b'x.png'] * per_batch})
+    train_x.append(x)
+    train_y += y
+  test_x = _cifar_images(n_test, 9)
+  test_y = [9 - j for j in range(n_test)]
+  _dump(folder / 'test_batch', {b'batch_label': b'testing batch 1 of 1', b'labels': test_y,
+                                b'data': _cifar_rows(test_x), b'filenames': [b'x.png'] * n_test})
+  names = [b'airplane', b'automobile', b'bird', b'cat', b'deer', b'dog', b'frog', b'horse',
+           b'ship', b'truck']
+  _dump(folder / 'batches.meta', {b'num_cases_per_batch': per_batch, b'label_names': names,
+                                  b'num_vis': 3072})
+  archive = root / 'archive' / 'cifar-10-python.tar.gz'
+  archive.parent.mkdir()
+  with tarfile.open(archive, 'w:gz') as tar:
+    tar.add(folder, arcname='cifar-10-batches-py')
+  return folder, archive, np.concatenate(train_x), np.asarray(train_y), test_x, np.asarray(test_y)
+
+
+def test_cifar10_from_the_official_archive_and_its_folder(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, 'tensorflow_datasets', None)  # The TFDS route is unavailable.
+  folder, archive, x_train, y_train, x_test, y_test = _write_cifar10(tmp_path / 'files')
+  for data_dir in (archive.parent, archive, folder.parent, folder):
+    source = data.load_source('cifar10', data_dir=data_dir)
+    assert source.name == 'cifar10' and source.num_classes == 10
+    assert source.x_train.shape == (15, 32, 32, 3) and source.x_test.shape == (4, 32, 32, 3)
+    np.testing.assert_array_equal(source.x_train, x_train)  # HWC pixels from CHW rows.
+    np.testing.assert_array_equal(source.y_train, y_train)
+    np.testing.assert_array_equal(source.x_test, x_test)
+    np.testing.assert_array_equal(source.y_test, y_test)
+    assert source.class_names[0] == 'airplane' and source.class_names[9] == 'truck'
+    assert source.coarse_labels is None
+
+
+def test_cifar100_fine_and_coarse_labels_and_validation_from_train(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, 'tensorflow_datasets', None)
+  folder = tmp_path / 'cifar-100-python'
+  folder.mkdir()
+  fine_to_coarse = np.arange(100) % 20
+  n_train = 400  # Four images per fine class.
+  fine_train = np.tile(np.arange(100), 4)
+  x_train, x_test = _cifar_images(n_train, 0), _cifar_images(100, 1)
+  fine_test = np.arange(100)[::-1]
+  for name, x, fine in (('train', x_train, fine_train), ('test', x_test, fine_test)):
+    _dump(folder / name, {b'filenames': [b'x.png'] * len(fine), b'batch_label': name.encode(),
+                          b'fine_labels': fine.tolist(),
+                          b'coarse_labels': fine_to_coarse[fine].tolist(),
+                          b'data': _cifar_rows(x)})
+  _dump(folder / 'meta', {b'fine_label_names': [f'fine{i}'.encode() for i in range(100)],
+                          b'coarse_label_names': [f'coarse{i}'.encode() for i in range(20)]})
+  with tarfile.open(tmp_path / 'cifar-100-python.tar.gz', 'w:gz') as tar:
+    tar.add(folder, arcname='cifar-100-python')
+  from_folder = data.load_source('cifar100', data_dir=tmp_path)
+  (tmp_path / 'only_archive').mkdir()
+  (tmp_path / 'cifar-100-python.tar.gz').rename(tmp_path / 'only_archive' / 'a.tar.gz')
+  from_archive = data.load_source('cifar100', data_dir=tmp_path / 'only_archive' / 'a.tar.gz')
+  for source in (from_folder, from_archive):
+    assert source.num_classes == 100 and source.class_names[7] == 'fine7'
+    np.testing.assert_array_equal(source.y_train, fine_train)  # Fine labels, not coarse.
+    np.testing.assert_array_equal(source.y_test, fine_test)
+    np.testing.assert_array_equal(source.coarse_labels, fine_to_coarse)
+    np.testing.assert_array_equal(source.x_test, x_test)
+  # CPG's superclass order and the project's validation rule (held out of train, never test).
+  stream = data.make_stream(from_folder, num_tasks=20, class_order='coarse', val_fraction=0.25)
+  assert stream.classes[0] == [0, 20, 40, 60, 80]
+  np.testing.assert_array_equal(stream.n_val, np.full(20, 5))
+  np.testing.assert_array_equal(stream.n_train, np.full(20, 15))
+  train_rows = {bytes(r) for r in x_train.reshape(n_train, -1)}
+  val_rows = stream.x_val[:, :5].reshape(100, -1)
+  assert all(bytes(r) in train_rows for r in val_rows)
+
+
+def test_cifar_archive_pickles_may_hold_arrays_only(tmp_path):
+  folder = tmp_path / 'cifar-10-batches-py'
+  folder.mkdir()
+
+  class Evil:
+    def __reduce__(self):
+      return (print, ('this must never run',))
+
+  for name in [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch', 'batches.meta']:
+    _dump(folder / name, {b'data': Evil(), b'labels': [0]})
+  with pytest.raises(ValueError, match=r'refusing to load (__builtin__|builtins)\.print'):
+    data.load_source('cifar10', data_dir=tmp_path)
+
+
+def _write_mnist(directory, gz):
+  rng = np.random.default_rng(4)
+  arrays = {'train-images-idx3-ubyte': rng.integers(0, 256, (6, 28, 28), dtype=np.uint8),
+            'train-labels-idx1-ubyte': np.asarray([0, 1, 2, 7, 8, 9], np.uint8),
+            't10k-images-idx3-ubyte': rng.integers(0, 256, (3, 28, 28), dtype=np.uint8),
+            't10k-labels-idx1-ubyte': np.asarray([5, 6, 7], np.uint8)}
+  directory.mkdir(parents=True)
+  for stem, array in arrays.items():
+    _write_idx(directory / f'{stem}.gz', array)
+    if not gz:
+      with gzip.open(directory / f'{stem}.gz', 'rb') as f:
+        (directory / stem).write_bytes(f.read())
+      (directory / f'{stem}.gz').unlink()
+  return arrays
+
+
+@pytest.mark.parametrize('gz', [True, False])
+def test_mnist_from_idx_files(tmp_path, monkeypatch, gz):
+  monkeypatch.setitem(sys.modules, 'tensorflow_datasets', None)
+  arrays = _write_mnist(tmp_path / 'mnist', gz)
+  source = data.load_source('mnist', data_dir=tmp_path / 'mnist')
+  assert source.name == 'mnist' and source.num_classes == 10
+  assert source.x_train.shape == (6, 28, 28, 1) and source.x_test.shape == (3, 28, 28, 1)
+  np.testing.assert_array_equal(source.x_train[..., 0], arrays['train-images-idx3-ubyte'])
+  np.testing.assert_array_equal(source.y_train, [0, 1, 2, 7, 8, 9])
+  np.testing.assert_array_equal(source.y_test, [5, 6, 7])
+
+
+@pytest.mark.parametrize('name, official', [
+    ('cifar10', 'cifar-10-python.tar.gz'),
+    ('cifar100', 'cifar-100-python.tar.gz'),
+    ('mnist', 'train-images-idx3-ubyte.gz'),
+])
+def test_missing_data_names_both_routes(tmp_path, monkeypatch, name, official):
+  monkeypatch.setitem(sys.modules, 'tensorflow_datasets', None)  # As on a machine without TFDS.
+  with pytest.raises(FileNotFoundError) as info:
+    data.load_source(name, data_dir=tmp_path)
+  message = str(info.value)
+  assert official in message and f'tfds build {name}' in message
+  assert 'sparse_cl_jax[tfds]' in message and 'tensorflow-datasets is not installed' in message
+  assert 'ModuleNotFoundError' not in message
+  if importlib.util.find_spec('tensorflow_datasets') is not None:
+    monkeypatch.delitem(sys.modules, 'tensorflow_datasets')
+    # With TFDS installed but no prepared tree, the error still names both routes.
+    with pytest.raises(FileNotFoundError, match=f'{official}.*tfds build {name}'):
+      data.load_source(name, data_dir=tmp_path)
+
+
+def test_package_imports_without_tensorflow_datasets(tmp_path):
+  _, archive, *_ = _write_cifar10(tmp_path)
+  code = ('import sys; sys.modules["tensorflow_datasets"] = None\n'
+          'import sparse_cl_jax, sparse_cl_jax.experiment\n'
+          'from sparse_cl_jax import data\n'
+          f's = data.load_source("cifar10", data_dir={str(archive)!r})\n'
+          'print(s.x_train.shape)\n')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=False,
+                       env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, timeout=120)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip() == '(15, 32, 32, 3)'
 
 
 # ------------------------------------------------------------------------------------------------
