@@ -5,7 +5,10 @@ lives in one ``workdir``::
 
   workdir/
     run.json              {"fingerprint": {...}, "created": "..."}   written once, atomically
-    checkpoints/<step>/   orbax step directories: "state" (the arrays) and "meta" (JSON)
+    run.lock              held (flock) by the process that has the run open; see reliability.py
+    checkpoints/<step>/   orbax step directories: "state" (the arrays), "meta" (JSON) and
+                          "checksums.json" (SHA-256 of every file of "state" and "meta")
+    corrupt-checkpoints/  steps that failed to restore, moved here as they were (never deleted)
     results.json          written by Checkpointer.finish(); its presence means "finished"
     previous-<timestamp>/ an older run moved aside by overwrite=True (never deleted)
 
@@ -28,8 +31,19 @@ Conventions:
 
 Saving is synchronous and atomic: orbax writes ``checkpoints/<step>.orbax-checkpoint-tmp`` and
 renames it when complete, so a crash or an error mid-save leaves the previous checkpoint intact (and
-older steps are only pruned after the new one is committed). Restoring validates the stored tree
-against ``like`` and names every mismatching path.
+older steps are only pruned after the new one is committed). Right after the commit the SHA-256 of
+every file of the step goes into ``checksums.json`` (atomically): TensorStore checks the integrity
+of its index but not of compressed array data, so a flipped byte there would otherwise restore
+silently as different numbers. Restoring verifies the checksums, then validates the stored tree
+against ``like`` and names every mismatching path. A step that cannot be read back as it was
+written raises :class:`reliability.CorruptCheckpointError` naming the step and the file;
+:meth:`Checkpointer.restore_newest_valid` moves such steps to ``corrupt-checkpoints/`` with a
+one-line warning and falls back to the newest valid one. A step committed by orbax whose
+``checksums.json`` is missing (the process was killed in between) is restored unverified.
+
+One process at a time: the constructor takes ``run.lock`` (:class:`reliability.WorkdirLock`)
+before touching anything, and :meth:`Checkpointer.close` releases it; a second process opening the
+same workdir gets :class:`reliability.WorkdirInUseError` naming the holder.
 
 Example::
 
@@ -37,8 +51,9 @@ Example::
   ckpt = checkpoint.Checkpointer(workdir, fingerprint={**config.to_dict(), 'method': 'packnet'},
                                  ignore_keys=('progress_bar',))
   start = 0
-  if ckpt.latest_step() is not None:
-    state, meta = ckpt.restore(like=jax.eval_shape(init_state, key))
+  found = ckpt.restore_newest_valid(like=jax.eval_shape(init_state, key))
+  if found is not None:
+    step, state, meta = found
     start = meta['task'] + 1
   for task in range(start, num_tasks):
     state = train_task(state, task)
@@ -50,10 +65,12 @@ Example::
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import math
 import os
 import pathlib
+import re
 from collections import abc
 from typing import Any
 
@@ -62,12 +79,17 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from sparse_cl_jax import reliability
+
 PyTree = Any
 
 RUN_FILE = "run.json"
 RESULTS_FILE = "results.json"
 CHECKPOINT_DIR = "checkpoints"
 PREVIOUS_PREFIX = "previous-"
+CORRUPT_DIR = "corrupt-checkpoints"
+CHECKSUM_FILE = "checksums.json"
+_ITEMS = ("state", "meta")  # The orbax items of a step; their files are checksummed.
 
 _MAX_LISTED = 10  # How many differing keys / paths an error message lists.
 
@@ -128,15 +150,73 @@ def _jsonable(obj: Any, *, what: str, strict: bool = False) -> Any:
   return convert(obj, "")
 
 
+def _fsync_dir(path: pathlib.Path) -> None:
+  """Makes a rename inside ``path`` durable (best effort: not every file system allows it)."""
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
 def _write_json_atomic(path: pathlib.Path, obj: Any, *, strict: bool = False) -> None:
-  """Writes ``obj`` to ``path`` via a temporary file and ``os.replace`` (atomic on POSIX)."""
+  """Writes ``obj`` to ``path`` atomically: a temporary file, fsync, ``os.replace``, fsync the dir.
+
+  Readers see the old file or the new one, never a partial one, even if the process is killed.
+  """
+  text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=not strict) + "\n"
   tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, allow_nan=not strict)
-    f.write("\n")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)  # Our own partial temporary file, never a saved one.
+    raise
+  _fsync_dir(path.parent)
+
+
+def _file_sha256(path: pathlib.Path) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _step_files(step_dir: pathlib.Path) -> list[str]:
+  """The files of a step's items, relative to ``step_dir``, sorted."""
+  out = []
+  for item in _ITEMS:
+    root = step_dir / item
+    if root.is_dir():
+      out.extend(p.relative_to(step_dir).as_posix() for p in root.rglob("*") if p.is_file())
+  return sorted(out)
+
+
+def _first_line(e: BaseException, limit: int = 160) -> str:
+  text = " ".join(str(e).split()) or type(e).__name__
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+# TensorStore errors name the file or the OCDBT key they failed on.
+_FILE_IN_ERROR = re.compile(r'(?:local file|Error reading) "([^"]+)"')
+
+
+def _file_in_error(e: BaseException, step_dir: pathlib.Path, default: str) -> str:
+  names = _FILE_IN_ERROR.findall(str(e))
+  for name in reversed(names):  # The innermost (last) name is the most specific.
+    prefix = str(step_dir) + os.sep
+    if name.startswith(prefix):
+      return name[len(prefix):]
+  return f"{default} ({names[-1]})" if names else default
 
 
 def _flat_keys(d: abc.Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -281,9 +361,11 @@ class Checkpointer:
       ``workdir/previous-<timestamp>/`` and start afresh. Nothing is ever deleted.
 
   Raises:
+    reliability.WorkdirInUseError: another process has the workdir open (names it).
     RunFinishedError: the workdir holds a finished run and ``overwrite`` is False.
     ValueError: the stored fingerprint differs (the message names the keys), or the workdir holds
       checkpoints without a ``run.json``.
+    reliability.CorruptCheckpointError: ``run.json`` cannot be read.
     TypeError: the fingerprint is not JSON-able.
   """
 
@@ -295,6 +377,18 @@ class Checkpointer:
     self.max_to_keep = max_to_keep
     self.ignore_keys = tuple(ignore_keys)
     self.workdir.mkdir(parents=True, exist_ok=True)
+    self._manager = None
+    # First of all: nothing in the workdir is touched (not even orbax's cleanup of temporary
+    # directories, which could be another process's save in progress) without the lock.
+    self._lock = reliability.WorkdirLock(self.workdir)
+    self._lock.acquire()
+    try:
+      self._open(overwrite)
+    except BaseException:
+      self._lock.release()
+      raise
+
+  def _open(self, overwrite: bool) -> None:
     run_file = self.workdir / RUN_FILE
     if overwrite:
       self.previous_dir = self._move_aside()
@@ -305,7 +399,7 @@ class Checkpointer:
             f"run in {self.workdir} already finished; results in {self.results_path}; "
             "pass --overwrite or use another --workdir")
     if run_file.exists():
-      stored = json.loads(run_file.read_text(encoding="utf-8"))["fingerprint"]
+      stored = self._read_fingerprint(run_file)
       diffs = _fingerprint_diff(stored, self.fingerprint, self.ignore_keys)
       if diffs:
         listed = "; ".join(diffs[:_MAX_LISTED])
@@ -321,6 +415,18 @@ class Checkpointer:
       created = datetime.datetime.now().isoformat(timespec="seconds")
       _write_json_atomic(run_file, {"fingerprint": self.fingerprint, "created": created})
     self._manager = self._new_manager()
+
+  def _read_fingerprint(self, run_file: pathlib.Path) -> dict[str, Any]:
+    try:
+      stored = json.loads(run_file.read_text(encoding="utf-8"))["fingerprint"]
+      if not isinstance(stored, dict):
+        raise TypeError("'fingerprint' is not a JSON object")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+      raise reliability.CorruptCheckpointError(
+          f"{run_file} is unreadable ({type(e).__name__}: {_first_line(e, 80)}), so the config of "
+          f"the run in {self.workdir} is unknown; restore the file, or use --overwrite to move the "
+          "run aside (nothing is deleted), or another --workdir", file=RUN_FILE) from None
+    return stored
 
   # ----------------------------------------------------------------------------------------------
   # Paths and state of the run.
@@ -338,6 +444,11 @@ class Checkpointer:
   def is_finished(self) -> bool:
     """Whether :meth:`finish` has written ``results.json``."""
     return self.results_path.exists()
+
+  @property
+  def corrupt_dir(self) -> pathlib.Path:
+    """``workdir/corrupt-checkpoints``: steps that failed to restore, set aside."""
+    return self.workdir / CORRUPT_DIR
 
   def latest_step(self) -> int | None:
     """The most recent committed step, or None if there is none."""
@@ -385,6 +496,38 @@ class Checkpointer:
       # that the manager's cached step list cannot claim the failed step.
       self._manager.reload()
       raise
+    self._write_checksums(step)
+
+  def _step_dir(self, step: int) -> pathlib.Path:
+    return self.checkpoint_dir / str(step)
+
+  def _write_checksums(self, step: int) -> None:
+    """Records the SHA-256 of every file of committed ``step`` in its ``checksums.json``."""
+    step_dir = self._step_dir(step)
+    files = {name: _file_sha256(step_dir / name) for name in _step_files(step_dir)}
+    _write_json_atomic(step_dir / CHECKSUM_FILE, {"algorithm": "sha256", "files": files})
+
+  def _verify_checksums(self, step: int) -> None:
+    """Raises CorruptCheckpointError naming the first file that differs from what was written."""
+    step_dir = self._step_dir(step)
+    path = step_dir / CHECKSUM_FILE
+    if not path.exists():
+      return  # Killed between orbax's commit and the checksums: restored unverified.
+    try:
+      files = json.loads(path.read_text(encoding="utf-8"))["files"]
+      files = {str(k): str(v) for k, v in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+      raise self._corrupt(step, CHECKSUM_FILE, f"unreadable ({type(e).__name__})") from None
+    for name, digest in sorted(files.items()):
+      if not (step_dir / name).is_file():
+        raise self._corrupt(step, name, "missing")
+      if _file_sha256(step_dir / name) != digest:
+        raise self._corrupt(step, name, "checksum mismatch (changed after it was written)")
+
+  def _corrupt(self, step: int, file: str, reason: str) -> reliability.CorruptCheckpointError:
+    return reliability.CorruptCheckpointError(
+        f"checkpoint step {step} in {self.checkpoint_dir} is corrupt: {file}: {reason}",
+        step=step, file=file)
 
   def restore(self, step: int | None = None, *, like: PyTree) -> tuple[PyTree, dict[str, Any]]:
     """Restores checkpoint ``step`` (default: the latest) into the structure of ``like``.
@@ -401,6 +544,8 @@ class Checkpointer:
 
     Raises:
       FileNotFoundError: no such checkpoint.
+      reliability.CorruptCheckpointError: the step cannot be read back as it was written (a file
+        fails its checksum, or orbax / TensorStore fails to read it); names the step and the file.
       ValueError: the stored tree does not match ``like``; the message names the paths (missing,
         unexpected, shape or dtype differences).
     """
@@ -415,14 +560,83 @@ class Checkpointer:
     leaves, treedef = _leaves(like)
     default = _default_sharding()
     abstract = [(parts, _abstract_leaf(x, default)) for parts, x in leaves]
-    stored = self._manager.item_metadata(step)["state"]
+    self._verify_checksums(step)
+    step_dir = self._step_dir(step)
+    try:
+      meta = self._manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._corrupt(step, _file_in_error(e, step_dir, "meta/metadata"),
+                          _first_line(e)) from e
+    if not isinstance(meta, dict):
+      raise self._corrupt(step, "meta/metadata", f"holds a {type(meta).__name__}, not a dict")
+    try:
+      stored = self._manager.item_metadata(step)["state"]
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._corrupt(step, _file_in_error(e, step_dir, "state/_METADATA"),
+                          _first_line(e)) from e
     stored = getattr(stored, "tree", stored)
-    self._check_matches(step, stored, abstract)
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_nest(abstract)), meta=ocp.args.JsonRestore()))
+    self._check_matches(step, stored, abstract)  # A different structure is not corruption.
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(_nest(abstract))))
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._corrupt(step, _file_in_error(e, step_dir, "state"), _first_line(e)) from e
     state = jax.tree_util.tree_unflatten(
         treedef, [_lookup(restored["state"], parts) for parts, _ in abstract])
-    return state, dict(restored["meta"])
+    return state, dict(meta)
+
+  def restore_newest_valid(self, *, like: PyTree) -> tuple[int, PyTree, dict[str, Any]] | None:
+    """Restores the newest checkpoint that reads back intact; sets corrupt ones aside.
+
+    Every step that raises :class:`reliability.CorruptCheckpointError` is moved, as it is, to
+    ``workdir/corrupt-checkpoints/step-<step>-<timestamp>`` with a one-line warning that names
+    the step and the file, and the next older step is tried.
+
+    Args:
+      like: as in :meth:`restore`.
+
+    Returns:
+      ``(step, state, meta)``, or None when the run has no checkpoint yet (a fresh start).
+
+    Raises:
+      reliability.NoValidCheckpointError: the run had checkpoints but none restores (they are all
+        in ``corrupt-checkpoints/`` now, or were set aside by an earlier attempt).
+      ValueError: a step does not match ``like`` (not corruption: nothing is moved).
+    """
+    while True:
+      steps = self.all_steps()
+      if not steps:
+        break
+      step = steps[-1]
+      try:
+        state, meta = self.restore(step, like=like)
+      except reliability.CorruptCheckpointError as e:
+        dest = self.set_aside(step)
+        older = f"trying step {steps[-2]}" if len(steps) > 1 else "no older checkpoint"
+        absl_logging.warning("%s; moved it to %s; %s", e, dest, older)
+        continue
+      return step, state, meta
+    if self.corrupt_dir.is_dir() and any(self.corrupt_dir.iterdir()):
+      raise reliability.NoValidCheckpointError(
+          f"no valid checkpoint to resume the run in {self.workdir}: the corrupt ones are in "
+          f"{self.corrupt_dir}; use --overwrite to move the run aside and start again (nothing "
+          "is deleted), or another --workdir")
+    return None
+
+  def set_aside(self, step: int) -> pathlib.Path:
+    """Moves step ``step`` to ``corrupt-checkpoints/step-<step>-<timestamp>`` (never deletes)."""
+    self.corrupt_dir.mkdir(exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    dest = self.corrupt_dir / f"step-{step}-{stamp}"
+    suffix = 1
+    while dest.exists():
+      dest = self.corrupt_dir / f"step-{step}-{stamp}-{suffix}"
+      suffix += 1
+    os.replace(self._step_dir(step), dest)
+    _fsync_dir(self.checkpoint_dir)
+    self._manager.reload()
+    return dest
 
   def _check_matches(self, step: int, stored: Any, abstract) -> None:
     """Raises ValueError listing every path where the stored tree and ``like`` differ."""
@@ -474,8 +688,12 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
-    """Finishes pending operations and releases orbax's resources."""
-    self._manager.close()
+    """Finishes pending operations, releases orbax's resources and the workdir's lock."""
+    try:
+      if self._manager is not None:
+        self._manager.close()
+    finally:
+      self._lock.release()
 
   def __enter__(self):
     return self
@@ -499,7 +717,8 @@ class Checkpointer:
 
   def _move_aside(self) -> pathlib.Path | None:
     """Moves every entry of the workdir except earlier ``previous-*`` folders into a new one."""
-    entries = [p for p in self.workdir.iterdir() if not p.name.startswith(PREVIOUS_PREFIX)]
+    entries = [p for p in self.workdir.iterdir()
+               if not p.name.startswith(PREVIOUS_PREFIX) and p.name != reliability.LOCK_FILE]
     if not entries:
       return None
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")

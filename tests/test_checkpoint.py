@@ -175,7 +175,9 @@ def test_finished_run_refused_then_moved_aside(tmp_path):
     previous = ckpt.previous_dir
   assert previous is not None and previous.parent == tmp_path
   assert previous.name.startswith("previous-")
-  assert sorted(os.listdir(previous)) == before
+  # Everything moved aside except the lock file, which belongs to the workdir, not to a run.
+  assert sorted(os.listdir(previous)) == [n for n in before if n != "run.lock"]
+  assert (tmp_path / "run.lock").exists()
   assert json.loads((previous / "results.json").read_text())["acc"] == 0.5
   assert (previous / "checkpoints" / "0").is_dir()
   assert json.loads((tmp_path / "run.json").read_text())["fingerprint"]["epochs"] == 1
@@ -234,3 +236,180 @@ def test_bad_inputs(tmp_path):
       ckpt.save(0, {"x": jnp.ones(2)}, {"when": object()})
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
       ckpt.restore(like={"x": jnp.ones(2)})
+
+
+# --------------------------------------------------------------------------------------------------
+# Integrity (issue 16): checksums, corrupt steps set aside, run.json, the workdir lock.
+
+
+def flip_bytes(path, at: float = 0.5, n: int = 4):
+  """Overwrites ``n`` bytes of ``path`` at fraction ``at`` of its length (XOR 0x5A)."""
+  data = bytearray(path.read_bytes())
+  i = min(int(len(data) * at), len(data) - n)
+  data[i:i + n] = bytes(b ^ 0x5A for b in data[i:i + n])
+  path.write_bytes(bytes(data))
+
+
+def largest_state_file(step_dir):
+  files = [p for p in (step_dir / "state").rglob("*") if p.is_file()]
+  return max(files, key=lambda p: p.stat().st_size)
+
+
+def big_state(seed):
+  rng = np.random.default_rng(seed)
+  return {"w": jnp.asarray(rng.normal(size=(256, 256)), jnp.float32), "b": jnp.ones(3)}
+
+
+def snapshot(root):
+  return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_checksums_catch_corrupt_array_data(tmp_path):
+  # A flipped byte inside compressed array data is not detected by TensorStore itself (it would
+  # restore as different numbers); the checksums written after the commit catch it.
+  with checkpoint.Checkpointer(tmp_path, fingerprint=FINGERPRINT) as ckpt:
+    ckpt.save(0, big_state(0), {"task": 0})
+    sums = json.loads((tmp_path / "checkpoints" / "0" / "checksums.json").read_text())
+    assert sums["algorithm"] == "sha256"
+    assert "meta/metadata" in sums["files"] and any(f.startswith("state/") for f in sums["files"])
+    target = largest_state_file(tmp_path / "checkpoints" / "0")
+    flip_bytes(target, at=0.3)
+    with pytest.raises(checkpoint.reliability.CorruptCheckpointError) as info:
+      ckpt.restore(0, like=big_state(0))
+  name = target.relative_to(tmp_path / "checkpoints" / "0").as_posix()
+  assert info.value.step == 0 and info.value.file == name
+  assert str(info.value) == (f"checkpoint step 0 in {tmp_path / 'checkpoints'} is corrupt: {name}: "
+                             "checksum mismatch (changed after it was written)")
+
+
+def test_corrupt_steps_set_aside_newest_valid_restored(tmp_path, caplog):
+  with checkpoint.Checkpointer(tmp_path, fingerprint=FINGERPRINT) as ckpt:
+    for step in range(3):
+      ckpt.save(step, make_state(step), {"task": step})
+  flip_bytes(largest_state_file(tmp_path / "checkpoints" / "2"))
+  flip_bytes(tmp_path / "checkpoints" / "1" / "meta" / "metadata", at=0.0, n=1)
+  corrupted = {s: snapshot(tmp_path / "checkpoints" / str(s)) for s in (1, 2)}
+  with checkpoint.Checkpointer(tmp_path, fingerprint=FINGERPRINT) as ckpt:
+    with caplog.at_level("WARNING"):
+      step, state, meta = ckpt.restore_newest_valid(like=make_state(0))
+    assert step == 0 and meta == {"task": 0} and ckpt.all_steps() == [0]
+    assert_bit_identical(state, make_state(0))
+    ckpt.save(1, make_state(1), {"task": 1})  # The step numbers of set-aside steps are free again.
+  lines = [r.getMessage() for r in caplog.records if "is corrupt" in r.getMessage()]
+  assert len(lines) == 2 and all("\n" not in line for line in lines)
+  assert lines[0].startswith("checkpoint step 2 ") and ": state/" in lines[0]
+  assert "trying step 1" in lines[0]
+  assert lines[1].startswith("checkpoint step 1 ") and "meta/metadata: checksum mismatch" in lines[1]
+  # Set aside as they were, never deleted.
+  moved = sorted(os.listdir(tmp_path / "corrupt-checkpoints"))
+  assert [m.split("-")[1] for m in moved] == ["1", "2"]
+  for m in moved:
+    assert snapshot(tmp_path / "corrupt-checkpoints" / m) == corrupted[int(m.split("-")[1])]
+
+
+def test_no_valid_checkpoint_refused_in_one_line(tmp_path):
+  with checkpoint.Checkpointer(tmp_path, fingerprint=FINGERPRINT) as ckpt:
+    for step in range(2):
+      ckpt.save(step, make_state(step), {"task": step})
+  for step in range(2):
+    flip_bytes(largest_state_file(tmp_path / "checkpoints" / str(step)))
+  for _ in range(2):  # Refused again later: the run never silently restarts from scratch.
+    with checkpoint.Checkpointer(tmp_path, fingerprint=FINGERPRINT) as ckpt:
+      with pytest.raises(checkpoint.reliability.NoValidCheckpointError) as info:
+        ckpt.restore_newest_valid(like=make_state(0))
+    message = str(info.value)
+    assert "\n" not in message and "no valid checkpoint" in message and "--overwrite" in message
+  assert len(os.listdir(tmp_path / "corrupt-checkpoints")) == 2
+  with checkpoint.Checkpointer(tmp_path, fingerprint=FINGERPRINT, overwrite=True) as ckpt:
+    assert ckpt.restore_newest_valid(like=make_state(0)) is None  # A fresh start...
+    assert (ckpt.previous_dir / "corrupt-checkpoints").is_dir()  # ...with the old run kept.
+
+
+def test_unverified_step_reports_orbax_errors_in_one_line(tmp_path):
+  # A process killed between orbax's commit and the checksums leaves a step without them; it is
+  # restored unverified, and read errors still name the step and the file.
+  with checkpoint.Checkpointer(tmp_path, fingerprint=FINGERPRINT) as ckpt:
+    for step in range(3):
+      ckpt.save(step, make_state(step), {"task": step})
+  for step in (1, 2):
+    (tmp_path / "checkpoints" / str(step) / "checksums.json").unlink()
+  (tmp_path / "checkpoints" / "2" / "meta" / "metadata").write_text('{"task": ')
+  flip_bytes(tmp_path / "checkpoints" / "1" / "state" / "manifest.ocdbt")
+  with checkpoint.Checkpointer(tmp_path, fingerprint=FINGERPRINT) as ckpt:
+    with pytest.raises(checkpoint.reliability.CorruptCheckpointError) as info:
+      ckpt.restore(2, like=make_state(0))
+    assert info.value.file == "meta/metadata" and "step 2" in str(info.value)
+    with pytest.raises(checkpoint.reliability.CorruptCheckpointError) as info:
+      ckpt.restore(1, like=make_state(0))
+    assert info.value.file.startswith("state") and "\n" not in str(info.value)
+    step, state, _ = ckpt.restore_newest_valid(like=make_state(0))
+  assert step == 0
+  assert_bit_identical(state, make_state(0))
+
+
+def test_tree_mismatch_is_not_corruption(tmp_path):
+  with checkpoint.Checkpointer(tmp_path, fingerprint=FINGERPRINT) as ckpt:
+    ckpt.save(0, make_state(0), {})
+    like = make_state(0)
+    like["extra"] = jnp.zeros(2)
+    with pytest.raises(ValueError, match="extra: in `like` but not in the checkpoint"):
+      ckpt.restore_newest_valid(like=like)
+    assert ckpt.all_steps() == [0] and not (tmp_path / "corrupt-checkpoints").exists()
+
+
+def test_corrupt_run_json_refused_in_one_line(tmp_path):
+  checkpoint.Checkpointer(tmp_path, fingerprint=FINGERPRINT).close()
+  (tmp_path / "run.json").write_text('{"fingerprint": {"method": "pack')
+  with pytest.raises(checkpoint.reliability.CorruptCheckpointError) as info:
+    checkpoint.Checkpointer(tmp_path, fingerprint=FINGERPRINT)
+  message = str(info.value)
+  assert "\n" not in message and "run.json is unreadable" in message
+  assert "--overwrite" in message
+  # The refusal released the lock; --overwrite moves the unreadable file aside.
+  with checkpoint.Checkpointer(tmp_path, fingerprint=FINGERPRINT, overwrite=True) as ckpt:
+    assert (ckpt.previous_dir / "run.json").read_text().startswith('{"fingerprint": {"method"')
+
+
+def test_atomic_json_write_keeps_old_file_when_interrupted(tmp_path, monkeypatch):
+  path = tmp_path / "results.json"
+  checkpoint._write_json_atomic(path, {"acc": 0.5})
+
+  def killed(fd):
+    raise KeyboardInterrupt("killed while writing")
+
+  monkeypatch.setattr(checkpoint.os, "fsync", killed)
+  with pytest.raises(KeyboardInterrupt):
+    checkpoint._write_json_atomic(path, {"acc": 0.75})
+  monkeypatch.undo()
+  assert json.loads(path.read_text()) == {"acc": 0.5}
+  assert os.listdir(tmp_path) == ["results.json"]  # No partial temporary file left.
+
+
+def test_second_open_of_a_workdir_refused_naming_the_process(tmp_path):
+  first = checkpoint.Checkpointer(tmp_path, fingerprint=FINGERPRINT)
+  with pytest.raises(checkpoint.reliability.WorkdirInUseError) as info:
+    checkpoint.Checkpointer(tmp_path, fingerprint=FINGERPRINT)
+  message = str(info.value)
+  assert "\n" not in message and f"in use by process {os.getpid()} on " in message
+  assert "another --workdir" in message
+  with pytest.raises(checkpoint.reliability.WorkdirInUseError):  # overwrite moves nothing
+    checkpoint.Checkpointer(tmp_path, fingerprint=FINGERPRINT, overwrite=True)
+  assert not [p for p in os.listdir(tmp_path) if p.startswith("previous-")]
+  first.close()
+  assert (tmp_path / "run.lock").read_text() == ""  # Released cleanly.
+  with checkpoint.Checkpointer(tmp_path, fingerprint=FINGERPRINT) as second:
+    assert second._lock.previous is None
+  # A refused open (here: another config) releases the lock at once.
+  with pytest.raises(ValueError, match="different config"):
+    checkpoint.Checkpointer(tmp_path, fingerprint={**FINGERPRINT, "epochs": 1})
+  checkpoint.Checkpointer(tmp_path, fingerprint=FINGERPRINT).close()
+
+
+def test_lock_left_by_an_ended_process_does_not_block(tmp_path):
+  checkpoint.Checkpointer(tmp_path, fingerprint=FINGERPRINT).close()
+  # What a killed holder leaves: its details in the file, but no flock (the kernel dropped it).
+  stale = {"pid": 999999, "host": "elsewhere", "started": "2024-01-01T00:00:00", "command": "x"}
+  (tmp_path / "run.lock").write_text(json.dumps(stale))
+  with checkpoint.Checkpointer(tmp_path, fingerprint=FINGERPRINT) as ckpt:
+    assert ckpt._lock.previous == stale
+    assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
