@@ -85,11 +85,99 @@ def test_uniform_counts_traced():
 def test_exact_total_on_random_shapes():
   rng = np.random.default_rng(0)
   for _ in range(20):
-    params = {f"l{i}": {"kernel": jnp.zeros(tuple(rng.integers(1, 9, size=rng.integers(2, 5))))}
-              for i in range(4)}
+    params = {f"l{i}": {"kernel": jax.ShapeDtypeStruct(
+        tuple(rng.integers(1, 9, size=rng.integers(2, 5))), jnp.float32)} for i in range(4)}
     s = float(rng.uniform(0, 0.99))
     c = sparsity.target_counts(params, s, distribution="erk")
     n = sum(masks.size_per_leaf(params)[k]["kernel"] for k in params)
     assert sum(c[k]["kernel"] for k in params) == round((1 - s) * n)
     for k in params:
       assert 0 <= c[k]["kernel"] <= masks.size_per_leaf(params)[k]["kernel"]
+
+
+@pytest.mark.parametrize("bad", [1.0, 1.5, -0.1, float("nan"), "x", None])
+def test_uniform_counts_refuses_bad_numbers(bad):
+  # 1.5 used to give negative counts (a silently empty mask) and 1.0 was accepted, although
+  # target_counts refuses both.
+  with pytest.raises(ValueError, match=r"sparsity must be .*\[0, 1\)"):
+    sparsity.uniform_counts(_model(), bad)
+  with pytest.raises(ValueError, match=r"sparsity must be .*\[0, 1\)"):
+    sparsity.target_counts(_model(), bad)
+
+
+def _three_vectors():
+  # 9736 weights in leaves of 3003, 3003 and 3730: per-leaf rounding at sparsity 0.9 keeps
+  # 300 + 300 + 373 = 973, the exact overall count is round(973.6) = 974.
+  params = {"a": {"kernel": jnp.zeros(3003)}, "b": {"kernel": jnp.zeros(3003)},
+            "c": {"kernel": jnp.zeros(3730)}}
+  spec = {"a": {"kernel": True}, "b": {"kernel": True}, "c": {"kernel": True}}
+  return params, spec
+
+
+def test_uniform_counts_and_target_counts_are_one_rule():
+  params, spec = _three_vectors()
+  host = sparsity.target_counts(params, 0.9, spec=spec)
+  assert host == {"a": {"kernel": 301}, "b": {"kernel": 300}, "c": {"kernel": 373}}
+  assert sum(jax.tree.leaves(host)) == 974
+  eager = sparsity.uniform_counts(params, 0.9, spec)
+  traced = jax.jit(lambda s: sparsity.uniform_counts(params, s, spec))(jnp.float32(0.9))
+  for counts in (eager, traced):
+    assert jax.tree.map(int, counts) == host
+    assert all(c.dtype == jnp.int32 for c in jax.tree.leaves(counts))
+
+
+def _abstract(shapes):
+  return {f"l{i}": {"kernel": jax.ShapeDtypeStruct(tuple(s), jnp.float32), "bias":
+                    jax.ShapeDtypeStruct((int(s[-1]),), jnp.float32)}
+          for i, s in enumerate(shapes)}
+
+
+@pytest.mark.parametrize("distribution", sparsity.DISTRIBUTIONS)
+def test_traced_counts_equal_host_counts(distribution):
+  # The traced rule (jit, vmapped over sparsities) gives the host's ints for the same float32
+  # value, ERK included, on small trees and on a ~55M-weight tree near the traced limit.
+  rng = np.random.default_rng(0)
+  trees = [_abstract([(3, 3, 2, 4), (36, 10), (7, 5), (1, 9)]),
+           _abstract([tuple(rng.integers(1, 30, size=rng.integers(2, 5))) for _ in range(6)]),
+           _abstract([(4096, 8191), (3, 3, 512, 1021), (7, 13), (2 ** 24 - 12345, 1)])]
+  ss = np.concatenate([[0.0, 0.5, 0.9, 0.95], rng.uniform(0, 1, size=28)]).astype(np.float32)
+  for params in trees:
+    traced = jax.device_get(jax.jit(jax.vmap(
+        lambda s, p=params: sparsity.target_counts(p, s, distribution=distribution)))(ss))
+    n = sum(x["kernel"].size for x in params.values())
+    for j, s in enumerate(ss):
+      host = sparsity.target_counts(params, float(s), distribution=distribution)
+      assert jax.tree.map(lambda x, j=j: int(x[j]), traced) == host, (s, host)
+      assert sum(x["kernel"] for x in host.values()) == sparsity.kept_total(float(s), n)
+
+
+def test_traced_counts_with_overrides_and_hand_computed_erk():
+  params = _model()
+  f = jax.jit(lambda s: sparsity.target_counts(params, s, distribution="erk",
+                                               overrides={r"dense_0": 0.5}))
+  for s in (0.45, 0.5, 0.55):
+    assert jax.tree.map(int, f(jnp.float32(s))) == sparsity.target_counts(
+        params, s, distribution="erk", overrides={r"dense_0": 0.5})
+  # Unreachable: refused for a number; for a traced value the budget is clipped (conv keeps 0).
+  with pytest.raises(ValueError, match="cannot be reached"):
+    sparsity.target_counts(params, 0.7, overrides={r"dense_0": 0.5})
+  assert int(f(jnp.float32(0.7))["conv_0"]["kernel"]) == 0
+  traced = jax.jit(lambda s: sparsity.target_counts(params, s, distribution="erk"))(0.8)
+  assert (int(traced["conv_0"]["kernel"]), int(traced["dense_0"]["kernel"])) == (18, 68)
+
+
+def test_traced_values_are_clipped_as_documented():
+  params, spec = _three_vectors()
+  f = jax.jit(lambda s: sparsity.uniform_counts(params, s, spec))
+  assert jax.tree.leaves(jax.tree.map(int, f(jnp.float32(1.5)))) == [0, 0, 0]
+  assert jax.tree.leaves(jax.tree.map(int, f(jnp.float32(1.0)))) == [0, 0, 0]
+  assert jax.tree.leaves(jax.tree.map(int, f(jnp.float32(-0.5)))) == [3003, 3003, 3730]
+  assert jax.tree.leaves(jax.tree.map(int, f(jnp.float32(np.nan)))) == [3003, 3003, 3730]
+
+
+def test_traced_refusals():
+  big = {"k": {"kernel": jax.ShapeDtypeStruct((2 ** 13, 2 ** 13), jnp.float32)}}
+  with pytest.raises(ValueError, match=r"fewer than 67108864 maskable weights.*Python number"):
+    jax.jit(lambda s: sparsity.target_counts(big, s))(0.5)
+  with pytest.raises(ValueError, match=r"sparsity must be a number in \[0, 1\) here, got a traced"):
+    jax.jit(lambda s: sparsity.densities(_model(), s))(0.5)
