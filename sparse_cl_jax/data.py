@@ -363,12 +363,12 @@ class _ArrayUnpickler(pickle.Unpickler):
   global (a class or function a crafted pickle could call) is refused.
   """
 
-  _ALLOWED = {
+  _ALLOWED = frozenset({
       ('numpy', 'ndarray'), ('numpy', 'dtype'),
       ('numpy.core.multiarray', '_reconstruct'), ('numpy.core.multiarray', 'scalar'),
       ('numpy._core.multiarray', '_reconstruct'), ('numpy._core.multiarray', 'scalar'),
       ('_codecs', 'encode'),  # how protocol-2 pickles written by Python 3 store bytes
-  }
+  })
 
   def find_class(self, module, name):
     if (module, name) not in self._ALLOWED:
@@ -385,8 +385,9 @@ def _unpickle_arrays(raw: bytes, what: str) -> dict:
     content = _ArrayUnpickler(io.BytesIO(raw), encoding='bytes').load()
   except (pickle.UnpicklingError, EOFError, ValueError) as e:
     raise ValueError(f'{what}: not a CIFAR python pickle ({e}).') from e
-  if not isinstance(content, dict):
-    raise ValueError(f'{what}: expected a pickled dict, got {type(content).__name__}.')
+  if not isinstance(content, dict):  # Bad file content (not a bad argument): a ValueError.
+    kind = type(content).__name__
+    raise ValueError(f'{what}: expected a pickled dict, got {kind}.')  # noqa: TRY004
   return content
 
 
@@ -489,7 +490,7 @@ def _load_official_or_tfds(name: str, data_dir: str | os.PathLike[str] | None) -
           f'{TFDS_PREPARE.format(name=name)}, and pass that DIR as data_dir (see the README, '
           '"Data").')
   try:
-    import tensorflow_datasets  # pylint: disable=g-import-not-at-top,unused-import
+    import tensorflow_datasets  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError:
     raise FileNotFoundError(both + ' (tensorflow-datasets is not installed, so only the '
                             'official files can be read here.)') from None

@@ -109,6 +109,11 @@ def build(config, *, source=None, save_fn=None):
   return trainer
 
 
+def upper_triangle(method: str) -> str:
+  """What the method's accuracy matrix holds above the diagonal (``metrics.UPPER_TRIANGLES``)."""
+  return getattr(methods.module(method), "UPPER_TRIANGLE", "gem")
+
+
 def _report(trainer: train.Trainer, state: train.TrainState, R, R_val, b,
             train_seconds: float) -> dict:
   ctx = trainer.ctx
@@ -124,8 +129,8 @@ def _report(trainer: train.Trainer, state: train.TrainState, R, R_val, b,
       "random_init_accuracy": list(b),
       "acc": metrics.acc(R),
       "bwt": metrics.bwt(R),
-      "fwt": {"gem": metrics.fwt_gem(R, np.asarray(b)),
-              "subnetwork": metrics.fwt_subnetwork(R)},
+      "fwt": metrics.forward_transfer(R, np.asarray(b),
+                                      upper_triangle=upper_triangle(trainer.config.method)),
       "forgetting": metrics.forgetting(R),
       "average_accuracy_curve": metrics.average_accuracy_curve(R).tolist(),
       "density_per_task": rep.pop("density_per_task", [1.0] * ctx.num_tasks),
@@ -220,7 +225,7 @@ def run(config, workdir: str, *, source: data_lib.Source | None = None,
   if print_summary:
     print(f"\n{results['method']} on {config.dataset} ({config.scenario}, {T} tasks, "
           f"{config.incremental}-IL, model {config.model}): test accuracy matrix R[i, j]")
-    print(metrics.summary_table(R, b=np.asarray(b)))
+    print(metrics.summary_table(R, b=np.asarray(b), upper_triangle=upper_triangle(config.method)))
     print(f"density per task: {np.round(results['density_per_task'], 4).tolist()}  "
           f"model bytes: {results['model_bytes']['total']}  "
           f"train seconds: {train_seconds:.1f}")

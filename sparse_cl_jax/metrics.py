@@ -27,6 +27,13 @@ Metrics (``T`` tasks, all sums over 0-based indices):
 * :func:`average_accuracy_curve`: ``a_i = 1/(i+1) sum_{j<=i} R[i, j]``, the mean accuracy over
   the tasks seen so far after each task.
 
+What the upper triangle means depends on the method, and so does which FWT it supports
+(:func:`forward_transfer`, ``results.json``'s ``fwt``): for most methods ``R[i, j]`` (``j > i``) is
+the model after task ``i`` asked about task ``j`` through task ``j``'s own (untrained) head and
+view, GEM's quantity (``upper_triangle='gem'``); DST for CL fills it with task ``i``'s subnetwork
+*and head* applied to task ``j``'s data (``upper_triangle='subnetwork'``, the paper's eq. 4), so
+``R[j-1, j] - b[j]`` is then not GEM's FWT and is reported under its own name.
+
 Capacity and size:
 
 * :func:`capacity_per_layer` / :func:`capacity_total`: fraction of each layer (and of the whole
@@ -196,6 +203,36 @@ def fwt_subnetwork(R, *, pooled: bool = False) -> float:
   return _nanmean([_nanmean(R[i, i + 1:]) for i in range(T - 1)])
 
 
+UPPER_TRIANGLES = ("gem", "subnetwork")
+
+
+def forward_transfer(R, b, *, upper_triangle: str = "gem") -> dict[str, float]:
+  """The forward-transfer figures the accuracy matrix's upper triangle supports, by name.
+
+  Args:
+    R: accuracy matrix ``[T, T]``.
+    b: ``[T]`` accuracies of the randomly initialised model on each task.
+    upper_triangle: what ``R[i, j]`` (``j > i``) measures. ``'gem'``: the model after task ``i``
+      with task ``j``'s own head and view (GEM's setting). ``'subnetwork'``: task ``i``'s
+      subnetwork and head on task ``j``'s data (DST for CL, eq. 4).
+
+  Returns:
+    ``'gem'``: ``{'gem': fwt_gem, 'subnetwork': fwt_subnetwork}`` (the latter is the DST formula
+    applied to this triangle). ``'subnetwork'``: ``{'subnetwork': fwt_subnetwork,
+    'previous_subnetwork_minus_init': 1/(T-1) sum_{j>0} (R[j-1, j] - b[j])}``: task ``j-1``'s
+    subnetwork and head on task ``j`` minus the random-init model on task ``j``, the arithmetic of
+    GEM's eq. 4 on a different triangle, so it is not called ``gem``.
+
+  Raises:
+    ValueError: an unknown ``upper_triangle``.
+  """
+  if upper_triangle == "gem":
+    return {"gem": fwt_gem(R, b), "subnetwork": fwt_subnetwork(R)}
+  if upper_triangle == "subnetwork":
+    return {"subnetwork": fwt_subnetwork(R), "previous_subnetwork_minus_init": fwt_gem(R, b)}
+  raise ValueError(f"upper_triangle must be one of {UPPER_TRIANGLES}, got {upper_triangle!r}")
+
+
 def average_accuracy_curve(R) -> np.ndarray:
   """Mean accuracy over the tasks seen so far, after each task.
 
@@ -336,18 +373,21 @@ def model_bytes(params: Tree, *, mask_bits: int, maskable: Tree | None = None,
 # Printing.
 
 
-def summary_table(R, *, names: abc.Sequence[str] | None = None, b=None, precision: int = 4) -> str:
+def summary_table(R, *, names: abc.Sequence[str] | None = None, b=None, precision: int = 4,
+                  upper_triangle: str = "gem") -> str:
   """A fixed-width text table of the accuracy matrix followed by the summary metrics.
 
   Rows are "after training task i", columns "evaluated on task j"; ``NaN`` prints as ``-``. Below
   the matrix: ACC, BWT, forgetting, FWT (subnetwork, DST-for-CL definition) and, when ``b`` is
-  given, FWT (GEM definition).
+  given, FWT (GEM definition), or with ``upper_triangle='subnetwork'`` the previous subnetwork's
+  accuracy minus the random-init one (see :func:`forward_transfer`).
 
   Args:
     R: accuracy matrix ``[T, T]``.
     names: ``T`` task names (default ``task_1 .. task_T``).
     b: optional ``[T]`` random-init accuracies for :func:`fwt_gem`.
     precision: digits after the decimal point.
+    upper_triangle: what the upper triangle measures (:data:`UPPER_TRIANGLES`).
 
   Returns:
     The table as one string (lines joined by newlines, no trailing newline).
@@ -371,7 +411,10 @@ def summary_table(R, *, names: abc.Sequence[str] | None = None, b=None, precisio
   rows += [("ACC", [fmt(acc(R))]), ("BWT", [fmt(bwt(R))]), ("Forgetting", [fmt(forgetting(R))]),
            ("FWT (subnet)", [fmt(fwt_subnetwork(R))])]
   if b is not None:
-    rows.append(("FWT (GEM)", [fmt(fwt_gem(R, b))]))
+    label = {"gem": "FWT (GEM)", "subnetwork": "FWT (prev. subnet - init)"}
+    if upper_triangle not in label:
+      raise ValueError(f"upper_triangle must be one of {UPPER_TRIANGLES}, got {upper_triangle!r}")
+    rows.append((label[upper_triangle], [fmt(fwt_gem(R, b))]))
   label_width = max(len(label) for label, _ in rows)
   cell_width = max([len(c) for _, cells in rows for c in cells] + [1])
   lines = [" ".join([label.ljust(label_width)] + [c.rjust(cell_width) for c in cells]).rstrip()

@@ -226,7 +226,8 @@ def _relu_and_sow(layer: nn.Module, x: Array) -> Array:
 class MultiHead(nn.Module):
   """All task heads, pre-allocated; the forward pass uses row ``task`` (row 0 if single-head).
 
-  Params: ``kernel [num_heads, D, num_classes]`` and ``bias [num_heads, num_classes]``. For a
+  Params: ``kernel [num_heads, D, num_classes]`` and ``bias [num_heads, num_classes]`` (no bias
+  with ``use_bias=False``, e.g. the DST-for-CL authors' ResNet-18 classifier). For a
   dense head ``D`` is the feature size. With ``kernel_size`` set, each head is a 'VALID'
   convolution followed by global average pooling (the output layer of the CLNP wide FCN, Table 3
   of Golkar et al. 2019); then ``D = prod(kernel_size) * C_in`` and ``kernel[h]`` reshapes to
@@ -237,10 +238,12 @@ class MultiHead(nn.Module):
     num_heads: number of heads (tasks) allocated.
     num_classes: outputs per head.
     kernel_size: ``None`` for a dense head, else the conv head's spatial kernel size.
+    use_bias: whether the heads have a bias.
   """
   num_heads: int
   num_classes: int
   kernel_size: tuple[int, ...] | None = None
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x: Array, task: Any = 0) -> Array:
@@ -249,11 +252,13 @@ class MultiHead(nn.Module):
     kernel = self.param('kernel',
                         nn.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,)),
                         (self.num_heads, d, self.num_classes), jnp.float32)
-    bias = self.param('bias', nn.initializers.zeros, (self.num_heads, self.num_classes),
-                      jnp.float32)
     t = _task_index(task, self.num_heads)
     k = kernel[t]
-    b = bias[t][None, :]
+    b = jnp.zeros((1, self.num_classes), jnp.float32)
+    if self.use_bias:
+      bias = self.param('bias', nn.initializers.zeros, (self.num_heads, self.num_classes),
+                        jnp.float32)
+      b = bias[t][None, :]
     if self.kernel_size is None:
       return x @ k + b
     k = k.reshape(tuple(self.kernel_size) + (cin, self.num_classes))
@@ -535,20 +540,30 @@ class BasicBlock(nn.Module):
     return _relu_and_sow(conv_1, y + residual)
 
 
+RESNET18_STEMS = ('cifar3x3', 'imagenet7x7_nopool')
+
+
 class ResNet18(nn.Module):
-  """CIFAR ResNet-18 (3x3 stride-1 stem, no max-pool), optionally pre-activation.
+  """ResNet-18 (He et al. 2016) with a choice of stem, optionally pre-activation.
 
-  He et al. 2016 with the CIFAR stem of kuangliu/pytorch-cifar (used by DST for CL, Yildirim et
-  al. 2024, and PrAC, Zhang et al. 2021); ``preact=True`` is the PreAct-ResNet18 of Lifelong
-  Lottery Tickets (Chen et al., ICLR 2021) as coded: no norm after the stem and no final
-  norm/ReLU before pooling. BasicBlocks [2, 2, 2, 2], widths 64/128/256/512 (first block of
-  stages 2-4 has stride 2 and a 1x1 conv shortcut), global average pool, heads (D = 512).
+  BasicBlocks [2, 2, 2, 2], widths 64/128/256/512 (first block of stages 2-4 has stride 2 and a 1x1
+  conv shortcut), global average pool, heads (D = 512). Stems (``stem``):
 
-  Layout: ``stem`` (3x3 conv, no bias), ``norm_stem`` (post-activation only),
-  ``block_0 .. block_7`` (:class:`BasicBlock`: ``conv_0, norm_0, conv_1, norm_1`` and in
-  ``block_2, block_4, block_6`` also ``shortcut`` (+ ``norm_shortcut`` if post-activation)),
-  ``head``. Sows ``stem`` (post-activation only), ``block_i/conv_0`` and (post-activation)
-  ``block_i/conv_1``.
+  * ``'cifar3x3'`` (default): 3x3 stride-1 conv, no max-pool (kuangliu/pytorch-cifar; used by
+    PrAC, Zhang et al. 2021). With ``preact=True`` this is the PreAct-ResNet18 of Lifelong Lottery
+    Tickets (Chen et al., ICLR 2021) as coded: no norm after the stem and no final norm/ReLU
+    before pooling.
+  * ``'imagenet7x7_nopool'``: 7x7 stride-2 conv (padding 3), norm, ReLU and *no* max-pool: the
+    ResNet-18 of the DST-for-CL authors' code (Yildirim et al., CPAL 2024,
+    ``muratonuryildirim/CL-with-DST`` ``models.py``: ``conv1 = Conv2d(3, 64, kernel_size=7,
+    stride=2, padding=3, bias=False)``, no max-pool), which also has a bias-free classifier
+    (``head_bias=False``). A 32x32 input reaches the blocks at 16x16.
+
+  Layout: ``stem`` (conv, no bias), ``norm_stem`` (post-activation only), ``block_0 .. block_7``
+  (:class:`BasicBlock`: ``conv_0, norm_0, conv_1, norm_1`` and in ``block_2, block_4, block_6``
+  also ``shortcut`` (+ ``norm_shortcut`` if post-activation)), ``head`` (``kernel`` and, with
+  ``head_bias``, ``bias``). Sows ``stem`` (post-activation only), ``block_i/conv_0`` and
+  (post-activation) ``block_i/conv_1``.
 
   Attributes:
     num_heads: number of pre-allocated heads.
@@ -557,6 +572,8 @@ class ResNet18(nn.Module):
     width_multiplier: scales 64 .. 512.
     preact: pre-activation blocks.
     num_tasks: rows of ``'task_batch'`` norm; defaults to ``num_heads``.
+    stem: one of :data:`RESNET18_STEMS`.
+    head_bias: whether the heads have a bias.
   """
   num_heads: int = 1
   num_classes: int = 10
@@ -564,13 +581,21 @@ class ResNet18(nn.Module):
   width_multiplier: float = 1.0
   preact: bool = False
   num_tasks: int | None = None
+  stem: str = 'cifar3x3'
+  head_bias: bool = True
 
   @nn.compact
   def __call__(self, x: Array, task: Any = 0, train: bool = False) -> Array:
     rows = _check_norm(self.norm, self.num_heads, self.num_tasks)
+    if self.stem not in RESNET18_STEMS:
+      raise ValueError(f'Unknown ResNet18 stem {self.stem!r}; valid: {", ".join(RESNET18_STEMS)}.')
     width = functools.partial(scaled_width, multiplier=self.width_multiplier)
-    stem = Conv(width(64), (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                   kernel_init=_he_fan_out, name='stem')
+    if self.stem == 'cifar3x3':
+      stem = Conv(width(64), (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+                  kernel_init=_he_fan_out, name='stem')
+    else:
+      stem = Conv(width(64), (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=False,
+                  kernel_init=_he_fan_out, name='stem')
     x = stem(x)
     if not self.preact:
       x = _norm_layer(self.norm, name='norm_stem', num_tasks=rows, task=task, train=train)(x)
@@ -583,7 +608,8 @@ class ResNet18(nn.Module):
                        preact=self.preact, name=f'block_{i}')(x, task=task, train=train)
         i += 1
     x = jnp.mean(x, axis=(1, 2))
-    return MultiHead(self.num_heads, self.num_classes, name='head')(x, task)
+    return MultiHead(self.num_heads, self.num_classes, use_bias=self.head_bias,
+                     name='head')(x, task)
 
 
 class ResNetCifar(nn.Module):

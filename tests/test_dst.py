@@ -142,8 +142,9 @@ def test_drop_and_grow_keep_exact_layer_counts_and_unfired_never_reuses():
         assert d.sum() == g.sum()
         assert not (d & ~(a & (o == 0))).any(), "dropped outside the task's own weights"
         assert not (g & (a | (o != 0))).any(), "grew an active or owned position"
-        if mode == "unfired":
-          assert not (g & u).any(), "unfired growth picked a used position"
+        if mode == "unfired":  # used positions only once every unfired candidate is grown
+          unfired_left = (~a) & (o == 0) & ~u & ~g
+          assert not ((g & u).any() and unfired_left.any()), "unfired skipped unfired positions"
         grown += int(g.sum())
     assert grown > 0, mode
 
@@ -171,7 +172,72 @@ def test_growth_schedule_and_config_checks():
     dst.growth_schedule("rigl", (), 2)
   c = _config("cifar100_10,adaptive")
   assert tuple(c.dst.growth_per_task) == ("random",) * 5 + ("gradient",) * 5
-  assert c.model == "resnet18" and c.epochs == 100 and c.dst.init == "uniform"
+  # Sec. 5.3 ran the adaptive strategy with ERK at 90% sparsity.
+  assert c.model == "resnet18" and c.epochs == 100 and c.dst.init == "erk"
+  assert c.dst.sparsity == 0.9
+  assert _config("cifar100_10,uniform,adaptive").dst.init == "uniform"
+  with pytest.raises(ValueError, match="t_end"):
+    c = _config("runlocal")
+    c.dst.t_end = 0.0
+    dst.make(c, None)
+
+
+def test_unfired_growth_fills_the_shortfall_at_random():
+  # 8 positions, all free. Active: 0..3 (the task's own). Used this task: 0..5, so only 6 and 7
+  # were never active. Dropping 4 needs 4 growths: 6 and 7 first, then 2 of the fired 4, 5 (as
+  # coded: all unfired, then the shortfall at random), not a drop count shrunk to 2.
+  spec = {"k": {"kernel": True}}
+  mask = {"k": {"kernel": jnp.array([1, 1, 1, 1, 0, 0, 0, 0], bool)}}
+  used = {"k": {"kernel": jnp.array([1, 1, 1, 1, 1, 1, 0, 0], bool)}}
+  own = {"k": {"kernel": jnp.zeros(8, jnp.int32)}}
+  params = {"k": {"kernel": jnp.array([0.4, -0.3, 0.2, 0.1, 0.0, 0.0, 0.0, 0.0])}}
+  m = {"mask": mask, "own": own, "used": used}
+  picks = set()
+  for seed in range(8):
+    new, res = dst.topology_update(m, params, fraction=1.0, growth="unfired", spec=spec,
+                                   key=jax.random.key(seed))
+    dropped = np.asarray(res.dropped["k"]["kernel"])
+    grown = np.asarray(res.grown["k"]["kernel"])
+    np.testing.assert_array_equal(dropped, [1, 1, 1, 1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(grown, [0, 0, 0, 0, 1, 1, 1, 1])
+    assert int(new["mask"]["k"]["kernel"].sum()) == 4
+  # With enough unfired positions, only unfired ones are grown, at random.
+  for seed in range(8):
+    _, res = dst.topology_update(m, params, fraction=0.5, growth="unfired", spec=spec,
+                                 key=jax.random.key(seed))
+    grown = np.asarray(res.grown["k"]["kernel"])
+    np.testing.assert_array_equal(grown, [0, 0, 0, 0, 0, 0, 1, 1])
+  # One drop: a random one of the two unfired positions.
+  for seed in range(16):
+    _, res = dst.topology_update(m, params, fraction=0.25, growth="unfired", spec=spec,
+                                 key=jax.random.key(seed))
+    grown = np.asarray(res.grown["k"]["kernel"])
+    assert grown.sum() == 1 and grown[6:].sum() == 1
+    picks.add(int(np.argmax(grown)))
+  assert picks == {6, 7}
+
+
+def test_update_end_leaves_training_after_the_last_update():
+  assert dst.update_end(100, 1.0) == 100  # as coded: an update may follow the last batch
+  assert dst.update_end(100, 0.75) == 75
+  assert dst.update_end(4, 0.99) == 3  # t_end < 1 always leaves at least one step after it
+  assert dst.update_end(1, 0.5) == 0
+
+
+def test_paper_presets_use_the_authors_resnet18_and_fwt_names():
+  import types  # pylint: disable=g-import-not-at-top
+  c = _config("cifar100_10")
+  assert c.model_kwargs.stem == "imagenet7x7_nopool" and c.model_kwargs.head_bias is False
+  assert c.dst.t_end == 0.75 and _config("cifar100_10,as_coded").dst.t_end == 1.0
+  stream = types.SimpleNamespace(incremental="task", num_tasks=10, num_outputs=10)
+  model = experiment.build_model(c, stream)
+  shapes = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), task=0,
+                                               train=False), jax.random.key(0))["params"]
+  assert shapes["stem"]["kernel"].shape == (7, 7, 3, 64)
+  assert set(shapes["head"]) == {"kernel"}
+  # DST's upper triangle is task i's subnetwork and head on task j: no 'gem' FWT is reported.
+  assert experiment.upper_triangle("dst") == "subnetwork"
+  assert experiment.upper_triangle("packnet") == "gem"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -220,6 +286,12 @@ def test_earlier_subnetworks_bit_identical_and_no_retrace():
         assert int(mk.sum()) == k
   m = state.method
   assert np.all(np.asarray(m["num_updates"])[:n_tasks] > 0)
+  # T_end: updates only at multiples of update_every up to floor(t_end * steps) < steps.
+  for t in range(n_tasks):
+    steps = -(-int(trainer.task_data(t).n) // c.batch_size) * c.epochs
+    end = dst.update_end(steps, c.dst.t_end)
+    assert end < steps
+    assert int(m["num_updates"][t]) == end // c.dst.update_every
   assert np.all(np.asarray(m["num_regrown"])[:n_tasks] > 0)
   # The topology changes never retraced the train or eval step; each jitted DST function traced
   # once (one update function per growth mode).

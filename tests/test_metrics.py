@@ -42,6 +42,19 @@ def test_fwt_subnetwork_row_means_then_mean():
   assert metrics.fwt_subnetwork(R3, pooled=True) == pytest.approx((0.99 + 0.30 + 0.40) / 3)
 
 
+def test_forward_transfer_names_what_the_upper_triangle_supports():
+  gem = metrics.forward_transfer(R3, B3)
+  assert gem == pytest.approx({"gem": 0.32, "subnetwork": 0.5225})
+  sub = metrics.forward_transfer(R3, B3, upper_triangle="subnetwork")
+  # Same arithmetic as GEM's eq. 4, but on task j-1's subnetwork and head: not called 'gem'.
+  assert sub == pytest.approx({"subnetwork": 0.5225, "previous_subnetwork_minus_init": 0.32})
+  assert "FWT (prev. subnet - init)" in metrics.summary_table(R3, b=B3,
+                                                              upper_triangle="subnetwork")
+  assert "FWT (GEM)" not in metrics.summary_table(R3, b=B3, upper_triangle="subnetwork")
+  with pytest.raises(ValueError, match="upper_triangle"):
+    metrics.forward_transfer(R3, B3, upper_triangle="rows")
+
+
 def test_average_accuracy_curve():
   np.testing.assert_allclose(metrics.average_accuracy_curve(R3),
                              [0.90, (0.92 + 0.95) / 2, (0.70 + 0.85 + 0.90) / 3])

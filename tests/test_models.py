@@ -433,3 +433,39 @@ def test_create_and_init_api():
   np.testing.assert_array_equal(variables['batch_stats']['norm_0']['mean'], 0.0)
   assert variables['params']['head']['kernel'].shape == (2, 256, 3)
   assert models.scaled_width(64, 1.5) == 96 and models.scaled_width(3, 0.1) == 1
+
+
+def test_resnet18_stems_and_bias_free_head():
+  """DST for CL's ResNet-18 (as coded): 7x7 stride-2 pad-3 stem, no max-pool, bias-free classifier."""
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  dst = models.create('resnet18', num_heads=3, num_classes=10, width_multiplier=0.25,
+                      norm='batch_stats_only', stem='imagenet7x7_nopool', head_bias=False)
+  variables = models.init(dst, _KEY, (1, 32, 32, 3))
+  params = variables['params']
+  assert params['stem']['kernel'].shape == (7, 7, 3, 16) and 'bias' not in params['stem']
+  assert set(params['head']) == {'kernel'}
+  logits, state = dst.apply(variables, x, task=jnp.int32(2), train=False,
+                            mutable=['intermediates'])
+  assert logits.shape == (2, 10)
+  acts = models.hidden_activations(state)
+  # The stem alone halves 32x32 (no max-pool after it): exactly relu(norm(conv_7x7/2(x))).
+  conv = jax.lax.conv_general_dilated(x, params['stem']['kernel'], (2, 2), ((3, 3), (3, 3)),
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  mean = conv.mean(axis=(0, 1, 2), keepdims=True)
+  var = jnp.square(conv - mean).mean(axis=(0, 1, 2), keepdims=True)
+  expected = jax.nn.relu((conv - mean) * jax.lax.rsqrt(var + 1e-5))
+  assert acts['stem'].shape == (2, 16, 16, 16)
+  np.testing.assert_allclose(acts['stem'], expected, rtol=1e-4, atol=1e-4)
+  assert acts['block_7/conv_1'].shape == (2, 2, 2, 128)
+  # A bias-free head is the features times the task's kernel row.
+  feats = acts['block_7/conv_1'].mean(axis=(1, 2))
+  np.testing.assert_allclose(logits, feats @ params['head']['kernel'][2], rtol=1e-4, atol=1e-5)
+  # The default stays the CIFAR stem (3x3, stride 1), with a head bias; LLT's PreAct-ResNet18 too.
+  for name in ('resnet18', 'preact_resnet18'):
+    m = models.create(name, num_heads=1, num_classes=10, width_multiplier=0.25)
+    p = _abstract_params(m, (1, 32, 32, 3))
+    assert m.stem == 'cifar3x3' and p['stem']['kernel'].shape == (3, 3, 3, 16)
+    assert set(p['head']) == {'kernel', 'bias'}
+  with pytest.raises(ValueError, match='Unknown ResNet18 stem'):
+    models.init(models.create('resnet18', num_heads=1, num_classes=2, stem='7x7'), _KEY,
+                (1, 32, 32, 3))

@@ -14,12 +14,16 @@ a fixed per-task sparsity ``s``:
    :func:`topology_update` (jitted, separate from the train step, so the step never retraces):
    drop by smallest magnitude ``floor(f * n)`` of the ``n`` trainable active weights of each layer,
    ``f`` cosine-annealed from ``drop_fraction`` (0.5) to ``drop_fraction_final`` (0.005) over the
-   task's steps, stepped per batch (as coded); grow as many per layer among positions that are
-   neither active nor owned by earlier tasks, by ``random`` (SET), ``unfired`` (random among
-   positions never active during this task, as coded), ``gradient`` (largest ``|dL/dw|`` on a
-   fresh batch at the masked weights, RigL) or ``momentum`` (largest ``|m|`` of the optimiser's
-   first moment, SNFS). Grown weights start at zero (as coded; ``regrow='init'``: fresh values).
-   The per-layer count is exact after every update.
+   first ``t_end`` of the task's steps (the paper's ``f_decay(t, alpha, T_end)``), stepped per
+   batch; no update after ``T_end = t_end * steps`` (as coded there is no stop: ``t_end=1.0``,
+   and an update at the task's last step would freeze never-trained zero weights into it); grow
+   as many per layer among positions that are neither active nor owned by earlier tasks, by
+   ``random`` (SET), ``unfired`` (random among positions never active during this task; when a
+   layer has fewer of them than it drops, all of them plus the shortfall drawn at random among
+   the other growable positions, as coded), ``gradient`` (largest ``|dL/dw|`` on a fresh batch
+   at the masked weights, RigL) or ``momentum`` (largest ``|m|`` of the optimiser's first moment,
+   SNFS). Grown weights start at zero (as coded; ``regrow='init'``: fresh values). The per-layer
+   count is exact after every update.
 3. ``finish``: the task's trainable active weights become owned by the task (frozen for good);
    its mask is stored as bit ``t`` of a per-weight ``uint32`` word (``bits``), the fixed-shape
    equivalent of a ``[T, ...]`` stack of bool masks at 1/8 of the memory.
@@ -31,10 +35,12 @@ without a norm) are trained by the first task only, then frozen (as in PackNet).
 
 Forward transfer as in the paper (eq. 4): ``R[i, j]`` for ``j > i`` is task ``i``'s subnetwork,
 head and BN (affine and running statistics) applied to task ``j``'s data, its labels read as
-positions within task ``i``'s head (as coded). ``forward_params`` places row ``i`` of every
-per-task leaf at row ``j`` for that view; ``finish`` copies task ``i``'s running statistics into the
-not-yet-trained rows, and ``begin`` resets the new task's row to the initial statistics, so this
-bookkeeping never affects training.
+positions within task ``i``'s head (as coded). So the upper triangle is not GEM's
+(:data:`UPPER_TRIANGLE`): ``results.json`` reports ``fwt.subnetwork`` (eq. 4) and
+``fwt.previous_subnetwork_minus_init`` instead of a ``fwt.gem``. ``forward_params`` places row
+``i`` of every per-task leaf at row ``j`` for that view; ``finish`` copies task ``i``'s running
+statistics into the not-yet-trained rows, and ``begin`` resets the new task's row to the initial
+statistics, so this bookkeeping never affects training.
 
 The train step uses a masking op with a dense (straight-through) gradient: the optimiser sees
 ``dL/dw`` at every position, as PyTorch does for the as-coded weights that are physically zero
@@ -86,6 +92,8 @@ from sparse_cl_jax.methods import base
 
 DEFAULT_NORM = "task_batch"
 FORGETS_NOTHING = True
+# What R[i, j] (j > i) holds: task i's subnetwork and head on task j (metrics.forward_transfer).
+UPPER_TRIANGLE = "subnetwork"
 
 INITS = ("uniform", "erk")
 GROWTH_MODES = ("random", "unfired", "gradient", "momentum")
@@ -217,17 +225,22 @@ def topology_update(mstate, params, *, fraction, growth: str, spec, key=None, gr
 
   Returns:
     ``(new_mstate, growth.DropGrowResult)``: ``mask`` updated, ``used`` accumulated. Per layer the
-    number of active positions is unchanged; growth never picks an owned position, an active one,
-    or (``'unfired'``) one that was active earlier in this task.
+    number of active positions is unchanged; growth never picks an owned position or an active
+    one. ``'unfired'`` picks positions never active earlier in this task first (at random); only
+    when a layer has fewer of them than it drops is the shortfall drawn at random among the other
+    free inactive positions (as coded: ``random_unfired_growth`` of CL-with-DST's ``core.py``).
   """
   mask, own, used = mstate["mask"], mstate["own"], mstate["used"]
   free = masks.free(own)
   drop_cand = mask if drop_frozen else masks.logical_and(mask, free)
   grow_cand = free
-  if growth == "unfired":
-    grow_cand = masks.logical_and(free, masks.logical_not(used))
-  if growth in ("random", "unfired"):
+  if growth == "random":
     scores = criteria.random(params, key=key)
+  elif growth == "unfired":
+    # Random scores in [0, 1), lifted by 1 where never used: exact top-k takes every unfired
+    # position before any fired one, each group in random order.
+    scores = jax.tree.map(lambda r, u: r + jnp.where(u, 0.0, 1.0).astype(r.dtype),
+                          criteria.random(params, key=key), used)
   elif growth == "gradient":
     scores = criteria.gradient(params, grads=grads)
   elif growth == "momentum":
@@ -240,6 +253,18 @@ def topology_update(mstate, params, *, fraction, growth: str, spec, key=None, gr
   new["mask"] = res.masks
   new["used"] = growth_lib.mark_used(used, res.masks)
   return new, res
+
+
+def update_end(total_steps: int, t_end: float) -> int:
+  """``T_end``: the last step (of ``total_steps``) after which a topology update may run.
+
+  ``floor(t_end * total_steps)``; with ``t_end < 1`` at least one training step follows the last
+  update, so grown weights (zero as coded) are trained before the task's mask is frozen.
+  """
+  end = math.floor(float(t_end) * int(total_steps) + 1e-9)
+  if t_end < 1.0:
+    end = min(end, int(total_steps) - 1)
+  return max(end, 0)
 
 
 def view_masks(mstate, task, current) -> Any:
@@ -269,6 +294,9 @@ def _check_config(dc, config) -> None:
   if not 0.0 <= float(dc.drop_fraction_final) <= float(dc.drop_fraction) <= 1.0:
     raise ValueError("need 0 <= config.dst.drop_fraction_final <= config.dst.drop_fraction <= 1, "
                      f"got {dc.drop_fraction_final} and {dc.drop_fraction}")
+  if not 0.0 < float(dc.get("t_end", 1.0)) <= 1.0:
+    raise ValueError(f"config.dst.t_end={dc.t_end!r} must be a fraction of the task's steps in "
+                     "(0, 1] (1.0 = update until the end, as coded)")
 
 
 def make(config, ctx: base.Context) -> base.Method:
@@ -277,7 +305,9 @@ def make(config, ctx: base.Context) -> base.Method:
   Fields of ``config.dst`` (see ``configs/dst_cl.py``): ``init`` ('uniform' | 'erk'), ``growth``
   (one of :data:`GROWTH_MODES`, every task), ``growth_per_task`` (optional list overriding it),
   ``sparsity`` (per task), ``update_every`` (dT in steps; 0 = static sparse training),
-  ``drop_fraction`` / ``drop_fraction_final`` (cosine schedule ends), ``new_weights`` and
+  ``drop_fraction`` / ``drop_fraction_final`` (cosine schedule ends), ``t_end`` (fraction of the
+  task's steps after which the topology is fixed; the cosine reaches its end there), ``new_weights``
+  and
   ``regrow`` ('zero' as coded | 'init'), ``reset_moments`` (zero the optimiser moments of changed
   positions; as coded False), ``mask_overlap`` (a task's mask may include earlier tasks' frozen
   weights; as coded True), ``drop_frozen`` (as coded False here, see the module docstring).
@@ -448,13 +478,15 @@ def make(config, ctx: base.Context) -> base.Method:
     every = int(dc.update_every)
     hook = None
     if every > 0:
-      sched = schedules.cosine_drop_fraction(float(dc.drop_fraction),
-                                             total_steps=max(1, nb * int(config.epochs)),
+      end = update_end(nb * int(config.epochs), float(dc.get("t_end", 1.0)))
+      sched = schedules.cosine_drop_fraction(float(dc.drop_fraction), total_steps=max(1, end),
                                              final=float(dc.drop_fraction_final))
       update = get_update(modes[t], trainer.tx)
       train_key = jax.random.fold_in(trainer.op_key(0), _HOOK_SALT)  # the train op's own key
 
       def hook(st, steps_done):
+        if steps_done > end:  # T_end: the topology is fixed for the rest of the task
+          return st
         return update(st, data, tt, sched(steps_done), jax.random.fold_in(train_key, steps_done))
 
     state = trainer.train(state, t, epochs=config.epochs, phase=f"dst-{modes[t]}", hook=hook,
