@@ -152,6 +152,36 @@ def test_partition_tiny_mlp_by_hand(num_heads):
     np.testing.assert_array_equal(tr["head"]["bias"], [[F, F], [T, T]])
 
 
+def test_begin_keeps_the_new_head_row_and_cuts_hidden_interference_only():
+  """Sec. 2.1: free weights re-initialised, interference into owned units zeroed; the new task's
+  head row starts from its initial values (the paper zeroes nothing there before pruning)."""
+  model, params = _tiny_mlp(2)
+  params["head"] = {"kernel": np.full((2, 2, 2), 0.5, np.float32),
+                    "bias": np.zeros((2, 2), np.float32)}
+  lay = _layout(model, params, (1, 1, 2, 1))
+  fresh = jax.tree.map(lambda a: np.full_like(a, 7.0), params)
+  begin = jax.jit(lambda o, p, f, t: clnp.begin_params(lay, o, p, f, t))
+  # Task 0, every unit free: hidden weights and biases re-drawn, the head untouched (not zero).
+  free_owner = {"dense_0": jnp.zeros(3, jnp.int32), "dense_1": jnp.zeros(2, jnp.int32)}
+  out = jax.device_get(begin(free_owner, params, fresh, 0))
+  np.testing.assert_array_equal(out["head"]["kernel"], params["head"]["kernel"])
+  np.testing.assert_array_equal(out["dense_0"]["kernel"], np.full((2, 3), 7.0))
+  # Task 1 after task 0 owns units 0 and 2 (layer 0) and 0 (layer 1).
+  owner = {"dense_0": jnp.array([1, 0, 1], jnp.int32), "dense_1": jnp.array([1, 0], jnp.int32)}
+  out = jax.device_get(begin(owner, params, fresh, 1))
+  np.testing.assert_array_equal(out["head"]["kernel"], params["head"]["kernel"])  # both rows
+  k1 = params["dense_1"]["kernel"]
+  # Column 0 (task 0's unit): kept, except from the free unit 1 (interference -> 0.0); column 1
+  # (free unit): re-initialised.
+  np.testing.assert_array_equal(out["dense_1"]["kernel"], [[k1[0, 0], 7.0], [0.0, 7.0],
+                                                           [k1[2, 0], 7.0]])
+  np.testing.assert_array_equal(out["dense_0"]["bias"], [0.0, 7.0, 1.0])
+  # Pruning task 1 later cuts its head row from the units left inactive (commit's interference).
+  inter = jax.device_get(jax.jit(lambda o, p: clnp.interference_masks(lay, o, p, 1))(owner,
+                                                                                     params))
+  np.testing.assert_array_equal(inter["head"]["kernel"][1], [[False, False], [True, True]])
+
+
 # --------------------------------------------------------------------------------------------------
 # Tiny convnet (small_convnet at width 1/16: conv 2, conv 4, dense 16), checked against NumPy.
 

@@ -15,7 +15,9 @@ are expanded from these vectors inside the jitted steps (Sec. 2.1, Fig. 1 of the
 
 Per task ``t`` (Alg. 1 with graceful forgetting, Sec. 2.2):
 
-1. ``begin``: re-initialise the free weights, zero the interference weights.
+1. ``begin``: re-initialise the free weights, zero the interference weights into owned hidden
+   units (the new task's head row keeps its initial values: it is cut from inactive final units
+   only at step 5).
 2. For every grid point (L1 scale x learning rate, ``clnp.grid_l1_scale`` x ``clnp.grid_lr``)
    train a candidate from the same start with a per-layer L1 penalty on the trainable weights
    (``clnp.l1``: one coefficient per weight layer, the hidden layers then the output layer).
@@ -286,11 +288,13 @@ def trainable_masks(layout: Layout, owner, params, task, phase):
   return _map(layout, params, fn)
 
 
-def interference_masks(layout: Layout, owner, params, task):
+def interference_masks(layout: Layout, owner, params, task, *, head: bool = True):
   """Weights that must be exactly 0.0 once ``task`` is pruned (bool tree).
 
-  Into an owned unit from a unit that is not active at its task; in a multi-head net also head
-  row ``task`` from the final units inactive at ``task``.
+  Into an owned unit from a unit that is not active at its task; in a multi-head net also (with
+  ``head``) head row ``task`` from the final units inactive at ``task``. Before a task trains,
+  ``head=False``: its head row is trained from every final unit, free ones included, and starts
+  from its initial values (cut only when the task is pruned).
   """
   t1 = jnp.asarray(task, jnp.int32) + 1
 
@@ -299,7 +303,7 @@ def interference_masks(layout: Layout, owner, params, task):
     if role[0] == "kernel":
       w, out = _kernel_owner(owner, layout, role[1], shape)
       return (out >= 1) & (w == 0)
-    if role[0] == "head_kernel" and layout.multi_head:
+    if role[0] == "head_kernel" and layout.multi_head and head:
       inn = _in_vec(owner, layout, len(layout.names), shape)
       return _row(shape, task) & ~((inn >= 1) & (inn <= t1))
     return jnp.zeros(shape, jnp.bool_)
@@ -323,6 +327,20 @@ def free_masks(layout: Layout, owner, params):
     return jnp.zeros(shape, jnp.bool_)
 
   return _map(layout, params, fn)
+
+
+def begin_params(layout: Layout, owner, params, fresh, task):
+  """The params task ``task`` starts from (Sec. 2.1): free weights re-initialised from ``fresh``,
+  interference weights into owned hidden units set to 0.0, everything else kept.
+
+  The new task's head row (multi-head) keeps its initial values from every final unit, free ones
+  included: it is trained from all of them and cut from the units left inactive only when the
+  task is pruned (``interference_masks`` in ``commit``), never zeroed up front.
+  """
+  free = free_masks(layout, owner, params)
+  zero = interference_masks(layout, owner, params, task, head=False)
+  return jax.tree.map(lambda p, f, fr, z: jnp.where(z, jnp.zeros_like(p), jnp.where(fr, f, p)),
+                      params, fresh, free, zero)
 
 
 def activate(owner: dict, means: dict, thetas, task) -> dict:
@@ -563,10 +581,7 @@ def make(config, ctx: base.Context) -> base.Method:
     m = dict(state.method)
     fresh = model.init(jax.random.fold_in(key, t), jnp.zeros(input_shape, jnp.float32), task=0,
                        train=False)["params"]
-    free = free_masks(layout, m["owner"], state.params)
-    zero = interference_masks(layout, m["owner"], state.params, t)
-    params = jax.tree.map(lambda p, f, fr, z: jnp.where(z, jnp.zeros_like(p), jnp.where(fr, f, p)),
-                          state.params, fresh, free, zero)
+    params = begin_params(layout, m["owner"], state.params, fresh, t)
     m["phase"] = jnp.asarray(TRAIN, jnp.int32)
     return state._replace(params=params, method=m)
 
