@@ -54,8 +54,13 @@ def _kth_largest(keys: list[jax.Array], k) -> jax.Array:
   return jax.lax.fori_loop(0, 32, body, jnp.uint32(0))
 
 
+@jax.jit
 def _select(keys: list[jax.Array], k) -> list[jax.Array]:
-  """Exactly ``min(k, #nonzero keys)`` positions over ``keys`` (a list of flat uint32 arrays)."""
+  """Exactly ``min(k, #nonzero keys)`` positions over ``keys`` (a list of flat uint32 arrays).
+
+  Jitted (``k`` is an argument, so a new k never recompiles): called eagerly, e.g. from a user's
+  script, it runs as one compiled computation instead of op-by-op dispatch of its loop and cond.
+  """
   n_cand = sum(jnp.sum(key > 0, dtype=jnp.int32) for key in keys)
   k = jnp.minimum(jnp.asarray(k, jnp.int32), n_cand)
   t = _kth_largest(keys, jnp.maximum(k, 1))

@@ -1,5 +1,7 @@
 """Drop-and-grow: exact counts, hand-computed picks, unfired growth, moment resets."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -109,3 +111,125 @@ def test_apply_topology_zeroes_dropped_and_sets_grown():
   np.testing.assert_array_equal(out["w"], [0.0, -2.0, 5.0, 0.0])
   out = growth.apply_topology(p, res, mode="init", init_params={"w": jnp.full(4, 3.0)})
   np.testing.assert_array_equal(out["w"], [0.0, -2.0, 5.0, 3.0])
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.1, float("nan"), "x", None])
+def test_fraction_outside_unit_interval_refused(bad):
+  m = {"w": jnp.array([1, 1, 0, 0], bool)}
+  s = {"w": jnp.array([1.0, 2.0, 3.0, 4.0])}
+  with pytest.raises(ValueError, match=r"fraction must be .*\[0, 1\]"):
+    growth.drop_and_grow(m, s, s, bad)
+
+
+def test_traced_fraction_is_clipped_as_documented():
+  m = {"w": jnp.array([1, 1, 0, 0], bool)}
+  s = {"w": jnp.array([1.0, 2.0, 3.0, 4.0])}
+  f = jax.jit(lambda frac: growth.drop_and_grow(m, s, s, frac).masks["w"])
+  np.testing.assert_array_equal(f(jnp.float32(1.5)), f(jnp.float32(1.0)))
+  np.testing.assert_array_equal(f(jnp.float32(1.0)), [0, 0, 1, 1])
+  np.testing.assert_array_equal(f(jnp.float32(np.nan)), m["w"])
+  np.testing.assert_array_equal(f(jnp.float32(-2.0)), m["w"])
+
+
+def _blocked_gradient_case():
+  # Growth scored with a gradient taken through masks.apply: 0 at every inactive position.
+  k1, k2 = jax.random.split(jax.random.key(0))
+  params = {"w": jax.random.normal(k1, (8, 6))}
+  x = jax.random.normal(k2, (16, 8))
+  mask = {"w": jnp.asarray(np.random.default_rng(0).random((8, 6)) < 0.3)}
+  loss = lambda p: jnp.mean(jnp.tanh(x @ p["w"]) ** 2)  # noqa: E731
+  blocked = jax.grad(lambda p: loss(masks.apply(p, mask)))(params)
+  return params, mask, loss, blocked
+
+
+def test_tied_growth_warns_raises_or_is_ignored():
+  params, mask, loss, blocked = _blocked_gradient_case()
+  assert float(jnp.abs(blocked["w"])[~mask["w"]].max()) == 0.0
+  args = (mask, criteria.magnitude(params), criteria.gradient(params, grads=blocked), 0.5)
+  with pytest.warns(growth.TiedGrowthWarning, match=r"'w'.*loss_fn=loss"):
+    res = growth.drop_and_grow(*args)
+  assert bool(res.tied_growth["w"])
+  # The tie rule picked the first inactive flat indices: what the warning is about.
+  n = int(res.grown["w"].sum())
+  first = np.flatnonzero(~np.asarray(mask["w"]).reshape(-1))[:n]
+  np.testing.assert_array_equal(np.flatnonzero(np.asarray(res.grown["w"]).reshape(-1)), first)
+  with pytest.raises(ValueError, match="same grow score"):
+    growth.drop_and_grow(*args, on_tied_growth="raise")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    growth.drop_and_grow(*args, on_tied_growth="ignore")
+    # The dense gradient (the criterion differentiates at the masked weights) does not tie and
+    # grows the top-|grad| candidates.
+    dense = criteria.gradient(params, masks=mask, loss_fn=loss)
+    res = growth.drop_and_grow(mask, criteria.magnitude(params), dense, 0.5)
+  assert not bool(res.tied_growth["w"])
+  g, grown, cand = np.asarray(dense["w"]), np.asarray(res.grown["w"]), ~np.asarray(mask["w"])
+  assert grown.sum() > 0 and g[grown].min() > g[cand & ~grown].max()
+  with pytest.raises(ValueError, match="on_tied_growth must be one of"):
+    growth.drop_and_grow(*args, on_tied_growth="error")
+
+
+def test_tied_growth_is_reported_inside_jit():
+  params, mask, _, blocked = _blocked_gradient_case()
+  scores = criteria.gradient(params, grads=blocked)
+
+  def run(mode):
+    f = jax.jit(lambda m, s: growth.drop_and_grow(m, criteria.magnitude(params), s, 0.5,
+                                                  on_tied_growth=mode).tied_growth["w"])
+    out = f(mask, scores).block_until_ready()
+    jax.effects_barrier()
+    return out
+
+  with pytest.warns(growth.TiedGrowthWarning, match="same grow score"):
+    assert bool(run("warn"))
+  with pytest.raises(Exception, match="same grow score"):
+    run("raise")
+
+
+def _reset_case():
+  p = {"conv": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)}, "head": {"kernel": jnp.ones((3, 2))}}
+  changed = jax.tree.map(lambda x: jnp.zeros(x.shape, bool).at[(0,) * x.ndim].set(True), p)
+  return p, changed
+
+
+def _label_fn(params):
+  return {k: {n: ("decay" if n == "kernel" else "plain") for n in v} for k, v in params.items()}
+
+
+WRAPPED = {
+    "masked": lambda: optax.masked(optax.adam(1e-2), {"conv": {"kernel": True, "bias": False},
+                                                      "head": {"kernel": True}}),
+    "masked_prefix": lambda: optax.masked(optax.sgd(0.1, momentum=0.9), {"conv": True,
+                                                                          "head": False}),
+    "multi_transform": lambda: optax.multi_transform(
+        {"decay": optax.adamw(1e-2, weight_decay=0.1), "plain": optax.sgd(0.1, momentum=0.9)},
+        {"conv": {"kernel": "decay", "bias": "plain"}, "head": {"kernel": "decay"}}),
+    "multi_transform_label_fn": lambda: optax.multi_transform(
+        {"decay": optax.adamw(1e-2, weight_decay=0.1), "plain": optax.sgd(0.1, momentum=0.9)},
+        _label_fn),
+    "inject_hyperparams": lambda: optax.inject_hyperparams(optax.adamw)(learning_rate=1e-2),
+    "multi_steps": lambda: optax.MultiSteps(optax.adam(1e-2), every_k_schedule=2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WRAPPED))
+def test_reset_moments_wrapped_optax_states(name):
+  # optax.masked / multi_transform states hold MaskedNode where a group keeps no state; they used
+  # to fail with "pytree structure error ... MaskedNode".
+  tx = WRAPPED[name]()
+  p, changed = _reset_case()
+  state = tx.init(p)
+  _, state = tx.update(jax.tree.map(jnp.ones_like, p), state, p)
+  new = jax.jit(lambda s, c: growth.reset_moments(tx, s, c))(state, changed)
+  assert jax.tree.structure(new) == jax.tree.structure(state)
+  n_moments = 0
+  for old_leaf, new_leaf in zip(jax.tree.leaves(state), jax.tree.leaves(new)):
+    old_leaf, new_leaf = np.asarray(old_leaf), np.asarray(new_leaf)
+    if old_leaf.shape in ((2, 3), (3,), (3, 2)) and np.issubdtype(old_leaf.dtype, np.floating):
+      n_moments += 1  # a params-shaped moment (or accumulated gradient): reset at changed only
+      flat_old, flat_new = old_leaf.reshape(-1), new_leaf.reshape(-1)
+      assert flat_new[0] == 0.0
+      np.testing.assert_array_equal(flat_new[1:], flat_old[1:])
+    else:
+      np.testing.assert_array_equal(new_leaf, old_leaf)  # counts, hyperparameters
+  assert n_moments > 0
