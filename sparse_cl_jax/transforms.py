@@ -20,6 +20,16 @@ leaves them bit-identical under Adam/AdamW/SGD with momentum or Nesterov and wei
 ``keep_sparse`` outputs ``-w`` on masked positions, so after ``apply_updates`` they are exactly +0.0
 even if they were not zero before (e.g. right after a mask change). For static, leaf-level choices
 (never touch BN scales) use ``optax.masked`` with :func:`sparse_cl_jax.masks.maskable`.
+
+Inside optax wrappers: the transforms work in ``optax.chain``, ``optax.inject_hyperparams``,
+``optax.MultiSteps`` and inside ``optax.masked`` / ``optax.multi_transform`` groups, with either
+value of ``mask_compatible_extra_args`` (pass the full params-shaped mask; positions the wrapper
+leaves out, ``optax.MaskedNode``, are passed through). Simplest with ``multi_transform``: keep the
+per-group optimisers inside it and put ``keep_sparse`` / ``freeze`` after it, in an outer chain::
+
+  tx = optax.chain(optax.multi_transform({"decay": optax.adamw(1e-3, weight_decay=1e-4),
+                                          "plain": optax.adam(1e-3)}, labels),
+                   transforms.keep_sparse(), transforms.freeze())
 """
 
 from __future__ import annotations
@@ -33,14 +43,80 @@ from sparse_cl_jax import masks as masks_lib
 from sparse_cl_jax import types
 
 
-def _mask_from(extra_args: dict, mask_arg: str, who: str, updates) -> types.Masks:
+def _is_masked_node(x) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
+def _describe_mismatch(updates, mask) -> str:
+  """Names the leaves of ``mask`` that are missing or unexpected against ``updates``."""
+  flat_u = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_masked_node)[0]
+  left_out = [masks_lib.path_str(p) for p, x in flat_u if _is_masked_node(x)]
+  u_paths = {masks_lib.path_str(p) for p, _ in flat_u}
+  m_paths = {masks_lib.path_str(p)
+             for p, _ in jax.tree_util.tree_flatten_with_path(mask, is_leaf=_is_masked_node)[0]}
+  under = lambda q, roots: any(q == r or q.startswith(r + "/") for r in roots)  # noqa: E731
+  missing = sorted(q for q in u_paths - m_paths if not under(q, left_out)
+                   and not any(m.startswith(q + "/") for m in m_paths))
+  extra = sorted(q for q in m_paths - u_paths if not under(q, left_out))
+  parts = []
+  if missing:
+    parts.append(f"missing leaves {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
+  if extra:
+    parts.append(f"unexpected leaves {extra[:5]}" + (" ..." if len(extra) > 5 else ""))
+  if not parts:
+    parts.append("same paths but a different container structure (e.g. None leaves or tuple vs "
+                 "list)")
+  return "; ".join(parts)
+
+
+def _mask_from(extra_args: dict, mask_arg: str, who: str, updates) -> list:
+  """The mask leaves aligned with the updates' leaves (``MaskedNode`` positions get ``None``).
+
+  Inside ``optax.masked`` / ``optax.multi_transform`` the updates (and params) carry
+  ``optax.MaskedNode`` at the positions the wrapper leaves out, while the mask arrives either as
+  the full params-shaped tree (``mask_compatible_extra_args=False``, the default) or masked the
+  same way (``True``); both are accepted.
+  """
   if mask_arg not in extra_args:
     raise ValueError(
         f"{who} expects its mask as a keyword argument: tx.update(grads, state, params, "
         f"{mask_arg}=mask_tree); got keyword arguments {sorted(extra_args)}")
   mask = extra_args[mask_arg]
-  masks_lib.check_like(updates, mask, what=f"{who} mask {mask_arg!r}")
-  return mask
+  u_leaves, u_def = jax.tree.flatten(updates, is_leaf=_is_masked_node)
+  try:
+    parts = u_def.flatten_up_to(mask)
+  except (ValueError, TypeError):
+    raise ValueError(f"{who} mask {mask_arg!r} does not match the params tree: "
+                     f"{_describe_mismatch(updates, mask)}") from None
+  names = masks_lib.paths(jax.tree.unflatten(u_def, [0] * len(u_leaves)))
+  out, bad = [], []
+  for name, u, m in zip(names, u_leaves, parts):
+    if _is_masked_node(u):
+      out.append(None)
+      continue
+    if not hasattr(m, "shape") or tuple(jnp.shape(m)) != tuple(jnp.shape(u)):
+      shape = tuple(jnp.shape(m)) if hasattr(m, "shape") else type(m).__name__
+      bad.append(f"{name}: {shape} vs params {tuple(jnp.shape(u))}")
+    out.append(m)
+  if bad:
+    raise ValueError(f"{who} mask {mask_arg!r} does not match the params shapes: "
+                     + "; ".join(bad[:5]))
+  return out
+
+
+def _map(fn, who: str, mask_arg: str, updates, params, extra_args, *, needs_params=False):
+  """``fn(update, mask[, param])`` over the updates' leaves, passing ``MaskedNode`` through."""
+  masks = _mask_from(extra_args, mask_arg, who, updates)
+  u_leaves, u_def = jax.tree.flatten(updates, is_leaf=_is_masked_node)
+  if needs_params:
+    if params is None:
+      raise ValueError(f"{who} needs params: call tx.update(grads, state, params, ...)")
+    p_leaves = u_def.flatten_up_to(params)
+  else:
+    p_leaves = [None] * len(u_leaves)
+  out = [u if m is None else (fn(u, m, p) if needs_params else fn(u, m))
+         for u, m, p in zip(u_leaves, masks, p_leaves)]
+  return jax.tree.unflatten(u_def, out)
 
 
 def keep_sparse(*, mask_arg: str = "sparse_mask") -> optax.GradientTransformationExtraArgs:
@@ -63,10 +139,8 @@ def keep_sparse(*, mask_arg: str = "sparse_mask") -> optax.GradientTransformatio
     return optax.EmptyState()
 
   def update_fn(updates, state, params=None, **extra_args):
-    mask = _mask_from(extra_args, mask_arg, "keep_sparse", updates)
-    if params is None:
-      raise ValueError("keep_sparse needs params: call tx.update(grads, state, params, ...)")
-    new = jax.tree.map(lambda u, p, m: jnp.where(m, u, -p.astype(u.dtype)), updates, params, mask)
+    new = _map(lambda u, m, p: jnp.where(m, u, -p.astype(u.dtype)), "keep_sparse", mask_arg,
+               updates, params, extra_args, needs_params=True)
     return new, state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -91,9 +165,8 @@ def freeze(*, mask_arg: str = "frozen") -> optax.GradientTransformationExtraArgs
     return optax.EmptyState()
 
   def update_fn(updates, state, params=None, **extra_args):
-    del params
-    mask = _mask_from(extra_args, mask_arg, "freeze", updates)
-    new = jax.tree.map(lambda u, m: jnp.where(m, jnp.zeros_like(u), u), updates, mask)
+    new = _map(lambda u, m: jnp.where(m, jnp.zeros_like(u), u), "freeze", mask_arg, updates,
+               params, extra_args)
     return new, state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -111,9 +184,8 @@ def mask_updates(*, mask_arg: str = "trainable") -> optax.GradientTransformation
     return optax.EmptyState()
 
   def update_fn(updates, state, params=None, **extra_args):
-    del params
-    mask = _mask_from(extra_args, mask_arg, "mask_updates", updates)
-    new = jax.tree.map(lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), updates, mask)
+    new = _map(lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), "mask_updates", mask_arg,
+               updates, params, extra_args)
     return new, state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -127,9 +199,8 @@ def scale_by_mask(*, mask_arg: str = "decay_mask") -> optax.GradientTransformati
     return optax.EmptyState()
 
   def update_fn(updates, state, params=None, **extra_args):
-    del params
-    mask = _mask_from(extra_args, mask_arg, "scale_by_mask", updates)
-    new = jax.tree.map(lambda u, m: u * m.astype(u.dtype), updates, mask)
+    new = _map(lambda u, m: u * m.astype(u.dtype), "scale_by_mask", mask_arg, updates, params,
+               extra_args)
     return new, state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -148,12 +219,9 @@ def add_masked_decayed_weights(weight_decay: float, *,
     return optax.EmptyState()
 
   def update_fn(updates, state, params=None, **extra_args):
-    if params is None:
-      raise ValueError("add_masked_decayed_weights needs params")
-    mask = _mask_from(extra_args, mask_arg, "add_masked_decayed_weights", updates)
-    new = jax.tree.map(
-        lambda u, p, m: jnp.where(m, u + weight_decay * p.astype(u.dtype), u),
-        updates, params, mask)
+    new = _map(lambda u, m, p: jnp.where(m, u + weight_decay * p.astype(u.dtype), u),
+               "add_masked_decayed_weights", mask_arg, updates, params, extra_args,
+               needs_params=True)
     return new, state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

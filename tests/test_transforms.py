@@ -146,3 +146,64 @@ def test_optax_masked_with_maskable_spec_for_static_leaf_choices():
   np.testing.assert_array_equal(u["dense_0"]["kernel"], jnp.full((2, 2), 0.5))
   for leaf in (u["dense_0"]["bias"], u["norm_0"]["scale"], u["head"]["kernel"]):
     np.testing.assert_array_equal(leaf, jnp.zeros_like(leaf))
+
+
+def _wrapped_case():
+  p = {"conv": {"kernel": jnp.arange(6.0).reshape(2, 3) - 2.0, "bias": jnp.ones(3)},
+       "head": {"kernel": jnp.ones((3, 2))}}
+  sparse = masks.ones(p)
+  sparse["conv"]["kernel"] = jnp.array([[True, False, True], [False, True, True]])
+  frozen = masks.zeros(p)
+  frozen["head"]["kernel"] = jnp.array([[True, False]] * 3)
+  return p, sparse, frozen
+
+
+def _inner():
+  return optax.chain(optax.sgd(0.5), transforms.keep_sparse(), transforms.freeze())
+
+
+WRAPPERS = {
+    "multi_transform": lambda compat: optax.multi_transform(
+        {"sparse": _inner(), "plain": optax.sgd(0.1)},
+        {"conv": {"kernel": "sparse", "bias": "plain"}, "head": {"kernel": "sparse"}},
+        mask_compatible_extra_args=compat),
+    "masked": lambda compat: optax.chain(
+        optax.masked(_inner(), {"conv": {"kernel": True, "bias": False}, "head": {"kernel": True}},
+                     mask_compatible_extra_args=compat),
+        optax.masked(optax.sgd(0.1), {"conv": {"kernel": False, "bias": True},
+                                      "head": {"kernel": False}})),
+    "masked_prefix": lambda compat: optax.chain(
+        optax.masked(_inner(), {"conv": True, "head": True}, mask_compatible_extra_args=compat)),
+}
+
+
+@pytest.mark.parametrize("compat", [False, True])
+@pytest.mark.parametrize("name", sorted(WRAPPERS))
+def test_inside_masked_and_multi_transform_hand_computed(name, compat):
+  # With mask_compatible_extra_args=False (optax's default) the transforms used to refuse the
+  # user's correct, params-shaped mask ("unexpected leaves").
+  p, sparse, frozen = _wrapped_case()
+  tx = WRAPPERS[name](compat)
+  g = jax.tree.map(jnp.ones_like, p)
+  u, _ = jax.jit(lambda g, s, p, a, b: tx.update(g, s, p, sparse_mask=a, frozen=b))(
+      g, tx.init(p), p, sparse, frozen)
+  # conv/kernel: sgd(0.5) -> -0.5 where active, -w where masked out.
+  np.testing.assert_array_equal(u["conv"]["kernel"], [[-0.5, 1.0, -0.5], [-1.0, -0.5, -0.5]])
+  # head/kernel: frozen column 0 gets exactly 0, the other column -0.5.
+  np.testing.assert_array_equal(u["head"]["kernel"], [[0.0, -0.5]] * 3)
+  bias = -0.5 if name == "masked_prefix" else -0.1
+  np.testing.assert_allclose(u["conv"]["bias"], [bias] * 3)
+
+
+def test_wrapped_mask_errors_still_name_the_leaves():
+  p, sparse, frozen = _wrapped_case()
+  tx = WRAPPERS["multi_transform"](False)
+  del sparse["head"]
+  with pytest.raises(ValueError, match=r"keep_sparse mask 'sparse_mask' .*missing leaves "
+                                       r"\['head/kernel'\]"):
+    tx.update(p, tx.init(p), p, sparse_mask=sparse, frozen=frozen)
+  _, sparse, _ = _wrapped_case()
+  frozen["conv"]["kernel"] = jnp.zeros((3, 2), bool)
+  with pytest.raises(ValueError, match=r"freeze mask 'frozen' .*shapes: conv/kernel: \(3, 2\) vs "
+                                       r"params \(2, 3\)"):
+    tx.update(p, tx.init(p), p, sparse_mask=sparse, frozen=frozen)
