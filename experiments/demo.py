@@ -7,11 +7,13 @@ own WORKDIR/<method>/results.json; an earlier demo in the same WORKDIR is moved 
 """
 
 import os
+import sys
 
 from absl import app
 from absl import flags
 
 from sparse_cl_jax import experiment
+from sparse_cl_jax import reliability
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/sparse_cl_jax_demo", "Output folder.")
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,7 +33,10 @@ def main(argv):
   for name in ("finetune", "packnet"):
     config = _load_config(name)
     config.progress = False
-    results[name] = experiment.run(config, os.path.join(_WORKDIR.value, name), overwrite=True)
+    try:
+      results[name] = experiment.run(config, os.path.join(_WORKDIR.value, name), overwrite=True)
+    except reliability.FaultError as e:  # one line naming the fault and what to do
+      sys.exit(f"error: {name}: {e}")
   print("\nSummary (5-task Split-Digits, task-IL, test split):")
   print(f"{'method':<10} {'ACC':>8} {'BWT':>8} {'density':>8} {'seconds':>8}")
   for name, r in results.items():

@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 from sparse_cl_jax import experiment
+from sparse_cl_jax import reliability
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -63,7 +64,10 @@ def cell_config(base, init, growth, sparsity, seed):
 def run_cell(config, workdir):
   if os.path.exists(os.path.join(workdir, "results.json")):
     return experiment.load_results(workdir)
-  return experiment.run(config, workdir, print_summary=False)
+  try:
+    return experiment.run(config, workdir, print_summary=False)
+  except reliability.FaultError as e:  # one line naming the fault and what to do
+    sys.exit(f"error: cell {workdir}: {e}")
 
 
 def fmt(values):

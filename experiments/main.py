@@ -6,13 +6,21 @@
 
 Re-running with the same --workdir resumes an interrupted run; a finished run is refused unless
 --overwrite (which moves it aside). Results: WORKDIR/results.json.
+
+Faults end with one line on stderr and exit status 1: a diverging loss
+(--config.divergence_threshold), a --workdir another process is using, no valid checkpoint left.
+A corrupt checkpoint is set aside (WORKDIR/corrupt-checkpoints) and the run resumes from the
+newest valid one.
 """
+
+import sys
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
 from sparse_cl_jax import experiment
+from sparse_cl_jax import reliability
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<method>.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and results.json go.")
@@ -23,8 +31,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  experiment.run(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value,
-                 stop_after_task=_STOP_AFTER.value)
+  try:
+    experiment.run(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value,
+                   stop_after_task=_STOP_AFTER.value)
+  except reliability.FaultError as e:  # already one line naming the fault and what to do
+    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -64,6 +64,9 @@ def base(method: str) -> ml_collections.ConfigDict:
   # Running.
   c.num_devices = 1  # 0 = all local devices (data parallel through jax.sharding)
   c.checkpoint_every_epochs = 5  # 0 = only after every task
+  # Stop the run (DivergenceError, nothing of the epoch saved) when an epoch's mean training loss
+  # is above this or not finite; 0 = stop only on NaN/inf. Not part of the run's fingerprint.
+  c.divergence_threshold = 1e4
   c.progress = True
   return c
 
@@ -139,6 +142,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ValueError(f"config.val_fraction={c.val_fraction!r} must be in [0, 1)")
   if any(not 0.0 < m < 1.0 for m in c.lr_milestones):
     raise ValueError(f"config.lr_milestones={tuple(c.lr_milestones)} must be fractions in (0, 1)")
+  if "divergence_threshold" in c:
+    _check_positive(c, "divergence_threshold", allow_zero=True)
   class_order(c)
   return c
 

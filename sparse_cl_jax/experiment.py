@@ -11,6 +11,13 @@ same results. A workdir written by another config is refused; a finished run is 
 unless ``overwrite=True`` (then it is moved aside, not deleted). The run ends by writing
 ``workdir/results.json`` and printing a summary table.
 
+Faults end in one line (:mod:`sparse_cl_jax.reliability`): a second process on the same workdir
+is refused at once (:class:`~sparse_cl_jax.reliability.WorkdirInUseError`); a corrupt newest
+checkpoint is set aside and the run resumes from the newest valid one; a diverging loss (or a
+state with NaN/inf about to be checkpointed) stops the run with
+:class:`~sparse_cl_jax.reliability.DivergenceError` before anything of it is saved, naming the
+checkpoint a rerun would resume from.
+
 Example::
 
   from sparse_cl_jax import config as config_lib, experiment
@@ -36,11 +43,14 @@ from sparse_cl_jax import masks
 from sparse_cl_jax import methods
 from sparse_cl_jax import metrics
 from sparse_cl_jax import models
+from sparse_cl_jax import reliability
 from sparse_cl_jax import train
 from sparse_cl_jax.methods import base
 
 # Fields that may change between a run and its resumption.
 _NOT_FINGERPRINTED = ("progress", "checkpoint_every_epochs")
+# The divergence threshold only decides whether a run stops: raising it lets a stopped run resume.
+_NOT_FINGERPRINTED += ("divergence_threshold",)
 
 
 def build_stream(config, source: data_lib.Source | None = None) -> data_lib.TaskStream:
@@ -170,12 +180,46 @@ def run(config, workdir: str, *, source: data_lib.Source | None = None,
   config_lib.validate(config)
   fingerprint = {k: v for k, v in config_lib.to_dict(config).items()
                  if k not in _NOT_FINGERPRINTED}
+  # Refuses at once if another process has the workdir open; released however the run ends.
   ckpt = checkpoint.Checkpointer(workdir, fingerprint=fingerprint, overwrite=overwrite)
+  saved: dict = {}
+  try:
+    return _run_open(config, workdir, ckpt, saved, source=source,
+                     stop_after_task=stop_after_task, print_summary=print_summary)
+  except reliability.DivergenceError as e:
+    if saved:
+      where = _describe_position(saved["meta"])
+      note = (f"the newest checkpoint, step {saved['step']} ({where}), is intact and a rerun "
+              "resumes from it")
+    else:
+      note = "no checkpoint was written"
+    raise e.with_context(note) from None
+  finally:
+    ckpt.close()
+
+
+def _describe_position(meta: dict) -> str:
+  if int(meta.get("op", 0)) or int(meta.get("epoch", 0)):
+    return f"task {int(meta['task']) + 1}, operation {meta['op']}, after epoch {meta['epoch']}"
+  return f"after task {meta['task']}"
+
+
+def _run_open(config, workdir: str, ckpt: checkpoint.Checkpointer, saved: dict, *, source,
+              stop_after_task, print_summary) -> dict | None:
+  """:func:`run` with the workdir open; ``saved``: step and meta of the newest checkpoint."""
   progress: dict = {}
 
   def save(state, meta):
+    host = jax.device_get(state)
+    bad = reliability.first_nonfinite(masks.leaves_with_paths(host))
+    if bad is not None:
+      raise reliability.DivergenceError(
+          f"training diverged: the state to checkpoint at {_describe_position(meta)} holds NaN or "
+          f"inf in {bad}; not saved")
     step = (ckpt.latest_step() or 0) + 1
-    ckpt.save(step, jax.device_get(state), {**progress, **meta})
+    meta = {**progress, **meta}
+    ckpt.save(step, host, meta)
+    saved.update(step=step, meta=meta)
 
   trainer = build(config, source=source, save_fn=save)
   T = trainer.stream.num_tasks
@@ -184,13 +228,15 @@ def run(config, workdir: str, *, source: data_lib.Source | None = None,
   R_val = np.full((T, T), np.nan)
   start_task = 0
   train_seconds = 0.0
-  latest = ckpt.latest_step()
-  if latest is not None:
-    like = jax.eval_shape(lambda s: s, state)
-    if trainer.replicated is not None:
-      like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                         sharding=trainer.replicated), like)
-    state, meta = ckpt.restore(latest, like=like)
+  like = jax.eval_shape(lambda s: s, state)
+  if trainer.replicated is not None:
+    like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                       sharding=trainer.replicated), like)
+  # Corrupt steps are set aside with a one-line warning; none valid at all is refused.
+  found = ckpt.restore_newest_valid(like=like)
+  if found is not None:
+    latest, state, meta = found
+    saved.update(step=latest, meta=meta)
     R = np.array(meta["R"], dtype=float)
     R_val = np.array(meta["R_val"], dtype=float)
     b = list(meta["b"])
@@ -199,8 +245,8 @@ def run(config, workdir: str, *, source: data_lib.Source | None = None,
     if int(meta.get("op", 0)) or int(meta.get("epoch", 0)):
       trainer.resume = train.Resume(task=start_task, op=int(meta["op"]),
                                     epoch=int(meta["epoch"]), op_log=dict(meta["op_log"]))
-    logging.info("resuming %s at task %d (op %s, epoch %s)", workdir, start_task + 1,
-                 meta.get("op"), meta.get("epoch"))
+    logging.info("resuming %s from step %d at task %d (op %s, epoch %s)", workdir, latest,
+                 start_task + 1, meta.get("op"), meta.get("epoch"))
   else:
     b = [trainer.accuracy(state, j, current=j) for j in range(T)]
   for t in range(start_task, T):
@@ -216,12 +262,10 @@ def run(config, workdir: str, *, source: data_lib.Source | None = None,
     progress.update(R=R.tolist(), R_val=R_val.tolist(), b=b, train_seconds=train_seconds)
     save(state, {"task": t + 1, "op": 0, "epoch": 0, "op_log": {}})
     if stop_after_task is not None and t + 1 >= stop_after_task and t + 1 < T:
-      ckpt.close()
       return None
   results = _report(trainer, state, R, R_val, b, train_seconds)
   results["trace_counts"] = dict(trainer.trace_counts)
   ckpt.finish(results)
-  ckpt.close()
   if print_summary:
     print(f"\n{results['method']} on {config.dataset} ({config.scenario}, {T} tasks, "
           f"{config.incremental}-IL, model {config.model}): test accuracy matrix R[i, j]")

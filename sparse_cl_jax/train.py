@@ -32,6 +32,7 @@ import optax
 import tqdm
 
 from sparse_cl_jax import data as data_lib
+from sparse_cl_jax import reliability
 from sparse_cl_jax import types
 from sparse_cl_jax.methods import base
 
@@ -402,6 +403,7 @@ class Trainer:
         if hook is not None and hook_every > 0 and steps_done % hook_every == 0:
           state = hook(state, steps_done)
       loss, acc = totals[0] / max(totals[2], 1), totals[1] / max(totals[2], 1)
+      reliability.check_loss(loss, c, task=t, phase=phase, epoch=epoch, epochs=epochs)
       bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}")
       bar.update(1)
       logging.log_every_n_seconds(logging.INFO, "task %d %s epoch %d/%d loss %.4f acc %.4f", 10,

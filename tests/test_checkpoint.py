@@ -299,7 +299,8 @@ def test_corrupt_steps_set_aside_newest_valid_restored(tmp_path, caplog):
   assert len(lines) == 2 and all("\n" not in line for line in lines)
   assert lines[0].startswith("checkpoint step 2 ") and ": state/" in lines[0]
   assert "trying step 1" in lines[0]
-  assert lines[1].startswith("checkpoint step 1 ") and "meta/metadata: checksum mismatch" in lines[1]
+  assert lines[1].startswith("checkpoint step 1 ")
+  assert "meta/metadata: checksum mismatch" in lines[1]
   # Set aside as they were, never deleted.
   moved = sorted(os.listdir(tmp_path / "corrupt-checkpoints"))
   assert [m.split("-")[1] for m in moved] == ["1", "2"]
@@ -314,9 +315,9 @@ def test_no_valid_checkpoint_refused_in_one_line(tmp_path):
   for step in range(2):
     flip_bytes(largest_state_file(tmp_path / "checkpoints" / str(step)))
   for _ in range(2):  # Refused again later: the run never silently restarts from scratch.
-    with checkpoint.Checkpointer(tmp_path, fingerprint=FINGERPRINT) as ckpt:
-      with pytest.raises(checkpoint.reliability.NoValidCheckpointError) as info:
-        ckpt.restore_newest_valid(like=make_state(0))
+    with checkpoint.Checkpointer(tmp_path, fingerprint=FINGERPRINT) as ckpt, \
+         pytest.raises(checkpoint.reliability.NoValidCheckpointError) as info:
+      ckpt.restore_newest_valid(like=make_state(0))
     message = str(info.value)
     assert "\n" not in message and "no valid checkpoint" in message and "--overwrite" in message
   assert len(os.listdir(tmp_path / "corrupt-checkpoints")) == 2
