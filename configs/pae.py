@@ -39,5 +39,5 @@ def get_config(arg: str | None = None):
   c.cpg.retrain_patience = 2
   c = _cpg_config_module().apply_preset(c, arg)
   if arg == "runlocal":
-    c.cpg.goal = "finetune"  # (exercises the fine-tuned reference goal)
+    c.cpg.goal = "current_finetune"  # (exercises a reference goal fine-tuned from the network)
   return c

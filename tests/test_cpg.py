@@ -5,6 +5,7 @@ import copy
 import importlib.util
 import math
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,9 @@ import pytest
 
 from sparse_cl_jax import experiment
 from sparse_cl_jax import masks as masks_lib
+from sparse_cl_jax import methods
 from sparse_cl_jax import models
+from sparse_cl_jax import train
 from sparse_cl_jax.methods import base
 from sparse_cl_jax.methods import cpg
 
@@ -283,3 +286,198 @@ def test_goal_missed_everywhere_keeps_the_unpruned_model_without_reserve(tiny_ru
   state = method.run_task(scripted, trainer.init_state(), 0)
   rep = method.report(trainer.ctx, state)
   assert rep["chosen_sparsity_per_task"][0] == 0.0 and scripted.evaluated == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# The paper's fine-Avg / fine-Max goals, the as-coded training-accuracy rule, weight decay,
+# per-task biases and BatchNorm rows (issue 11).
+
+
+class RecordingTrainer(ScriptedTrainer):
+  """Training records the (host) state it starts from, then ``mark`` stands in for training."""
+
+  def __init__(self, trainer, accuracies, mark):
+    super().__init__(trainer, accuracies)
+    self.starts = []
+    self._mark = mark
+
+  def train(self, state, t, **kwargs):
+    self.starts.append((t, kwargs, jax.device_get((state.params, state.batch_stats))))
+    return self._mark(state, t, len(self.starts))
+
+
+def _fresh_state(trainer, method):
+  state = trainer.init_state()
+  return state._replace(method=trainer.put(method.init_state(trainer.ctx)),
+                        aux=trainer.put(method.init_aux(trainer.ctx)))
+
+
+def _set(tree, path, fn):
+  """A copy of a nested dict with the leaf at ``path`` ('a/b') replaced by ``fn(leaf)``."""
+  head, _, rest = path.partition("/")
+  out = dict(tree)
+  out[head] = fn(tree[head]) if not rest else _set(tree[head], rest, fn)
+  return out
+
+
+@pytest.mark.parametrize("goal", ["fine_avg", "fine_max"])
+def test_fine_goals_follow_the_papers_fine_tuning_sequences(tiny_run, goal):
+  trainer, _, _ = tiny_run
+  c = copy.deepcopy(trainer.config)
+  c.cpg.goal, c.cpg.goal_repeats, c.cpg.goal_finetune_lr = goal, 2, 0.123
+  c.cpg.stages, c.cpg.retrain_epochs = (), 0
+  method = cpg.make(c, trainer.ctx)
+
+  def mark(state, t, call):  # the "trained" model's head row t holds the call number
+    return state._replace(params=_set(state.params, "head/kernel",
+                                      lambda k: k.at[t].set(float(call))))
+
+  seq = [0.5, 0.6, 0.7, 0.4, 0.9, 0.8]  # sequence r, task k: seq[3 r + k]
+  rec = RecordingTrainer(trainer, seq + [0.95], mark)
+  state = method.run_task(rec, _fresh_state(trainer, method), 0)
+  runs = np.asarray(seq).reshape(2, 3)
+  want = runs.mean(axis=0) if goal == "fine_avg" else runs.max(axis=0)
+  m = jax.device_get(state.method)
+  np.testing.assert_allclose(m["goal_runs"], runs, rtol=1e-6)
+  np.testing.assert_allclose(m["goals"], want, rtol=1e-6)
+  assert method.report(trainer.ctx, state)["goal_per_task"][0] == pytest.approx(want[0])
+  # Two sequences of three reference trainings, then the task's own training.
+  assert [t for t, _, _ in rec.starts] == [0, 1, 2, 0, 1, 2, 0]
+  init = jax.device_get(trainer.ctx.params)
+  for call, (k, kwargs, (params, _)) in enumerate(rec.starts[:6], start=1):
+    r = (call - 1) // 3
+    if k == 0:  # from scratch: the network's initial values, the config's lr
+      assert kwargs["lr"] == c.learning_rate
+      np.testing.assert_array_equal(params["dense_0"]["kernel"], init["dense_0"]["kernel"])
+      continue
+    # Fine-tuned from the same sequence's model of an earlier task j, its head row j included.
+    assert kwargs["lr"] == 0.123
+    source_call = float(params["head"]["kernel"][k].flat[0])
+    j = int(source_call) - (3 * r + 1)
+    assert 0 <= j < k and np.all(params["head"]["kernel"][k] == source_call), (call, k, j)
+
+
+def test_goal_finetune_was_renamed():
+  c = _config("pae")
+  c.cpg.goal = "finetune"
+  ctx = types.SimpleNamespace(model=types.SimpleNamespace(norm="none"))
+  with pytest.raises(ValueError, match="renamed.*current_finetune.*fine_avg"):
+    cpg.make(c, ctx)
+
+
+@pytest.mark.parametrize("method_name", ["packnet", "individual", "piggyback", "cpg", "pae"])
+def test_isolation_methods_refuse_shared_batch_norm(method_name):
+  c = _config(method_name)
+  ctx = types.SimpleNamespace(model=types.SimpleNamespace(norm="batch"))
+  with pytest.raises(ValueError, match="norm='batch' shares BatchNorm running statistics"):
+    methods.make(method_name, c, ctx)
+
+
+def test_train_accuracy_is_train_mode_over_the_whole_training_split():
+  model = models.create("mlp", num_heads=1, num_classes=3, hidden=(6,), norm="batch")
+  variables = models.init(model, jax.random.key(0), (1, 2, 2, 1))
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 256, (12, 2, 2, 1), dtype=np.uint8)
+  y = rng.integers(0, 3, (12,)).astype(np.int32)
+  normalize = lambda a: a.astype(jnp.float32) / 255.0
+  acc_fn = cpg.make_train_accuracy(model, normalize, lambda p, a, m, t, c: p, batch_size=4,
+                                   has_batch_stats=True)
+  state = train.TrainState(params=variables["params"], batch_stats=variables["batch_stats"],
+                           opt_state=(), aux={}, aux_opt_state=(), method={},
+                           step=jnp.int32(0))
+
+  def hits(rows):
+    logits, _ = model.apply(variables, normalize(x[rows]), task=0, train=True,
+                            mutable=["batch_stats"])
+    return np.asarray(jnp.argmax(logits, -1)) == y[rows]
+
+  for n, batches, counted in (
+      (10, [[0, 1, 2, 3], [4, 5, 6, 7], [6, 7, 8, 9]], [slice(0, 4), slice(0, 4), slice(2, 4)]),
+      (3, [[0, 1, 2, 0]], [slice(0, 3)]),  # fewer rows than a batch: real rows repeated
+  ):
+    want = sum(int(hits(b)[s].sum()) for b, s in zip(batches, counted)) / n
+    data = train.TaskData(x=jnp.asarray(x), y=jnp.asarray(y), ids=jnp.arange(12), n=jnp.int32(n))
+    assert float(acc_fn(state, data, jnp.int32(0))) == pytest.approx(want)
+    # Padding rows never enter a batch (nor its statistics).
+    garbage = data._replace(x=data.x.at[n:].set(255), y=data.y.at[n:].set(0))
+    assert float(acc_fn(state, garbage, jnp.int32(0))) == pytest.approx(want)
+
+
+@pytest.mark.parametrize("min_train_acc,chosen,evaluated", [(0.999, 0.0, 1), (0.0, 0.5, 2)])
+def test_a_stage_counts_only_above_the_training_accuracy(tiny_run, min_train_acc, chosen,
+                                                         evaluated):
+  trainer, _, _ = tiny_run
+  c = copy.deepcopy(trainer.config)
+  c.cpg.goal, c.cpg.goal_values = "fixed", (0.5,)
+  c.cpg.levels, c.cpg.stages, c.cpg.reserve_for_remaining = (1.0,), (0.5,), False
+  c.cpg.min_train_acc = min_train_acc  # an untrained network never reaches 0.999
+  method = cpg.make(c, trainer.ctx)
+  scripted = ScriptedTrainer(trainer, [0.95, 0.95])
+  state = method.run_task(scripted, _fresh_state(trainer, method), 0)
+  assert method.report(trainer.ctx, state)["chosen_sparsity_per_task"][0] == chosen
+  assert scripted.evaluated == evaluated
+
+
+def test_cpg_weight_decay_reaches_only_maskable_weights(tiny_run):
+  trainer, _, _ = tiny_run
+  c = copy.deepcopy(trainer.config)
+  c.cpg.weight_decay, c.weight_decay, c.learning_rate, c.momentum = 0.1, 0.0, 1.0, 0.0
+  method = cpg.make(c, trainer.ctx)
+  tx = method.wrap_tx(train.make_base_tx(c))
+  params = trainer.ctx.params
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params, frozen=masks_lib.zeros(params))
+  spec = trainer.ctx.spec
+  for path, u, p, s in zip(masks_lib.paths(params), jax.tree.leaves(updates),
+                           jax.tree.leaves(params), jax.tree.leaves(spec)):
+    if s:  # conv / dense kernels: SGD on grad + wd * w
+      np.testing.assert_allclose(u, -0.1 * np.asarray(p), rtol=1e-6, err_msg=path)
+    else:  # heads, biases (and norm rows) are never decayed
+      assert not np.any(np.asarray(u)), path
+
+
+@pytest.mark.parametrize("norm,option", [("none", "per_task_biases"),
+                                         ("task_batch", "norm_from_previous")])
+@pytest.mark.parametrize("on", [True, False])
+def test_as_coded_per_task_biases_and_norm_rows(norm, option, on):
+  c = _config()
+  c.num_tasks, c.class_order, c.norm = 2, "0,1,2,3", norm
+  c.cpg.goal, c.cpg.goal_values = "fixed", (0.0,)
+  c.cpg.stages, c.cpg.retrain_epochs = (), 0
+  c.cpg[option] = on
+  trainer = experiment.build(c)
+  method = trainer.method
+
+  def mark(state, t, call):
+    del call
+    tr = state.method["trainable"]
+    params = state.params
+    if norm == "none":  # "training" writes t + 1 into every trainable bias position
+      params = _set(params, "dense_0/bias",
+                    lambda b: jnp.where(tr["dense_0"]["bias"], float(t + 1), b))
+      return state._replace(params=params)
+    params = _set(params, "norm_0/scale", lambda s: s.at[t].set(10.0 * (t + 1)))
+    stats = _set(state.batch_stats, "norm_0/mean", lambda s: s.at[t].set(5.0 + t))
+    return state._replace(params=params, batch_stats=stats)
+
+  rec = RecordingTrainer(trainer, [0.9, 0.9], mark)
+  state = _fresh_state(trainer, method)
+  x = trainer.task_data(0, "test").x[:20]
+  for t in range(2):
+    state = method.run_task(rec, state, t)
+    if t == 0:
+      task0 = _logits(trainer, state, 0, 0, x)
+  np.testing.assert_array_equal(_logits(trainer, state, 0, 1, x), task0)  # zero forgetting
+  _, _, (start1, stats1) = rec.starts[1]
+  base_units = trainer.config.hidden[0]
+  if option == "per_task_biases":
+    view = lambda task: np.asarray(method.forward_params(
+        state.params, state.aux, state.method, jnp.int32(task), jnp.int32(1))["dense_0"]["bias"])
+    np.testing.assert_array_equal(start1["dense_0"]["bias"][:base_units], 1.0)  # from task 1's
+    np.testing.assert_array_equal(view(0)[:base_units], 1.0)
+    # With per-task biases task 2 trains its own copy; otherwise task 1 owns (froze) them.
+    np.testing.assert_array_equal(view(1)[:base_units], 2.0 if on else 1.0)
+  else:
+    scale, mean = start1["norm_0"]["scale"][1], stats1["norm_0"]["mean"][1]
+    np.testing.assert_array_equal(scale[:base_units], 10.0 if on else 1.0)
+    np.testing.assert_array_equal(mean[:base_units], 5.0 if on else 0.0)

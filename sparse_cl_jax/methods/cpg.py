@@ -9,9 +9,13 @@ paper:
 1. **Accuracy goal** (``cpg.goal``), always measured on *validation* data: ``'individual'`` trains
    a base-width model on the task alone from the network's initial values (the as-coded goal: the
    "baseline" accuracy of an individual model; as coded every baseline starts from the same
-   seed), ``'finetune'`` fine-tunes the whole base-width network from its current weights (the
-   paper's fine-Avg goals); both reference trainings run on a throw-away copy of the state with
-   the same compiled step, ``'fixed'`` takes ``cpg.goal_values`` (one number, or one
+   seed); ``'fine_avg'`` / ``'fine_max'`` are the paper's goals of Table 2 (Sec. 4.1): the mean /
+   max over ``cpg.goal_repeats`` (5) fine-tuning sequences, in each of which task 1 is trained
+   from scratch and task k by fine-tuning the sequence's model of a randomly chosen earlier task
+   (all computed once, at task 1; :func:`make`'s ``finetune_goals``); ``'current_finetune'``
+   fine-tunes the current base-width network (released weights zero) once, a cheap proxy that
+   is none of the paper's goals; the reference trainings run on throw-away copies of the state
+   with the same compiled step. ``'fixed'`` takes ``cpg.goal_values`` (one number, or one
    per task: e.g. the validation accuracies of a ``configs/individual.py`` run, which is how
    ``benchmarks/cpg_results.py`` avoids training the individual models twice). A goal counts as met
    when ``val >= goal - cpg.goal_tolerance`` (as coded ``allow_acc_loss = 0``).
@@ -37,8 +41,10 @@ paper:
    largest sparsity whose validation accuracy still meets the goal is kept. By default (the
    paper's Algorithm 1) pruning stops at the first stage that misses the goal;
    ``cpg.stop_at_first_miss=False`` runs every stage and keeps the largest passing one (as coded).
-   ``cpg.min_train_acc`` (as coded 0.95; default 0 = off) additionally requires the stage's
-   accuracy on (a validation-sized slice of) the training data. If the goal is missed even at the
+   ``cpg.min_train_acc`` (as coded 0.95; default 0 = off) additionally requires the stage's (and
+   a width's) training accuracy, measured in training mode over the task's whole training split
+   after the stage (:func:`make_train_accuracy`; as coded, the running mean over the stage's last
+   epoch). If the goal is missed even at the
    maximum width, as coded, the task is still pruned to leave ``round(1 / (remaining + 1), 1)`` of
    its weights for each remaining task (``cpg.reserve_for_remaining``).
 5. **Retraining** (tasks after the first, as coded): the picking mask is re-initialised and
@@ -47,6 +53,15 @@ paper:
    model's validation accuracy.
 6. The kept weights become owned by the task and frozen; pruned ones are zero and free for later
    tasks; the task's binary picks are stored bit-packed.
+
+As-coded options (``configs/cpg.py:cifar100`` turns them on): ``cpg.weight_decay`` decays only
+the current task's maskable (conv / FC) weights, added to the gradient before the optimiser (the
+authors' ``do_weight_decay_and_make_grads_zero``), where ``config.weight_decay`` would also decay
+heads, norm rows and the biases; ``cpg.per_task_biases`` keeps a copy of every shared bias per task
+(``bias_bank``; as coded biases live in ``shared_layer_info[task]``), where otherwise the first
+task owns them; ``cpg.norm_from_previous`` starts a task's BatchNorm row (affine parameters and
+running statistics) from the previous task's, as the authors' scripts load the previous task's
+checkpoint, where otherwise it starts from the initial values.
 
 Growth without reshaping or recompiling: the model is built once at the *maximum* width
 (``config.width_multiplier`` is the maximum; ``configs/cpg.py`` sets ``sqrt(1.5)``, ``pae``
@@ -75,6 +90,7 @@ Example::
 from __future__ import annotations
 
 import math
+import re
 
 from absl import logging
 import jax
@@ -94,7 +110,7 @@ from sparse_cl_jax.methods import piggyback
 
 DEFAULT_NORM = "task_batch"
 FORGETS_NOTHING = True
-GOALS = ("individual", "finetune", "fixed")
+GOALS = ("individual", "fine_avg", "fine_max", "current_finetune", "fixed")
 STATS = ("goal", "val_trained", "sparsity", "val_compacted", "val_final", "attempts", "retrained")
 
 
@@ -112,11 +128,19 @@ def default_config(method: str = "cpg") -> ml_collections.ConfigDict:
   c.mask_lr = 5e-4
   c.mask_lr_schedule = ((0.5, 0.2), (0.7, 0.0))  # (fraction of epochs, factor), cumulative
   # Accuracy goal (always on validation data).
-  c.goal = "individual"  # 'individual' | 'finetune' | 'fixed'
+  c.goal = "individual"  # one of GOALS
   c.goal_values = ()  # for 'fixed': one value for all tasks or one per task
   c.goal_epochs = 0  # reference training epochs; 0 = config.epochs
+  c.goal_repeats = 5  # 'fine_avg' / 'fine_max': independent fine-tuning sequences (paper: 5)
+  c.goal_finetune_lr = 0.0  # their lr for tasks after the first; 0 = config.learning_rate
   c.goal_tolerance = 0.0  # as coded allow_acc_loss
   c.min_train_acc = 0.0  # as coded 0.95 (a stage / a width counts only above it)
+  # Weight decay of the current task's maskable (conv / FC) weights only, as coded 4e-5 (added to
+  # the gradient before the optimiser); config.weight_decay would also decay heads, norm rows and
+  # biases.
+  c.weight_decay = 0.0
+  c.per_task_biases = False  # as coded True: every task keeps its own copy of the layer biases
+  c.norm_from_previous = False  # as coded True: a task's BN row starts from the previous task's
   # Compaction.
   c.stages = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
   c.stage_epochs = 20
@@ -214,7 +238,8 @@ def allocation_levels(model, variables: dict, input_shape, multipliers,
 
 
 def view(params: types.Params, pick, m, task, current, *, spec: types.LeafSpec,
-         rows: types.LeafSpec, picking: bool, threshold: float) -> types.Params:
+         rows: types.LeafSpec, picking: bool, threshold: float,
+         bias_leaves: types.LeafSpec | None = None) -> types.Params:
   """The params task ``task`` computes with after ``current`` was trained (traced ints).
 
   ``m`` holds ``own`` (ownership), ``alloc`` (:func:`allocation_levels`), ``level`` ([T]) and,
@@ -227,7 +252,9 @@ def view(params: types.Params, pick, m, task, current, *, spec: types.LeafSpec,
   * the task's own weights (``own == k``) enter as they are, and so do free allocated weights
     while the task is the one being trained (released ones hold exact zeros);
   * everything else (free weights of a finished task, later tasks' weights) is 0.
-  Per-task leaves (heads, norm rows) are only masked by the allocation.
+  Per-task leaves (heads, norm rows) are only masked by the allocation, and so are the leaves of
+  ``bias_leaves`` (per-task biases, as coded): a finished task reads its own copy from
+  ``m['bias_bank']`` (``[T, ...]`` per such leaf), the others the live values.
   """
   task = jnp.asarray(task, jnp.int32)
   current = jnp.asarray(current, jnp.int32)
@@ -237,11 +264,14 @@ def view(params: types.Params, pick, m, task, current, *, spec: types.LeafSpec,
   lv = m["level"][jnp.minimum(task, current)].astype(jnp.int8)
   stored = piggyback.get_bits(m["bits"], task, spec) if picking else None
 
-  def one(p, o, a, s, r, *extra):
+  def one(p, o, a, s, r, bl, bank, *extra):
     allocated = a <= lv
     zero = jnp.zeros_like(p)
     if r:
       return jnp.where(allocated, p, zero)
+    if bl:
+      finished = task < current
+      return jnp.where(allocated, jnp.where(finished, bank[jnp.minimum(task, T - 1)], p), zero)
     older = (o >= 1) & (o < k)
     usable = (o == k) | (cur & (o == 0) & allocated)
     old_val = p
@@ -252,16 +282,87 @@ def view(params: types.Params, pick, m, task, current, *, spec: types.LeafSpec,
       old_val = p * mk
     return jnp.where(older, old_val, jnp.where(usable, p, zero))
 
-  trees = [params, m["own"], m["alloc"], spec, rows]
+  T = m["level"].shape[0]
+  if bias_leaves is None:
+    bias_leaves = jax.tree.map(lambda _: False, spec)
+  bank = m.get("bias_bank")
+  if bank is None:
+    bank = jax.tree.map(lambda _: jnp.zeros((1,), jnp.float32), spec)
+  trees = [params, m["own"], m["alloc"], spec, rows, bias_leaves, bank]
   if picking:
     trees += [pick, stored]
   return jax.tree.map(one, *trees)
+
+
+def make_train_accuracy(model, normalize, forward, *, batch_size: int, has_batch_stats: bool):
+  """A jitted ``f(state, data, task) -> accuracy``: the task's training accuracy in train mode.
+
+  What CPG's "a stage counts only if train accuracy > 0.95" reads (as coded the running mean of
+  the last epoch's batch accuracies, measured in ``model.train()`` mode). Here: the accuracy of
+  ``forward(params, aux, method, task, task)`` on every valid row of ``data`` (a
+  ``train.TaskData``) with the network in training mode (batch statistics in every norm layer;
+  running statistics are not updated), in batches of ``batch_size`` in data order. The last,
+  partial batch is shifted back to end at the last valid row and counts only its new rows, so no
+  padding row enters a batch statistic (a task with fewer rows than a batch repeats real rows).
+  """
+
+  @jax.jit
+  def accuracy(state, data, task):
+    fp = forward(state.params, state.aux, state.method, task, task)
+    variables = {"params": fp}
+    if has_batch_stats:
+      variables["batch_stats"] = state.batch_stats
+    n_max = data.x.shape[0]
+    b = min(int(batch_size), n_max)
+    n = data.n
+    offsets = jnp.arange(b, dtype=jnp.int32)
+
+    def body(i, acc):
+      first = i * b
+      start = jnp.minimum(first, jnp.maximum(n - b, 0))
+      pos = start + offsets
+      new = (pos >= first) & (pos < n)
+      idx = jnp.where(pos < n, pos, pos % jnp.maximum(n, 1))
+      x = normalize(jnp.take(data.x, idx, axis=0))
+      y = jnp.take(data.y, idx, axis=0)
+      rngs = {"dropout": jax.random.fold_in(jax.random.key(0), i)}
+      if has_batch_stats:
+        logits, _ = model.apply(variables, x, task=task, train=True, mutable=["batch_stats"],
+                                rngs=rngs)
+      else:
+        logits = model.apply(variables, x, task=task, train=True, rngs=rngs)
+      hit = (jnp.argmax(logits, -1) == y) & new
+      return acc + jnp.stack([jnp.sum(hit), jnp.sum(new)]).astype(jnp.float32)
+
+    tot = jax.lax.fori_loop(0, -(-n_max // b), body, jnp.zeros(2, jnp.float32))
+    return tot[0] / jnp.maximum(tot[1], 1.0)
+
+  return accuracy
 
 
 @jax.jit
 def _copy(tree):
   """A copy in fresh buffers (one compiled call), safe to keep while the original is donated."""
   return jax.tree.map(jnp.copy, tree)
+
+
+def _stats_allocation(batch_stats, alloc, params):
+  """The allocation level of every running statistic: that of its norm layer's ``scale``.
+
+  ``mean`` / ``var`` of a norm module get the ``alloc`` of the module's ``scale`` (same shape:
+  ``[T, C]`` for per-task BatchNorm); statistics without such a sibling get level 0.
+  """
+  scale_alloc = {path.rsplit("/", 1)[0]: a
+                 for path, a in zip(masks.paths(params), jax.tree.leaves(alloc))
+                 if path.endswith("/scale")}
+
+  def one(path, leaf):
+    a = scale_alloc.get(path.rsplit("/", 1)[0])
+    if a is not None and np.shape(a) == np.shape(leaf):
+      return np.asarray(a, np.int8)
+    return np.zeros(np.shape(leaf), np.int8)
+
+  return masks.map_with_path(one, batch_stats)
 
 
 def _per_task_goal(values, t: int) -> float:
@@ -277,7 +378,14 @@ def make(config, ctx: base.Context) -> base.Method:
   if name not in ("cpg", "pae"):
     raise ValueError(f"cpg.make builds 'cpg' or 'pae', not {name!r}")
   cc = config.cpg
+  if getattr(ctx.model, "norm", "none") == "batch":
+    raise ValueError("CPG/PAE: norm='batch' shares BatchNorm running statistics across "
+                     "tasks, so earlier tasks would silently forget; use norm='task_batch' (the "
+                     "default) or 'batch_stats_only'")
   picking = name == "cpg" and bool(cc.picking)
+  if cc.goal == "finetune":
+    raise ValueError("config.cpg.goal='finetune' was renamed: 'current_finetune' is one fine-tune "
+                     "of the current network; the paper's goals are 'fine_avg' and 'fine_max'")
   if cc.goal not in GOALS:
     raise ValueError(f"config.cpg.goal={cc.goal!r}: choose one of {GOALS}")
   spec, rows = ctx.spec, ctx.task_rows
@@ -293,23 +401,58 @@ def make(config, ctx: base.Context) -> base.Method:
                                [base_width * c for c in cmult], rows)
   epochs = int(config.epochs)
   tol = float(cc.goal_tolerance)
+  repeats = int(cc.get("goal_repeats", 5))
+  fine_goal = cc.goal in ("fine_avg", "fine_max")
+  if fine_goal and repeats < 1:
+    raise ValueError(f"config.cpg.goal_repeats={repeats} must be >= 1 for goal={cc.goal!r}")
+  goal_lr = float(cc.get("goal_finetune_lr", 0.0)) or float(config.learning_rate)
+  wd = float(cc.get("weight_decay", 0.0))
+  if wd < 0:
+    raise ValueError(f"config.cpg.weight_decay={wd} must be >= 0")
+  if float(config.weight_decay) > 0:
+    logging.warning("CPG: config.weight_decay=%g also decays heads, BatchNorm rows and biases; the "
+                    "authors decay only the current task's conv/FC weights "
+                    "(config.cpg.weight_decay)", float(config.weight_decay))
+  per_task_biases = bool(cc.get("per_task_biases", False))
+  norm_from_previous = bool(cc.get("norm_from_previous", False))
+  # Shared leaves that are neither maskable nor per-task rows and end in "bias": kept per task.
+  treedef = jax.tree.structure(ctx.params)
+  leaf_info = list(zip(masks.paths(ctx.params), jax.tree.leaves(spec), jax.tree.leaves(rows)))
+  bias_leaves = jax.tree.unflatten(treedef, [
+      per_task_biases and not sp and not rw and path.endswith("bias")
+      for path, sp, rw in leaf_info])
+  norm_re = re.compile(base.TASK_ROW_PATTERNS[1])
+  norm_rows = jax.tree.unflatten(treedef, [bool(rw) and norm_re.search(path) is not None
+                                           for path, _, rw in leaf_info])
+  has_stats = "batch_stats" in ctx.variables
+  per_task_stats = has_stats and getattr(model, "norm", "none") == "task_batch"
+  stats_alloc_np = _stats_allocation(ctx.variables.get("batch_stats", {}), alloc_np, ctx.params)
+  train_batch = int(config.batch_size)
 
   # ------------------------------------------------------------------------------------------------
   # Method state and the per-step functions.
 
   @jax.jit
-  def build_state(params, alloc):
+  def build_state(params, alloc, stats_alloc):
     m = {"own": masks.new_ownership(params),
          "alloc": alloc,
+         "stats_alloc": stats_alloc,
          "trainable": masks.zeros(params),
          "level": jnp.zeros((T,), jnp.int32),
+         "goals": jnp.zeros((T,), jnp.float32),
          "stats": {k: jnp.zeros((T,), jnp.float32) for k in STATS}}
+    if fine_goal:
+      m["goal_runs"] = jnp.zeros((repeats, T), jnp.float32)
     if picking:
       m["bits"] = piggyback.new_bits(params, spec, T)
+    if per_task_biases:
+      m["bias_bank"] = jax.tree.map(
+          lambda p, bl: jnp.zeros((T,) + p.shape, p.dtype) if bl else jnp.zeros((1,), p.dtype),
+          params, bias_leaves)
     return m
 
   def init_state(ctx):
-    return build_state(ctx.params, alloc_np)
+    return build_state(ctx.params, alloc_np, stats_alloc_np)
 
   def fresh_pick(params):
     return {"pick": piggyback.init_real_mask(params, spec, mask_init)}
@@ -319,28 +462,53 @@ def make(config, ctx: base.Context) -> base.Method:
 
   def forward_params(params, aux, m, task, current):
     return view(params, aux.get("pick"), m, task, current, spec=spec, rows=rows,
-                picking=picking, threshold=thr)
+                picking=picking, threshold=thr,
+                bias_leaves=bias_leaves if per_task_biases else None)
 
+  train_accuracy = make_train_accuracy(model, ctx.stream.normalize, forward_params,
+                                       batch_size=train_batch, has_batch_stats=has_stats)
   tx_args = base.stored_trainable_args
-  wrap_tx = base.freezing_tx
+
+  def wrap_tx(tx):
+    """The base optimiser after CPG's own weight decay (maskable leaves; frozen ones dropped by
+    the freeze transform, last), so only the current task's conv / FC weights decay."""
+    if wd > 0:
+      tx = optax.chain(optax.masked(optax.add_decayed_weights(wd), spec), tx)
+    return base.freezing_tx(tx)
 
   aux_tx = optax.inject_hyperparams(optax.adam)(learning_rate=float(cc.mask_lr)) if picking else None
 
   def trainable_of(params, m, t):
     lv = m["level"][t].astype(jnp.int8)
     row_t = base.task_slice(params, rows, t)
-    return jax.tree.map(lambda o, a, rt, r: (rt & (a <= lv)) if r else ((o == 0) & (a <= lv)),
-                        m["own"], m["alloc"], row_t, rows)
 
+    def one(o, a, rt, r, bl):
+      if r:
+        return rt & (a <= lv)
+      if bl:  # a per-task bias: the task trains its own copy at every allocated position
+        return a <= lv
+      return (o == 0) & (a <= lv)
+
+    return jax.tree.map(one, m["own"], m["alloc"], row_t, rows, bias_leaves)
+
+  def from_row(tree, flags, src, dst):
+    """Row ``dst`` of the flagged leaves set to their row ``src``."""
+    return jax.tree.map(lambda x, f: x.at[dst].set(x[src]) if f else x, tree, flags)
 
   @jax.jit
   def begin(state, t):
     m = dict(state.method)
-    prev = m["level"][jnp.maximum(t - 1, 0)]
-    m["level"] = m["level"].at[t].set(jnp.where(t > 0, prev, 0))
-    m["trainable"] = trainable_of(state.params, m, t)
-    aux = fresh_pick(state.params) if picking else state.aux
-    return state._replace(method=m, aux=aux)
+    prev_t = jnp.maximum(t - 1, 0)
+    m["level"] = m["level"].at[t].set(jnp.where(t > 0, m["level"][prev_t], 0))
+    params, bs = state.params, state.batch_stats
+    if norm_from_previous:  # as coded: the new task's BN row starts from the previous task's
+      src = jnp.where(t > 0, prev_t, t)
+      params = from_row(params, norm_rows, src, t)
+      if per_task_stats:
+        bs = from_row(bs, jax.tree.map(lambda _: True, bs), src, t)
+    m["trainable"] = trainable_of(params, m, t)
+    aux = fresh_pick(params) if picking else state.aux
+    return state._replace(params=params, batch_stats=bs, method=m, aux=aux)
 
   @jax.jit
   def grow(state, t, fresh):
@@ -351,8 +519,17 @@ def make(config, ctx: base.Context) -> base.Method:
     row_t = base.task_slice(state.params, rows, t)
     region = jax.tree.map(lambda a, rt: (a == new.astype(jnp.int8)) & rt, m["alloc"], row_t)
     params = jax.tree.map(lambda p, f, g: jnp.where(g, f, p), state.params, fresh, region)
+    bs = state.batch_stats
+    if per_task_stats:  # new channels' running statistics of the task's row start afresh
+      def reset(path, x, a):
+        row = jax.lax.broadcasted_iota(jnp.int32, x.shape, 0) == t
+        init = jnp.ones_like(x) if path.endswith("var") else jnp.zeros_like(x)
+        return jnp.where(row & (a == new.astype(jnp.int8)), init, x)
+      leaves = [reset(path, x, a) for path, x, a in zip(
+          masks.paths(bs), jax.tree.leaves(bs), jax.tree.leaves(m["stats_alloc"]))]
+      bs = jax.tree.unflatten(jax.tree.structure(bs), leaves)
     m["trainable"] = trainable_of(params, m, t)
-    return state._replace(params=params, method=m)
+    return state._replace(params=params, batch_stats=bs, method=m)
 
   @jax.jit
   def reference(state, t, finetune, fresh):
@@ -364,10 +541,40 @@ def make(config, ctx: base.Context) -> base.Method:
     params = jax.tree.map(lambda p, f, rt: jnp.where(rt & ~finetune, f, p), state.params, fresh,
                           row_t)
     # 'individual': every shared weight and the task's rows restart from the network's initial
-    # values (as coded, every baseline model is trained from the same seed); 'finetune' keeps the
-    # current weights (released ones are zero), the task's rows are untouched initial values.
+    # values (as coded, every baseline model is trained from the same seed), and so do the task's
+    # running statistics; 'current_finetune' keeps the current weights (released ones are zero)
+    # and the task's rows as ``begin`` left them.
+    bs = state.batch_stats
+    if per_task_stats:
+      leaves = []
+      for path, x in zip(masks.paths(bs), jax.tree.leaves(bs)):
+        init = jnp.ones_like(x) if path.endswith("var") else jnp.zeros_like(x)
+        row = jax.lax.broadcasted_iota(jnp.int32, x.shape, 0) == t
+        leaves.append(jnp.where(row & ~finetune, init, x))
+      bs = jax.tree.unflatten(jax.tree.structure(bs), leaves)
     m["trainable"] = trainable_of(params, m, t)
-    return state._replace(params=params, method=m)
+    return state._replace(params=params, batch_stats=bs, method=m)
+
+  @jax.jit
+  def chain_start(state, bank_params, bank_stats, j, k):
+    """Fine-tuning reference for task ``k`` from task ``j``'s model of a sequence (paper, Sec. 4.1
+    and Table 2; as coded the whole network is copied, head and BatchNorm included): every
+    weight free and trainable at the base width, task ``k``'s rows set to the model's row ``j``."""
+    m = dict(state.method)
+    m["own"] = jax.tree.map(jnp.zeros_like, m["own"])
+    m["level"] = m["level"].at[k].set(0)
+    params = from_row(bank_params, rows, j, k)
+    bs = from_row(bank_stats, jax.tree.map(lambda _: per_task_stats, bank_stats), j, k)
+    m["trainable"] = trainable_of(params, m, k)
+    return state._replace(params=params, batch_stats=bs, method=m)
+
+  @jax.jit
+  def set_goals(state, goals, runs):
+    m = dict(state.method)
+    m["goals"] = goals
+    if fine_goal:
+      m["goal_runs"] = runs
+    return state._replace(method=m)
 
   @jax.jit
   def prune_to(state, t, sparsity):
@@ -394,8 +601,12 @@ def make(config, ctx: base.Context) -> base.Method:
   @jax.jit
   def finish(state, t, stats):
     m = dict(state.method)
-    kept = jax.tree.map(lambda tr, r: tr & (not r), m["trainable"], rows)
+    kept = jax.tree.map(lambda tr, r, bl: tr & (not r) & (not bl), m["trainable"], rows,
+                        bias_leaves)
     m["own"] = masks.assign(m["own"], kept, t + 1)
+    if per_task_biases:
+      m["bias_bank"] = jax.tree.map(lambda b, p, bl: b.at[t].set(p) if bl else b,
+                                    m["bias_bank"], state.params, bias_leaves)
     if picking:
       live = jax.tree.map(lambda a, s: (a > thr) if s else jnp.zeros((), jnp.bool_),
                           state.aux["pick"], spec)
@@ -419,18 +630,14 @@ def make(config, ctx: base.Context) -> base.Method:
                    for a, r in zip(jax.tree.leaves(alloc_np), jax.tree.leaves(rows))))
 
   def train_ok(trainer, state, t):
+    """As coded, a width or a compaction stage counts only if its training accuracy exceeds
+    ``cpg.min_train_acc`` (0.95); see :func:`make_train_accuracy` for what is measured."""
     if float(cc.min_train_acc) <= 0.0:
       return True
-    d = trainer.task_data(t, "train")
-    n_eval = int(trainer.val_data.x.shape[1])
-    if d.x.shape[0] >= n_eval:
-      sub = d._replace(x=d.x[:n_eval], y=d.y[:n_eval], ids=d.ids[:n_eval],
-                       n=jnp.minimum(d.n, n_eval))
-    else:
-      pad = n_eval - d.x.shape[0]
-      sub = d._replace(x=jnp.pad(d.x, [(0, pad)] + [(0, 0)] * (d.x.ndim - 1)),
-                       y=jnp.pad(d.y, (0, pad)), ids=jnp.pad(d.ids, (0, pad), constant_values=-1))
-    return trainer.evaluate(state, t, split="val", data=sub) > float(cc.min_train_acc)
+    acc = float(train_accuracy(state, trainer.task_data(t, "train"), jnp.int32(t)))
+    logging.info("task %d: training accuracy %.4f (needs > %g)", t + 1, acc,
+                 float(cc.min_train_acc))
+    return acc > float(cc.min_train_acc)
 
   def mask_lr_fn(lr, n_epochs):
     def fn(epoch):
@@ -441,16 +648,57 @@ def make(config, ctx: base.Context) -> base.Method:
       return float(lr * factor) if picking else 0.0
     return fn
 
+  def finetune_goals(trainer, state):
+    """The paper's fine-Avg / fine-Max goals of every task (Sec. 4.1, Table 2), on validation.
+
+    ``goal_repeats`` independent sequences; in each, task 1 is trained from scratch (the
+    network's initial values) and task k > 1 by fine-tuning the sequence's model of a task drawn
+    uniformly from 1..k-1 (as coded: ``tools/random_generate_task_id.py``), the whole network
+    with that model's head and BatchNorm row, at ``goal_finetune_lr`` (as coded 5e-3). Returns
+    ``(mean over sequences, max over sequences)`` per task and the ``[R, T]`` accuracies. The
+    sequences' models are kept on the host while a sequence runs (T full networks).
+    """
+    rng = np.random.default_rng((int(config.seed), 0xC96))
+    runs = np.zeros((repeats, T))
+    n_epochs = int(cc.goal_epochs) or epochs
+    for r in range(repeats):
+      bank = []
+      for k in range(T):
+        if k == 0:
+          start = reference(_copy(state), jnp.int32(0), jnp.asarray(False),
+                            trainer.initial_params())
+          lr = float(config.learning_rate)
+        else:
+          j = int(rng.integers(0, k))
+          start = chain_start(_copy(state), *bank[j], jnp.int32(j), jnp.int32(k))
+          lr = goal_lr
+        model_k = trainer.train(start, k, epochs=n_epochs, lr=lr, aux_lr=0.0,
+                                phase=f"fine-tune sequence {r + 1}/{repeats}")
+        runs[r, k] = trainer.evaluate(model_k, k, split="val")
+        bank.append(jax.device_get((model_k.params, model_k.batch_stats)))
+        del model_k
+      logging.info("CPG fine-tuning sequence %d/%d: validation accuracies %s", r + 1, repeats,
+                   np.round(runs[r], 4).tolist())
+    return runs.mean(axis=0), runs.max(axis=0), runs
+
   def goal_for(trainer, state, t):
+    """``(goal of task t, state)``; fine-Avg / fine-Max goals of all tasks are set at task 0."""
     if cc.goal == "fixed":
-      return _per_task_goal(cc.goal_values, t)
-    temp = reference(_copy(state), jnp.int32(t), jnp.asarray(cc.goal == "finetune"),
+      return _per_task_goal(cc.goal_values, t), state
+    if fine_goal:
+      if t == 0:
+        avg, best, runs = finetune_goals(trainer, state)
+        goals = avg if cc.goal == "fine_avg" else best
+        state = trainer.apply(state, lambda s: set_goals(
+            s, jnp.asarray(goals, jnp.float32), jnp.asarray(runs, jnp.float32)))
+      return float(jax.device_get(state.method["goals"][t])), state
+    temp = reference(_copy(state), jnp.int32(t), jnp.asarray(cc.goal == "current_finetune"),
                      trainer.initial_params())
     temp = trainer.train(temp, t, epochs=int(cc.goal_epochs) or epochs,
                          phase=f"{cc.goal} reference", aux_lr=0.0)
     acc = trainer.evaluate(temp, t, split="val")
     del temp
-    return acc
+    return acc, state
 
   def compact(trainer, state, t, goal, met, acc0, level):
     """Gradual pruning in stages; returns (state, chosen sparsity, its validation accuracy)."""
@@ -530,7 +778,7 @@ def make(config, ctx: base.Context) -> base.Method:
   def run_task(trainer, state, t):
     tt = jnp.int32(t)
     state = trainer.apply(state, lambda s: begin(s, tt))
-    goal = goal_for(trainer, state, t)
+    goal, state = goal_for(trainer, state, t)
     level = int(jax.device_get(state.method["level"][t]))
     snap = _copy(state)
     attempts = 0
@@ -602,9 +850,12 @@ def make(config, ctx: base.Context) -> base.Method:
     params = jax.device_get(state.params)
     p_paths = masks.paths(params)
     weights = 0
+    bias_l = [bool(b) for b in jax.tree.leaves(bias_leaves)]
     for i, a in enumerate(alloc_l):
       if rows_l[i]:
         weights += sum(int(np.sum(a[j] <= lv_task[j])) for j in range(T))
+      elif bias_l[i]:  # one copy per task, at the task's level
+        weights += sum(int(np.sum(a <= lv_task[j])) for j in range(T))
       else:
         weights += int(np.sum(a <= final))
     bits_per = masks.ownership_bits(T) + (T if picking else 0)
@@ -647,6 +898,7 @@ def make(config, ctx: base.Context) -> base.Method:
         "val_final_per_task": stats["val_final"],
         "attempts_per_task": [int(a) for a in stats["attempts"]],
         "retrained_per_task": [int(r) for r in stats["retrained"]],
+        **({"goal_sequences_val": np.asarray(m["goal_runs"]).tolist()} if fine_goal else {}),
     }
 
   return base.Method(name=name, run_task=run_task, init_state=init_state, init_aux=init_aux,

@@ -41,6 +41,10 @@ FORGETS_NOTHING = True
 
 def make(config, ctx: base.Context) -> base.Method:
   """Independent per-task models; ``config.epochs`` and the base optimiser per task."""
+  if getattr(ctx.model, "norm", "none") == "batch":
+    raise ValueError("Individual models: norm='batch' shares BatchNorm running statistics across "
+                     "tasks, so earlier tasks would silently forget; use norm='task_batch' (the "
+                     "default) or 'batch_stats_only'")
   rows = ctx.task_rows
   T = ctx.num_tasks
 

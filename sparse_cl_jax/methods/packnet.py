@@ -43,6 +43,10 @@ def view(own, task, current):
 def make(config, ctx: base.Context) -> base.Method:
   """PackNet with ``config.packnet.{prune_fraction, retrain_epochs, retrain_lr}``."""
   pc = config.packnet
+  if getattr(ctx.model, "norm", "none") == "batch":
+    raise ValueError("PackNet: norm='batch' shares BatchNorm running statistics across "
+                     "tasks, so earlier tasks would silently forget; use norm='task_batch' (the "
+                     "default) or 'batch_stats_only'")
   frac = float(pc.prune_fraction)
   if not 0.0 <= frac < 1.0:
     raise ValueError(f"config.packnet.prune_fraction={frac} must be in [0, 1)")

@@ -143,6 +143,10 @@ def mask_lr_fn(lr: float, milestones, decay: float, epochs: int):
 def make(config, ctx: base.Context) -> base.Method:
   """Piggyback with ``config.piggyback.{mask_init, threshold, mask_lr, epochs, lr, ...}``."""
   pc = config.piggyback
+  if getattr(ctx.model, "norm", "none") == "batch":
+    raise ValueError("Piggyback: norm='batch' shares BatchNorm running statistics across "
+                     "tasks, so earlier tasks would silently forget; use norm='task_batch' (the "
+                     "default) or 'batch_stats_only'")
   spec, rows = ctx.spec, ctx.task_rows
   T = ctx.num_tasks
   thr = float(pc.threshold)
