@@ -7,11 +7,11 @@ Commands (``--config.<field>=...`` overrides any field):
   python experiments/main.py --config=configs/clnp.py:permuted_fashion_mnist_small \
       --workdir=/tmp/clnp_pfs
   python experiments/main.py --config=configs/clnp.py:permuted_mnist --workdir=/tmp/clnp_pm \
-      --config.data_dir=<TFDS data_dir with mnist prepared>
+      --config.data_dir=<dir with the MNIST IDX files, or a TFDS tree>
   python experiments/main.py --config=configs/clnp.py:cifar_narrow --workdir=/tmp/clnp_cn \
-      --config.data_dir=<TFDS data_dir with cifar100 prepared>
+      --config.data_dir=<dir with cifar-100-python.tar.gz, or a TFDS tree>
   python experiments/main.py --config=configs/clnp.py:cifar_wide --workdir=/tmp/clnp_cw \
-      --config.data_dir=<TFDS data_dir with cifar100 prepared>
+      --config.data_dir=<dir with cifar-100-python.tar.gz, or a TFDS tree>
 
 Presets:
 * (none): 5-task Split-Digits, task-IL, multi-head MLP 256x256, two-point grid. ~40 s on 2
@@ -22,7 +22,7 @@ Presets:
   2x2000 ReLU, Adam lr 0.002, batch 256, L1 alpha (1e-7, 1e-5, 1e-6) for the first, second and
   output layers, margin m = 0.05%. The paper does not state the epochs per task; we use 10.
   Paper: 98.42 +- 0.04 average accuracy vs 98.48 +- 0.05 single-task; 18% / 40% of the neurons
-  used after 10 tasks. Needs MNIST prepared for TFDS (no download here).
+  used after 10 tasks. Needs MNIST's IDX files or a TFDS tree in data_dir (README, "Data").
 * ``permuted_fashion_mnist``: the same on Fashion-MNIST (real data, ``make fashion-mnist``).
   Several hours on 2 CPU cores.
 * ``permuted_fashion_mnist_small``: what ``benchmarks/clnp_results.py`` measures on 2 CPU cores
