@@ -194,7 +194,7 @@ runpy.run_path({str(_REPO / "experiments" / "main.py")!r}, run_name="__main__")
     proc = subprocess.Popen(
         [sys.executable, str(child), f"--config={_REPO / 'configs' / 'packnet.py'}:runlocal",
          f"--workdir={workdir}", *LAUNCH_FLAGS], stdout=log, stderr=subprocess.STDOUT,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(_REPO)})
   try:
     deadline = time.time() + 300
     while not mark.exists():
@@ -280,7 +280,7 @@ def test_diverging_launcher_run_exits_nonzero_in_one_line(tmp_path):
          f"--config={_REPO / 'configs' / 'finetune.py'}:runlocal", f"--workdir={tmp_path}",
          *LAUNCH_FLAGS, "--config.learning_rate=1e8"]
   out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False,
-                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                       env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(_REPO)})
   assert out.returncode == 1, out.stderr[-3000:]
   last = out.stderr.strip().splitlines()[-1]
   assert last.startswith("error: training diverged at task 1 train epoch 1/2: mean loss "), last
