@@ -215,7 +215,7 @@ def _run_open(config, workdir: str, ckpt: checkpoint.Checkpointer, saved: dict, 
     if bad is not None:
       raise reliability.DivergenceError(
           f"training diverged: the state to checkpoint at {_describe_position(meta)} holds NaN or "
-          f"inf in {bad}; not saved")
+          f"inf in {bad}; not saved", reliability.NONFINITE_ADVICE)
     step = (ckpt.latest_step() or 0) + 1
     meta = {**progress, **meta}
     ckpt.save(step, host, meta)

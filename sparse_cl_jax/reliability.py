@@ -48,6 +48,7 @@ LOCK_FILE = "run.lock"
 DEFAULT_DIVERGENCE_THRESHOLD = 1e4
 _ADVICE = ("lower --config.learning_rate (with a new --workdir), or raise "
            "--config.divergence_threshold (0 checks only for NaN/inf)")
+NONFINITE_ADVICE = "lower --config.learning_rate (with a new --workdir)"
 
 
 class FaultError(RuntimeError):
@@ -119,10 +120,11 @@ def check_loss(loss: float, config, *, task: int, phase: str, epoch: int, epochs
   threshold = divergence_threshold(config)
   if math.isfinite(loss) and (threshold <= 0 or loss <= threshold):
     return
-  why = ("is not finite" if not math.isfinite(loss)
-         else f"> config.divergence_threshold={threshold:g}")
+  finite = math.isfinite(loss)
+  why = f"> config.divergence_threshold={threshold:g}" if finite else "is not finite"
   raise DivergenceError(f"training diverged at task {task + 1} {phase} epoch {epoch + 1}/{epochs}: "
-                        f"mean loss {loss:.4g} {why}; stopped before checkpointing this epoch")
+                        f"mean loss {loss:.4g} {why}; stopped before checkpointing this epoch",
+                        _ADVICE if finite else NONFINITE_ADVICE)
 
 
 def first_nonfinite(leaves_with_paths) -> str | None:

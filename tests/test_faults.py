@@ -322,6 +322,7 @@ def test_nonfinite_state_is_never_checkpointed(tmp_path, monkeypatch):
   message = str(info.value)
   assert "\n" not in message and "holds NaN or inf in params/" in message
   assert "not saved" in message and "no checkpoint was written" in message
+  assert message.endswith(reliability.NONFINITE_ADVICE)
   assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
 
 
@@ -336,7 +337,8 @@ def test_check_loss_thresholds():
       reliability.check_loss(bad, c, **where)
   c.divergence_threshold = 0
   reliability.check_loss(1e30, c, **where)
-  with pytest.raises(reliability.DivergenceError, match="is not finite"):
+  with pytest.raises(reliability.DivergenceError, match="is not finite") as info:
     reliability.check_loss(float("nan"), c, **where)
+  assert "learning_rate" in str(info.value) and "divergence_threshold (" not in str(info.value)
   assert reliability.first_nonfinite([("a", np.ones(2)), ("b", np.arange(3))]) is None
   assert reliability.first_nonfinite([("a", np.ones(2)), ("b", np.array([1.0, np.nan]))]) == "b"
