@@ -17,6 +17,8 @@ from sparse_cl_jax import sparsity
 from sparse_cl_jax import topk
 from sparse_cl_jax import transforms
 from sparse_cl_jax import types
+from sparse_cl_jax.growth import TiedGrowthWarning
+from sparse_cl_jax.growth import apply_topology
 from sparse_cl_jax.growth import drop_and_grow
 from sparse_cl_jax.growth import regrow
 from sparse_cl_jax.growth import reset_moments
