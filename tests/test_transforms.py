@@ -172,8 +172,10 @@ WRAPPERS = {
                      mask_compatible_extra_args=compat),
         optax.masked(optax.sgd(0.1), {"conv": {"kernel": False, "bias": True},
                                       "head": {"kernel": False}})),
+    # Prefix masks: a whole subtree is left out (one MaskedNode in place of a dict).
     "masked_prefix": lambda compat: optax.chain(
-        optax.masked(_inner(), {"conv": True, "head": True}, mask_compatible_extra_args=compat)),
+        optax.masked(_inner(), {"conv": True, "head": False}, mask_compatible_extra_args=compat),
+        optax.masked(_inner(), {"conv": False, "head": True}, mask_compatible_extra_args=compat)),
 }
 
 
