@@ -218,6 +218,12 @@ class WorkdirLock:
     os.pwrite(fd, (json.dumps(_holder_info()) + "\n").encode("utf-8"), 0)
     self._fd = fd
 
+  def __del__(self):  # A holder dropped without release() (e.g. an unclosed Checkpointer).
+    try:
+      self.release()
+    except Exception:  # pylint: disable=broad-except  # interpreter shutdown
+      pass
+
   def release(self) -> None:
     """Releases the lock (empties the file first: an empty file means a clean end)."""
     if self._fd is None:

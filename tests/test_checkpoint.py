@@ -417,3 +417,10 @@ def test_lock_left_by_an_ended_process_does_not_block(tmp_path):
   with checkpoint.Checkpointer(tmp_path, fingerprint=FINGERPRINT) as ckpt:
     assert ckpt._lock.previous == stale
     assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
+
+
+def test_dropped_checkpointer_releases_the_lock(tmp_path):
+  ckpt = checkpoint.Checkpointer(tmp_path, fingerprint=FINGERPRINT)
+  ckpt._manager.close()
+  del ckpt  # Never closed: the lock goes with the object.
+  checkpoint.Checkpointer(tmp_path, fingerprint=FINGERPRINT).close()
