@@ -94,8 +94,9 @@ def _mask_from(extra_args: dict, mask_arg: str, who: str, updates) -> list:
     if _is_masked_node(u):
       out.append(None)
       continue
-    if not hasattr(m, "shape") or tuple(jnp.shape(m)) != tuple(jnp.shape(u)):
-      shape = tuple(jnp.shape(m)) if hasattr(m, "shape") else type(m).__name__
+    is_leaf = jax.tree_util.treedef_is_leaf(jax.tree.structure(m))
+    if not is_leaf or tuple(jnp.shape(m)) != tuple(jnp.shape(u)):
+      shape = tuple(jnp.shape(m)) if is_leaf else f"a {type(m).__name__} subtree"
       bad.append(f"{name}: {shape} vs params {tuple(jnp.shape(u))}")
     out.append(m)
   if bad:
