@@ -280,8 +280,8 @@ def reset_moments(tx: optax.GradientTransformation, opt_state, changed: types.Ma
   try:
     # Locating with tx needs tx.init to accept optax's params placeholder.
     optax.tree.map_params(tx, lambda x: x, opt_state, is_leaf=_is_masked_node)
-  except Exception:  # pylint: disable=broad-except  # any failure of a user's init on it
-    located = False
+  except (AssertionError, AttributeError, IndexError, KeyError, TypeError, ValueError):
+    located = False  # e.g. a label function that walks the params as a dict
   else:
     located = True
   if located:

@@ -40,7 +40,6 @@ import jax.numpy as jnp
 import optax
 
 from sparse_cl_jax import masks as masks_lib
-from sparse_cl_jax import types
 
 
 def _is_masked_node(x) -> bool:
@@ -54,7 +53,10 @@ def _describe_mismatch(updates, mask) -> str:
   u_paths = {masks_lib.path_str(p) for p, _ in flat_u}
   m_paths = {masks_lib.path_str(p)
              for p, _ in jax.tree_util.tree_flatten_with_path(mask, is_leaf=_is_masked_node)[0]}
-  under = lambda q, roots: any(q == r or q.startswith(r + "/") for r in roots)  # noqa: E731
+
+  def under(q, roots):
+    return any(q == r or q.startswith(r + "/") for r in roots)
+
   missing = sorted(q for q in u_paths - m_paths if not under(q, left_out)
                    and not any(m.startswith(q + "/") for m in m_paths))
   extra = sorted(q for q in m_paths - u_paths if not under(q, left_out))

@@ -137,7 +137,7 @@ def _blocked_gradient_case():
   params = {"w": jax.random.normal(k1, (8, 6))}
   x = jax.random.normal(k2, (16, 8))
   mask = {"w": jnp.asarray(np.random.default_rng(0).random((8, 6)) < 0.3)}
-  loss = lambda p: jnp.mean(jnp.tanh(x @ p["w"]) ** 2)  # noqa: E731
+  loss = lambda p: jnp.mean(jnp.tanh(x @ p["w"]) ** 2)
   blocked = jax.grad(lambda p: loss(masks.apply(p, mask)))(params)
   return params, mask, loss, blocked
 

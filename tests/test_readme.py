@@ -27,7 +27,7 @@ def test_readme_has_the_transforms_snippet():
   assert imports and not any("train" in line or "experiment" in line for line in imports)
   # The RigL growth must not score candidates with a gradient taken through masks.apply (zero at
   # every inactive position), and the snippet must check that it grew the top-|grad| candidates.
-  growth_call = [line for line in snippet.splitlines() if "drop_and_grow" in line][0]
+  growth_call = next(line for line in snippet.splitlines() if "drop_and_grow" in line)
   assert "grads=" not in growth_call
   assert re.search(r"assert .*res\.grown.*\.min\(\) > .*\.max\(\)", snippet)
 

@@ -12,14 +12,14 @@ threefry, which keeps this module short.
 
 import warnings
 
-from flax import linen as nn
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from flax import linen as nn
+from flax import traverse_util
 
 from sparse_cl_jax import criteria, growth, masks, schedules, sparsity, topk, transforms
 
@@ -178,7 +178,7 @@ def test_rigl_growth_by_dense_gradient_with_moment_reset(setup):
   params, stats, opt_state, sparse = s["params"], s["stats"], tx.init(s["params"]), s["sparse"]
   for _ in range(3):
     params, stats, opt_state = step(params, stats, opt_state, sparse, s["frozen"])
-  loss = lambda p: plain_loss(p, stats)[0]  # noqa: E731
+  loss = lambda p: plain_loss(p, stats)[0]
 
   # The pattern that used to grow the first inactive positions now says so.
   blocked = jax.jit(jax.grad(lambda p: loss(masks.apply(p, sparse))))(params)
@@ -214,7 +214,7 @@ def test_rigl_growth_by_dense_gradient_with_moment_reset(setup):
   params = growth.apply_topology(params, res)
   opt_state = jax.jit(lambda st, c: growth.reset_moments(tx, st, c))(opt_state, res.changed)
   adam = opt_state.inner_states["decay"].inner_state[0][0]  # the kernels' Adam (adamw's first)
-  is_node = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+  is_node = lambda x: isinstance(x, optax.MaskedNode)
   for moments in (adam.mu, adam.nu):
     checked = 0
     for c, mom in zip(jax.tree.leaves(res.changed), jax.tree.leaves(moments, is_leaf=is_node)):
