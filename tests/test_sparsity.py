@@ -151,7 +151,7 @@ def test_traced_counts_equal_host_counts(distribution):
       assert sum(x["kernel"] for x in host.values()) == sparsity.kept_total(float(s), n)
 
 
-def test_traced_counts_with_overrides_and_hand_computed_erk():
+def test_traced_counts_with_overrides_and_hand_computed_erk(strict_dtypes):
   params = _model()
   f = jax.jit(lambda s: sparsity.target_counts(params, s, distribution="erk",
                                                overrides={r"dense_0": 0.5}))
@@ -166,7 +166,7 @@ def test_traced_counts_with_overrides_and_hand_computed_erk():
   assert (int(traced["conv_0"]["kernel"]), int(traced["dense_0"]["kernel"])) == (18, 68)
 
 
-def test_traced_values_are_clipped_as_documented():
+def test_traced_values_are_clipped_as_documented(strict_dtypes):
   params, spec = _three_vectors()
   f = jax.jit(lambda s: sparsity.uniform_counts(params, s, spec))
   assert jax.tree.leaves(jax.tree.map(int, f(jnp.float32(1.5)))) == [0, 0, 0]
