@@ -68,6 +68,15 @@ def base(method: str) -> ml_collections.ConfigDict:
   # is above this or not finite; 0 = stop only on NaN/inf. Not part of the run's fingerprint.
   c.divergence_threshold = 1e4
   c.progress = True
+  # Execution (none of these changes results): how an epoch's batches are looped ("auto",
+  # "device" = lax.fori_loop per chunk, "host" = one jitted step per batch; see runtime.py) and
+  # the persistent compilation cache ("" = $SPARSE_CL_JAX_CACHE_DIR or ~/.cache/sparse_cl_jax/xla,
+  # "none" = off, or a directory).
+  c.epoch_loop = "auto"
+  # Arithmetic of the forward/backward pass: "float32", or "bfloat16" (mixed precision: params,
+  # gradients, optimiser state and running statistics stay float32). Changes results slightly.
+  c.compute_dtype = "float32"
+  c.compilation_cache = ""
   return c
 
 
@@ -130,6 +139,10 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check_choice(c, "incremental", INCREMENTAL)
   _check_choice(c, "optimizer", OPTIMIZERS)
   _check_choice(c, "norm", NORMS)
+  if "epoch_loop" in c:
+    _check_choice(c, "epoch_loop", ("auto", "device", "host"))
+  if "compute_dtype" in c:
+    _check_choice(c, "compute_dtype", ("float32", "bfloat16"))
   for field in ("num_tasks", "batch_size", "eval_batch_size", "learning_rate",
                 "width_multiplier"):
     _check_positive(c, field)

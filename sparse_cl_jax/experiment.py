@@ -44,11 +44,12 @@ from sparse_cl_jax import methods
 from sparse_cl_jax import metrics
 from sparse_cl_jax import models
 from sparse_cl_jax import reliability
+from sparse_cl_jax import runtime
 from sparse_cl_jax import train
 from sparse_cl_jax.methods import base
 
 # Fields that may change between a run and its resumption.
-_NOT_FINGERPRINTED = ("progress", "checkpoint_every_epochs")
+_NOT_FINGERPRINTED = ("progress", "checkpoint_every_epochs", "epoch_loop", "compilation_cache")
 # The divergence threshold only decides whether a run stops: raising it lets a stopped run resume.
 _NOT_FINGERPRINTED += ("divergence_threshold",)
 
@@ -100,6 +101,7 @@ def build_model(config, stream: data_lib.TaskStream):
 def build(config, *, source=None, save_fn=None):
   """Stream, model, context, method and trainer for a config (no training)."""
   config_lib.validate(config)
+  runtime.enable_compilation_cache(config.get("compilation_cache") or None)
   stream = build_stream(config, source)
   model = build_model(config, stream)
   key = jax.random.key(config.seed)

@@ -86,3 +86,48 @@ def epoch_loop(requested: str = 'auto') -> str:
   if requested != 'auto':
     return requested
   return 'device'
+
+
+DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser('~'), '.cache', 'sparse_cl_jax', 'xla')
+_cache_dir: list[str | None] = [None]
+
+
+def compilation_cache_dir(requested: str | None = None) -> str | None:
+  """The directory :func:`enable_compilation_cache` uses for ``requested``.
+
+  ``None`` or ``''``: ``$SPARSE_CL_JAX_CACHE_DIR`` if set, else :data:`DEFAULT_CACHE_DIR`
+  (``~/.cache/sparse_cl_jax/xla``); ``'none'`` (or ``SPARSE_CL_JAX_CACHE_DIR=none``): no cache.
+  """
+  path = requested or os.environ.get('SPARSE_CL_JAX_CACHE_DIR') or DEFAULT_CACHE_DIR
+  if path.lower() in ('none', 'off', '0'):
+    return None
+  return os.path.abspath(os.path.expanduser(path))
+
+
+def enable_compilation_cache(requested: str | None = None) -> str | None:
+  """Turns JAX's persistent compilation cache on at :func:`compilation_cache_dir` (requested).
+
+  Every executable that took at least 0.2 s to compile is written there and loaded instead of
+  compiled by any later process that builds the same program (same shapes, same config, same
+  jax/jaxlib and backend). Returns the directory, or ``None`` when turned off. Calling it again
+  with another directory moves the cache; with ``'none'`` it turns the cache off.
+
+  The cache is trusted code: do not point it at a directory others can write to.
+  """
+  from jax.experimental.compilation_cache import compilation_cache as cc  # pylint: disable=g-import-not-at-top
+  path = compilation_cache_dir(requested)
+  if path == _cache_dir[0]:
+    return path
+  if path is None:
+    jax.config.update('jax_compilation_cache_dir', None)
+  else:
+    try:
+      os.makedirs(path, exist_ok=True)
+    except OSError as e:
+      raise ValueError(f'compilation cache directory {path!r} cannot be created ({e}); set '
+                       'config.compilation_cache to a writable directory or to "none"') from e
+    jax.config.update('jax_compilation_cache_dir', path)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
+  cc.reset_cache()  # JAX decides once per process whether to use a cache: decide again
+  _cache_dir[0] = path
+  return path

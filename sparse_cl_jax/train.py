@@ -33,6 +33,7 @@ import tqdm
 
 from sparse_cl_jax import data as data_lib
 from sparse_cl_jax import reliability
+from sparse_cl_jax import runtime
 from sparse_cl_jax import types
 from sparse_cl_jax.methods import base
 
@@ -118,6 +119,8 @@ class Trainer:
     self.tx = method.wrap_tx(make_base_tx(config))
     self.aux_tx = method.aux_tx or optax.identity()
     self.batch_size = int(config.batch_size)
+    self.compute_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[
+        config.get("compute_dtype", "float32")]
     self.eval_batch_size = int(config.eval_batch_size)
     self.key = jax.random.key_data(jax.random.key(config.seed))
     self.run_meta: dict = {}
@@ -147,7 +150,9 @@ class Trainer:
     self.test_data = self._to_device("test", pad_to=n_eval)
     self.head_mask = self.put(jnp.asarray(stream.head_mask))
 
+    self.loop = runtime.epoch_loop(config.get("epoch_loop", "auto"))
     self._run_steps = jax.jit(self._run_steps_impl, donate_argnums=(0,))
+    self._host_step = jax.jit(self._host_step_impl, donate_argnums=(0, 1))
     self._eval_counts = jax.jit(self._eval_counts_impl)
     self._permutation = jax.jit(data_lib.epoch_permutation, static_argnums=(2,))
 
@@ -220,6 +225,14 @@ class Trainer:
     if self.has_batch_stats:
       variables["batch_stats"] = batch_stats
     x = self.stream.normalize(x)
+    if self.compute_dtype != jnp.float32:
+      # Mixed precision: the forward and backward passes compute in compute_dtype; params, their
+      # gradients (the transpose of this cast), the optimiser state, running statistics and the
+      # loss stay float32.
+      variables["params"] = jax.tree.map(
+          lambda p: p.astype(self.compute_dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p,
+          fp)
+      x = x.astype(self.compute_dtype)
     rngs = {}
     if train:  # dropout (CLNP's convnet): a key per global step, identical when replayed
       rngs["dropout"] = jax.random.fold_in(
@@ -231,7 +244,7 @@ class Trainer:
     else:
       logits = self.model.apply(variables, x, task=task, train=train, rngs=rngs)
       new_stats = batch_stats
-    return logits, new_stats
+    return logits.astype(jnp.float32), new_stats
 
   def _mask_logits(self, logits, head_task):
     if not self.class_il:
@@ -272,23 +285,44 @@ class Trainer:
                          aux_opt_state=aux_opt_state, step=state.step + 1)
     return new, jnp.stack([loss * jnp.sum(w), correct, jnp.sum(w)])
 
+  def _batch_step(self, state: TrainState, data: TaskData, perm, b, task, lr, aux_lr):
+    """Batch ``b`` of the epoch order ``perm``: gather it on the device, one training step."""
+    idx, valid = data_lib.batch_indices(perm, b, self.batch_size, data.n)
+    idx = self._shard_batch(idx)
+    x = jnp.take(data.x, idx, axis=0)
+    y = jnp.take(data.y, idx, axis=0)
+    w = self._shard_batch(valid.astype(jnp.float32))
+    return self._train_step(state, x, y, w, task, lr, aux_lr)
+
   def _run_steps_impl(self, state: TrainState, data: TaskData, perm, first, count, task, lr,
                       aux_lr):
     """Batches ``first .. first + count - 1`` of the epoch order ``perm`` (one XLA loop)."""
     self.trace_counts["run_steps"] += 1
-    bs = self.batch_size
 
     def body(i, carry):
       st, totals = carry
-      idx, valid = data_lib.batch_indices(perm, first + i, bs, data.n)
-      idx = self._shard_batch(idx)
-      x = jnp.take(data.x, idx, axis=0)
-      y = jnp.take(data.y, idx, axis=0)
-      w = self._shard_batch(valid.astype(jnp.float32))
-      st, stats = self._train_step(st, x, y, w, task, lr, aux_lr)
+      st, stats = self._batch_step(st, data, perm, first + i, task, lr, aux_lr)
       return st, totals + stats
 
     return jax.lax.fori_loop(0, count, body, (state, jnp.zeros(3, jnp.float32)))
+
+  def _host_step_impl(self, state: TrainState, totals, data: TaskData, perm, b, task, lr,
+                      aux_lr):
+    """One batch as its own jitted call (the ``'host'`` epoch loop); stats summed on device."""
+    self.trace_counts["host_step"] += 1
+    state, stats = self._batch_step(state, data, perm, b, task, lr, aux_lr)
+    return state, totals + stats
+
+  def _steps(self, state: TrainState, data: TaskData, perm, first: int, count: int, task, lr,
+             aux_lr):
+    """Runs ``count`` batches from ``first`` with the loop :func:`runtime.epoch_loop` chose."""
+    if self.loop == "device":
+      return self._run_steps(state, data, perm, jnp.int32(first), jnp.int32(count), task, lr,
+                             aux_lr)
+    totals = jnp.zeros(3, jnp.float32)
+    for b in range(first, first + count):
+      state, totals = self._host_step(state, totals, data, perm, jnp.int32(b), task, lr, aux_lr)
+    return state, totals
 
   def _eval_counts_impl(self, state: TrainState, data: TaskData, view_task, current, head_task):
     """(correct, total) over the valid rows of ``data`` with the method's view of ``view_task``."""
@@ -395,8 +429,7 @@ class Trainer:
         chunk = nb - b
         if hook is not None and hook_every > 0:
           chunk = min(chunk, hook_every - steps_done % hook_every)
-        state, stats = self._run_steps(state, data, perm, jnp.int32(b), jnp.int32(chunk), task,
-                                       lr_e, aux_e)
+        state, stats = self._steps(state, data, perm, b, chunk, task, lr_e, aux_e)
         totals += np.asarray(stats)
         b += chunk
         steps_done += chunk
