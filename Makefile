@@ -31,7 +31,8 @@ fashion-mnist:
 
 bench: $(STAMP) fashion-mnist
 	$(BIN)/python benchmarks/core_overhead.py
-	$(BIN)/python benchmarks/epoch_time.py
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/python benchmarks/peer_pytorch.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check sparse_cl_jax tests experiments configs benchmarks

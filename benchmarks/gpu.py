@@ -13,8 +13,9 @@ subprocess, so compile time and peak memory are its own. Measured:
 * compile: first epoch minus a steady epoch (tracing + XLA compilation of the epoch loop);
 * step time and images/s: a steady epoch of task 0 (the library's jitted epoch loop);
 * eval images/s: the accuracy of one task's test split;
-* FLOPs per step: XLA's cost analysis of the compiled epoch loop (it counts the loop body, one
-  training step, once); MFU = FLOPs per step /
+* FLOPs per step: counted from the jaxpr of one training step (2 per multiply-add of every
+  convolution and matrix product, forward and backward; XLA's own cost analysis cannot be used
+  on GPU, where convolutions and GEMMs are library calls it counts as zero); MFU = FLOPs per step /
   step time / the chip's dense bf16 peak (H100 SXM / H200: 989 TFLOP/s);
 * peak memory: the device allocator's peak;
 * protocol estimate: the protocol's training images (every phase of every task, from the
@@ -44,6 +45,7 @@ for _mod, _dir in (("ml_collections", ".gpu_deps"), ("tqdm", ".gpu_deps")):
     sys.path.append(os.path.join(ROOT, _dir))
 
 from absl import app  # pylint: disable=g-import-not-at-top
+import jax  # pylint: disable=g-import-not-at-top
 from absl import flags  # pylint: disable=g-import-not-at-top
 
 _PROTOCOLS = flags.DEFINE_list(
@@ -76,6 +78,38 @@ def _config(name: str):
   return mod.get_config(preset)
 
 
+def jaxpr_flops(jaxpr) -> float:
+  """2 x multiply-adds of every convolution and dot in ``jaxpr`` (sub-jaxprs included; a loop
+  body counted once)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "conv_general_dilated":
+      out = eqn.outvars[0].aval.shape
+      rhs = eqn.invars[1].aval.shape
+      dn = eqn.params["dimension_numbers"]
+      k_in = rhs[dn.rhs_spec[1]]
+      k_sp = np.prod([rhs[d] for d in dn.rhs_spec[2:]])
+      total += 2.0 * np.prod(out) * k_in * k_sp  # grouped convs: k_in is already per group
+    elif name == "dot_general":
+      (lc, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs[d] for d in lc])
+    for sub in _subjaxprs(eqn):
+      total += jaxpr_flops(sub)
+  return float(total)
+
+
+def _subjaxprs(eqn):
+  for v in eqn.params.values():
+    for item in (v if isinstance(v, (list, tuple)) else (v,)):
+      if hasattr(item, "jaxpr") and hasattr(item.jaxpr, "eqns"):
+        yield item.jaxpr
+      elif hasattr(item, "eqns"):
+        yield item
+
+
 def protocol_images(config, stream) -> tuple[int, int]:
   """(training images, evaluated images) of the whole protocol as the preset configures it."""
   n_train = [int(n) for n in stream.n_train]
@@ -98,7 +132,6 @@ def protocol_images(config, stream) -> tuple[int, int]:
 
 
 def measure(name: str, dtype: str) -> dict:
-  import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from sparse_cl_jax import data as data_lib  # pylint: disable=g-import-not-at-top
@@ -157,21 +190,13 @@ def measure(name: str, dtype: str) -> dict:
     trainer.accuracy(state, 0, split="test", current=0)
   eval_s = (time.perf_counter() - t0) / 3
   n_eval0 = int(stream.n_test[0])
-  # FLOPs of one training step, from XLA's cost analysis of the single-step executable.
-  flops = float("nan")
-  try:
-    data = trainer.task_data(0)
-    perm = trainer._permutation(trainer.op_key(0), data.n, int(data.x.shape[0]))  # pylint: disable=protected-access
-    # The epoch loop's executable (already compiled: a cache hit); XLA's cost analysis counts a
-    # while-loop body once, i.e. one training step.
-    lowered = trainer._run_steps.lower(  # pylint: disable=protected-access
-        state, data, perm, jnp.int32(0), jnp.int32(1), jnp.int32(0), jnp.float32(0.01),
-        jnp.float32(0.0))
-    ca = lowered.compile().cost_analysis()
-    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-    flops = float(ca.get("flops", float("nan")))
-  except Exception as e:  # pylint: disable=broad-except
-    print(f"cost analysis unavailable: {e!r}", file=sys.stderr)
+  # FLOPs of one training step, from its jaxpr.
+  data = trainer.task_data(0)
+  perm = trainer._permutation(trainer.op_key(0), data.n, int(data.x.shape[0]))  # pylint: disable=protected-access
+  jaxpr = jax.make_jaxpr(trainer._host_step_impl)(  # pylint: disable=protected-access
+      state, jnp.zeros(3, jnp.float32), data, perm, jnp.int32(0), jnp.int32(0),
+      jnp.float32(0.01), jnp.float32(0.0))
+  flops = jaxpr_flops(jaxpr.jaxpr)
   stats = dev.memory_stats() or {}
   peak = stats.get("peak_bytes_in_use")
   kind = dev.device_kind

@@ -38,6 +38,8 @@ from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Before anything starts JAX's backends: the library's XLA:CPU settings (runtime.py) apply then.
+from sparse_cl_jax import runtime  # noqa: E402  pylint: disable=g-import-not-at-top
 
 _NETS = flags.DEFINE_list("nets", ["convnet", "mlp256", "mlp2000"], "Networks to compare.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed epochs per side and net (median).")
@@ -287,7 +289,8 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   print(f"jax {jax.__version__} backend {jax.default_backend()} | torch {torch.__version__} "
-        f"threads {torch.get_num_threads()} | cpus {os.cpu_count()} | dataset {_DATASET.value}")
+        f"threads {torch.get_num_threads()} | cpus {os.cpu_count()} | dataset {_DATASET.value} | "
+        f"XLA:CPU tuned {runtime.XLA_CPU_TUNED} | fast ops {runtime.fast_ops()}")
   rows = []
   for net in _NETS.value:
     r = epoch_times(net)
