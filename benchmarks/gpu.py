@@ -57,12 +57,16 @@ _FMNIST = flags.DEFINE_string("fmnist_dir", "", "Directory with the Fashion-MNIS
 _ONE = flags.DEFINE_string("one", "", "internal: 'protocol,dtype' for a subprocess.")
 _OUT = flags.DEFINE_string("out", "", "Append JSON lines here.")
 _TIMEOUT = flags.DEFINE_integer("timeout", 240, "Seconds per (protocol, dtype) subprocess.")
+_XLA_FLAGS = flags.DEFINE_string("extra_xla_flags", "", "Appended to XLA_FLAGS of the runs.")
 
 # name: (config module, preset, image shape, classes, train size, test size)
 PROTOCOLS = {
     "cpg_cifar100": ("cpg", "cifar100", (32, 32, 3), 100, 50000, 10000),
     "dst_cifar100_10": ("dst_cl", "cifar100_10", (32, 32, 3), 100, 50000, 10000),
     "clnp_mlp2000": ("clnp", "permuted_mnist", (28, 28, 1), 10, 60000, 10000),
+    # CPG's network, batch and optimiser with plain fine-tuning: the method's own cost per step
+    # is the difference to cpg_cifar100.
+    "finetune_vgg16_cifar100": ("cpg", "cifar100", (32, 32, 3), 100, 50000, 10000),
 }
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -75,7 +79,11 @@ def _config(name: str):
                                                                      f"{module}.py"))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  return mod.get_config(preset)
+  config = mod.get_config(preset)
+  if name.startswith("finetune_"):
+    config.method = "finetune"
+    config.norm = "task_batch"
+  return config
 
 
 def jaxpr_flops(jaxpr) -> float:
@@ -262,8 +270,11 @@ def main(argv):
       cmd = [sys.executable, os.path.abspath(__file__), f"--one={name},{dtype}",
              f"--smoke={_SMOKE.value}"]
       t0 = time.perf_counter()
+      env = dict(os.environ)
+      if _XLA_FLAGS.value:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + _XLA_FLAGS.value).strip()
       try:
-        p = subprocess.run(cmd, capture_output=True, text=True, check=False,
+        p = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env,
                            timeout=_TIMEOUT.value)
       except subprocess.TimeoutExpired:
         _emit({"protocol": name, "dtype": dtype, "error": f"timeout {_TIMEOUT.value} s"})
@@ -274,6 +285,7 @@ def main(argv):
         continue
       rec = json.loads(lines[-1][len("RESULT "):])
       rec["process_s"] = time.perf_counter() - t0
+      rec["extra_xla_flags"] = _XLA_FLAGS.value
       _emit(rec)
   if _ACCURACY.value:
     for rec in accuracy_effect(_FMNIST.value):
