@@ -1,4 +1,4 @@
-"""DST for CL sweep: init x growth x sparsity x seeds, one table of mean +- std (paper Tables 1-4).
+r"""DST for CL sweep: init x growth x sparsity x seeds, one table of mean +- std (paper Tables 1-4).
 
   python experiments/dst_sweep.py --workdir=/tmp/dst_sweep
   python experiments/dst_sweep.py --workdir=/tmp/dst_sweep --seeds=0,1,2 \
@@ -24,16 +24,15 @@ import platform
 import sys
 import time
 
-from absl import app
 from absl import flags
-from ml_collections import config_flags
 import jax
 import numpy as np
 
+from sparse_cl_jax import cli
 from sparse_cl_jax import experiment
 from sparse_cl_jax import reliability
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = cli.define_config(
     "config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "configs", "dst_cl.py") + ":fashion_mnist",
     "Base config (configs/dst_cl.py:<preset>).")
@@ -43,7 +42,6 @@ _GROWTHS = flags.DEFINE_list("growths", ["random", "unfired", "gradient", "momen
                              "Growth modes (and 'adaptive': random, then gradient).")
 _SPARSITIES = flags.DEFINE_list("sparsities", ["0.8", "0.9", "0.95"], "Per-task sparsities.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds.")
-flags.mark_flags_as_required(["workdir"])
 
 METRICS = (("ACC", "acc"), ("BWT", "bwt"), ("FWT", "fwt"))
 
@@ -127,4 +125,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, required=("workdir",))

@@ -1,42 +1,41 @@
-"""Runs one continual-learning experiment from a config file.
+r"""Runs one continual-learning experiment from a config file.
 
   python experiments/main.py --config=configs/packnet.py --workdir=/tmp/packnet
   python experiments/main.py --config=configs/packnet.py:runlocal --workdir=/tmp/pn \
       --config.epochs=3 --config.seed=1
+  python experiments/main.py --config=configs/cpg.py:runlocal --workdir=/tmp/cpg_vgg \
+      --config.model=vgg16_bn --config.model_kwargs.fc_layers=true --config.dataset=cifar10
+  python experiments/main.py --config=configs/cpg.py:cifar100 --help   # every field and its value
+  python experiments/main.py --config=configs/packnet.py --config.epochs=3 --print_config
 
-Re-running with the same --workdir resumes an interrupted run; a finished run is refused unless
---overwrite (which moves it aside). Results: WORKDIR/results.json.
+--config.FIELD=VALUE sets any field of the config (--config.model_kwargs.FIELD=VALUE any field of
+its model). Re-running with the same --workdir resumes an interrupted run; a finished run is
+refused unless --overwrite (which moves it aside). The run writes WORKDIR/results.json,
+WORKDIR/metrics.csv and WORKDIR/tensorboard/ (per epoch), WORKDIR/plots/*.png, and prints where.
 
-Faults end with one line on stderr and exit status 1: a diverging loss
-(--config.divergence_threshold), a --workdir another process is using, no valid checkpoint left.
-A corrupt checkpoint is set aside (WORKDIR/corrupt-checkpoints) and the run resumes from the
-newest valid one.
+Errors end with one line on stderr: exit status 2 for a command-line mistake (nothing ran), 1 for
+a fault of the run: a diverging loss (--config.divergence_threshold), a --workdir another process
+is using, no valid checkpoint left. A corrupt checkpoint is set aside
+(WORKDIR/corrupt-checkpoints) and the run resumes from the newest valid one.
 """
 
-import sys
-
-from absl import app
 from absl import flags
-from ml_collections import config_flags
 
+from sparse_cl_jax import cli
 from sparse_cl_jax import experiment
-from sparse_cl_jax import reliability
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<method>.py).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and results.json go.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Move a finished run in --workdir aside.")
+_CONFIG = cli.define_config("config", None, "Config file and preset: configs/<method>.py[:<preset>]"
+                            " (the presets are in the file's docstring).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, plots, results.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Move a run in --workdir aside and start again.")
 _STOP_AFTER = flags.DEFINE_integer("stop_after_task", None, "Stop after this many tasks.")
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   del argv
-  try:
-    experiment.run(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value,
-                   stop_after_task=_STOP_AFTER.value)
-  except reliability.FaultError as e:  # already one line naming the fault and what to do
-    sys.exit(f"error: {e}")
+  experiment.run(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value,
+                 stop_after_task=_STOP_AFTER.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, required=("config", "workdir"))

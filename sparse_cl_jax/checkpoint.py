@@ -4,7 +4,9 @@ Layer 5 of the design (harness), and the only module of the package that imports
 lives in one ``workdir``::
 
   workdir/
-    run.json              {"fingerprint": {...}, "created": "..."}   written once, atomically
+    run.json              {"fingerprint": {...}, "created": "..."}   written atomically with the
+                          first checkpoint (or results.json): an attempt that saved nothing
+                          binds the workdir to nothing
     run.lock              held (flock) by the process that has the run open; see reliability.py
     checkpoints/<step>/   orbax step directories: "state" (the arrays), "meta" (JSON) and
                           "checksums.json" (SHA-256 of every file of "state" and "meta")
@@ -15,9 +17,13 @@ lives in one ``workdir``::
 Conventions:
 
 * ``fingerprint``: a JSON-able dict that identifies the run, normally the config as a dict plus the
-  method name (``{**config.to_dict(), 'method': 'packnet'}``). A workdir refuses a different
-  fingerprint, so a resumed run never mixes configs; flags that do not change results (progress
-  bars, logging) go into ``ignore_keys``. Nested dicts are compared key by key (``model.width``).
+  method name (``{**config.to_dict(), 'method': 'packnet'}``). A workdir that holds a checkpoint
+  refuses a different fingerprint, naming the differing keys, so a resumed run never mixes
+  configs; flags that do not change results (progress bars, logging) go into ``ignore_keys``.
+  Nested dicts are compared key by key (``model.width``). The fingerprint binds with the first
+  :meth:`Checkpointer.save` (or :meth:`Checkpointer.finish`): a run that failed before it saved
+  anything never blocks a rerun with another config, and a ``run.json`` left without any
+  checkpoint is replaced.
 * ``step``: any strictly increasing integer chosen by the caller, e.g. a global phase or epoch
   counter. Only the last ``max_to_keep`` steps are kept.
 * ``state``: any pytree of arrays (params, optimiser state, masks, ownership, method state, RNG
@@ -353,7 +359,8 @@ class Checkpointer:
   Args:
     workdir: the run's directory (created if missing).
     fingerprint: JSON-able dict identifying the run (config plus method name). Stored in
-      ``workdir/run.json`` on first use and compared on every later open.
+      ``workdir/run.json`` with the first checkpoint and compared on every later open while the
+      workdir holds a checkpoint.
     max_to_keep: how many most recent checkpoints to keep (``None``: all).
     ignore_keys: fingerprint keys (dotted for nested dicts) that are not compared, e.g. flags that
       do not change results.
@@ -363,8 +370,8 @@ class Checkpointer:
   Raises:
     reliability.WorkdirInUseError: another process has the workdir open (names it).
     RunFinishedError: the workdir holds a finished run and ``overwrite`` is False.
-    ValueError: the stored fingerprint differs (the message names the keys), or the workdir holds
-      checkpoints without a ``run.json``.
+    ValueError: the workdir holds checkpoints of a different fingerprint (the message names the
+      keys), or checkpoints without a ``run.json``.
     reliability.CorruptCheckpointError: ``run.json`` cannot be read.
     TypeError: the fingerprint is not JSON-able.
   """
@@ -395,10 +402,19 @@ class Checkpointer:
     else:
       self.previous_dir = None
       if self.is_finished():
+        differs = ""
+        if run_file.exists():
+          diffs = _fingerprint_diff(self._read_fingerprint(run_file), self.fingerprint,
+                                    self.ignore_keys)
+          if diffs:
+            more = f" (and {len(diffs) - _MAX_LISTED} more)" if len(diffs) > _MAX_LISTED else ""
+            differs = (f" by a different config: {'; '.join(diffs[:_MAX_LISTED])}{more} "
+                       "(stored != now)")
         raise RunFinishedError(
-            f"run in {self.workdir} already finished; results in {self.results_path}; "
-            "pass --overwrite or use another --workdir")
-    if run_file.exists():
+            f"run in {self.workdir} already finished{differs}; results in {self.results_path}; "
+            "pass --overwrite (moves it aside, nothing is deleted) or use another --workdir")
+    self._bound = False  # whether run.json holds this fingerprint
+    if run_file.exists() and self._holds_saved_state():
       stored = self._read_fingerprint(run_file)
       diffs = _fingerprint_diff(stored, self.fingerprint, self.ignore_keys)
       if diffs:
@@ -406,15 +422,35 @@ class Checkpointer:
         more = f" (and {len(diffs) - _MAX_LISTED} more)" if len(diffs) > _MAX_LISTED else ""
         raise ValueError(
             f"checkpoint in {self.workdir} was written by a different config: {listed}{more} "
-            "(stored != now); use another --workdir, or --overwrite to move the old run aside")
-    else:
+            "(stored != now); use another --workdir, or --overwrite to move the old run aside, "
+            "or rerun with the stored values to resume it")
+      self._bound = True
+    elif not run_file.exists():
       ckpt_dir = self.workdir / CHECKPOINT_DIR
-      if ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+      if ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
         raise ValueError(f"{ckpt_dir} holds checkpoints but {run_file} is missing, so their config "
                          "is unknown; use another --workdir, or --overwrite to move them aside")
-      created = datetime.datetime.now().isoformat(timespec="seconds")
-      _write_json_atomic(run_file, {"fingerprint": self.fingerprint, "created": created})
+    # else: a run.json without any checkpoint (an attempt that failed before saving anything)
+    # binds nothing; it is replaced at the first save.
     self._manager = self._new_manager()
+
+  def _holds_saved_state(self) -> bool:
+    """Whether the workdir holds a committed or set-aside checkpoint (or a finished run)."""
+    ckpt_dir = self.workdir / CHECKPOINT_DIR
+    if ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
+      return True
+    if self.corrupt_dir.is_dir() and any(self.corrupt_dir.iterdir()):
+      return True
+    return self.is_finished()
+
+  def _bind(self) -> None:
+    """Writes ``run.json`` with this fingerprint (before the first checkpoint is written)."""
+    if self._bound:
+      return
+    created = datetime.datetime.now().isoformat(timespec="seconds")
+    _write_json_atomic(self.workdir / RUN_FILE,
+                       {"fingerprint": self.fingerprint, "created": created})
+    self._bound = True
 
   def _read_fingerprint(self, run_file: pathlib.Path) -> dict[str, Any]:
     try:
@@ -486,6 +522,7 @@ class Checkpointer:
     if not leaves:
       raise ValueError("state has no array leaves to checkpoint")
     leaves = [(parts, _host_leaf("/".join(parts), x)) for parts, x in leaves]
+    self._bind()
     args = ocp.args.Composite(state=ocp.args.StandardSave(_nest(leaves)),
                               meta=ocp.args.JsonSave(meta))
     try:
@@ -679,8 +716,9 @@ class Checkpointer:
     Returns:
       The path of ``results.json``.
     """
-    _write_json_atomic(self.results_path, _jsonable(dict(results), what="results", strict=True),
-                       strict=True)
+    results = _jsonable(dict(results), what="results", strict=True)
+    self._bind()
+    _write_json_atomic(self.results_path, results, strict=True)
     return self.results_path
 
   def wait(self) -> None:

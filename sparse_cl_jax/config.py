@@ -146,7 +146,10 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for field in ("num_tasks", "batch_size", "eval_batch_size", "learning_rate",
                 "width_multiplier"):
     _check_positive(c, field)
-  for field in ("epochs", "weight_decay", "momentum", "max_train_per_task", "max_eval_per_task",
+  if isinstance(c.epochs, bool) or not isinstance(c.epochs, int) or c.epochs < 1:
+    raise ValueError(f"config.epochs={c.epochs!r} must be an integer >= 1 (the training epochs of "
+                     "each task)")
+  for field in ("weight_decay", "momentum", "max_train_per_task", "max_eval_per_task",
                 "checkpoint_every_epochs", "num_devices"):
     _check_positive(c, field, allow_zero=True)
   if not isinstance(c.seed, int):

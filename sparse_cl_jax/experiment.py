@@ -7,9 +7,13 @@ calls the method's ``run_task`` through a :class:`sparse_cl_jax.train.Trainer` a
 task on the test split (the full accuracy matrix, upper triangle included). After every task, and
 every ``config.checkpoint_every_epochs`` epochs inside one, the complete state is checkpointed
 with orbax; running again with the same ``workdir`` resumes where it stopped and ends with the
-same results. A workdir written by another config is refused; a finished run is never overwritten
-unless ``overwrite=True`` (then it is moved aside, not deleted). The run ends by writing
-``workdir/results.json`` and printing a summary table.
+same results. A workdir holding checkpoints of another config is refused, naming the differing
+fields (an attempt that ended before its first checkpoint binds nothing: a rerun may change any
+field); a finished run is never overwritten unless ``overwrite=True`` (then it is moved aside, not
+deleted). Every training epoch is logged (loss, accuracy, learning rate, density) to
+``workdir/metrics.csv`` and TensorBoard event files in ``workdir/tensorboard``, and a finished run
+draws its plots into ``workdir/plots`` (:mod:`sparse_cl_jax.logs`). The run ends by writing
+``workdir/results.json`` and printing a summary table and where each of these files is.
 
 Faults end in one line (:mod:`sparse_cl_jax.reliability`): a second process on the same workdir
 is refused at once (:class:`~sparse_cl_jax.reliability.WorkdirInUseError`); a corrupt newest
@@ -27,7 +31,10 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
 import time
 from typing import Any
 
@@ -39,6 +46,7 @@ import numpy as np
 from sparse_cl_jax import checkpoint
 from sparse_cl_jax import config as config_lib
 from sparse_cl_jax import data as data_lib
+from sparse_cl_jax import logs
 from sparse_cl_jax import masks
 from sparse_cl_jax import methods
 from sparse_cl_jax import metrics
@@ -53,20 +61,58 @@ _NOT_FINGERPRINTED = ("progress", "checkpoint_every_epochs", "epoch_loop", "comp
 # The divergence threshold only decides whether a run stops: raising it lets a stopped run resume.
 _NOT_FINGERPRINTED += ("divergence_threshold",)
 
+# Model fields the harness sets: from the config's own fields or from the task stream.
+MANAGED_MODEL_FIELDS = frozenset({"num_heads", "num_classes", "num_tasks", "norm",
+                                  "width_multiplier", "hidden"})
+
+
+def managed_field_message(name: str, flag: str = "config") -> str:
+  """Why ``model_kwargs.<name>`` cannot be set, and what to set instead."""
+  if name in ("norm", "width_multiplier", "hidden"):
+    return (f"{flag}.model_kwargs.{name} is set by the harness from {flag}.{name}; set "
+            f"--{flag}.{name}=... instead")
+  return (f"{flag}.model_kwargs.{name} is set by the harness from the task stream "
+          "(config.num_tasks, config.dataset, config.incremental, config.multi_head)")
+
+
+def check_model_kwargs(config) -> dict:
+  """``config.model_kwargs`` as a dict; ValueError naming a key the model does not have."""
+  extra = dict(config.get("model_kwargs") or {})
+  fields = models.model_fields(config.model)
+  for k in extra:
+    if k in MANAGED_MODEL_FIELDS:
+      raise ValueError(managed_field_message(k))
+    if k not in fields:
+      raise ValueError(f"config.model_kwargs.{k}: model {config.model!r} has no field {k!r}; "
+                       f"its fields are {sorted(fields - MANAGED_MODEL_FIELDS)}")
+  return extra
+
 
 def build_stream(config, source: data_lib.Source | None = None) -> data_lib.TaskStream:
   """The task stream the config describes (``source`` overrides the dataset for 'arrays')."""
   if source is None:
     if config.dataset == "arrays":
-      raise ValueError("config.dataset='arrays' needs a Source passed to run(..., source=...)")
+      raise ValueError("config.dataset='arrays' is for the Python API only (experiment.run(config, "
+                       "workdir, source=data.Source(...))); on the command line choose one of "
+                       f"{[d for d in config_lib.DATASETS if d != 'arrays']}")
     source = data_lib.load_source(config.dataset, data_dir=config.data_dir or None,
                                   seed=config.seed)
-  return data_lib.make_stream(
-      source, scenario=config.scenario, num_tasks=config.num_tasks,
-      incremental=config.incremental, class_order=config_lib.class_order(config),
-      val_fraction=config.val_fraction, seed=config.seed,
-      max_train_per_task=config.max_train_per_task or None,
-      max_eval_per_task=config.max_eval_per_task or None)
+  try:
+    return data_lib.make_stream(
+        source, scenario=config.scenario, num_tasks=config.num_tasks,
+        incremental=config.incremental, class_order=config_lib.class_order(config),
+        val_fraction=config.val_fraction, seed=config.seed,
+        max_train_per_task=config.max_train_per_task or None,
+        max_eval_per_task=config.max_eval_per_task or None)
+  except ValueError as e:
+    m = re.match(r"num_tasks=(\d+) does not divide the (\d+) classes", str(e))
+    if m is None:
+      raise
+    n, classes = int(m.group(1)), int(m.group(2))
+    divisors = [d for d in range(1, classes + 1) if classes % d == 0]
+    raise ValueError(f"config.num_tasks={n} does not divide the {classes} classes of "
+                     f"config.dataset={config.dataset!r} (split scenario: every task gets the "
+                     f"same number of classes); choose num_tasks from {divisors}") from None
 
 
 def build_model(config, stream: data_lib.TaskStream):
@@ -82,18 +128,7 @@ def build_model(config, stream: data_lib.TaskStream):
     natural = models.create(config.model, num_heads=1, num_classes=2).norm
     norm = "none" if natural == "none" else methods.default_norm(config.method)
   kwargs["norm"] = norm
-  extra = dict(config.get("model_kwargs") or {})
-  fields = models.model_fields(config.model)
-  managed = {"num_heads", "num_classes", "num_tasks", "norm", "width_multiplier", "hidden"}
-  for k in extra:
-    if k in managed:
-      raise ValueError(f"config.model_kwargs.{k} is set by the harness; use config.{k} instead"
-                       if k in ("norm", "width_multiplier", "hidden") else
-                       f"config.model_kwargs.{k} is set by the harness from the task stream")
-    if k not in fields:
-      raise ValueError(f"config.model_kwargs.{k}: model {config.model!r} has no field {k!r}; "
-                       f"its fields are {sorted(fields - managed)}")
-  kwargs.update(extra)
+  kwargs.update(check_model_kwargs(config))
   return models.create(config.model, num_heads=num_heads, num_classes=stream.num_outputs,
                        **kwargs)
 
@@ -180,21 +215,27 @@ def run(config, workdir: str, *, source: data_lib.Source | None = None,
     print_summary: print the accuracy matrix table at the end.
   """
   config_lib.validate(config)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"workdir {workdir} is a file, not a folder; pass a folder (it is created if "
+                     "missing) as --workdir")
   fingerprint = {k: v for k, v in config_lib.to_dict(config).items()
                  if k not in _NOT_FINGERPRINTED}
   # Refuses at once if another process has the workdir open; released however the run ends.
   ckpt = checkpoint.Checkpointer(workdir, fingerprint=fingerprint, overwrite=overwrite)
   saved: dict = {}
+  quiet = logs.logs_above_progress_bars() if config.progress else contextlib.nullcontext()
   try:
-    return _run_open(config, workdir, ckpt, saved, source=source,
-                     stop_after_task=stop_after_task, print_summary=print_summary)
+    with quiet:
+      return _run_open(config, workdir, ckpt, saved, source=source,
+                       stop_after_task=stop_after_task, print_summary=print_summary)
   except reliability.DivergenceError as e:
     if saved:
       where = _describe_position(saved["meta"])
       note = (f"the newest checkpoint, step {saved['step']} ({where}), is intact and a rerun "
               "resumes from it")
     else:
-      note = "no checkpoint was written"
+      note = ("no checkpoint was written (so a rerun in the same workdir may change any config "
+              "field)")
     raise e.with_context(note) from None
   finally:
     ckpt.close()
@@ -210,6 +251,7 @@ def _run_open(config, workdir: str, ckpt: checkpoint.Checkpointer, saved: dict, 
               stop_after_task, print_summary) -> dict | None:
   """:func:`run` with the workdir open; ``saved``: step and meta of the newest checkpoint."""
   progress: dict = {}
+  run_log: list[logs.RunLog] = []  # set once the starting point is known
 
   def save(state, meta):
     host = jax.device_get(state)
@@ -219,7 +261,7 @@ def _run_open(config, workdir: str, ckpt: checkpoint.Checkpointer, saved: dict, 
           f"training diverged: the state to checkpoint at {_describe_position(meta)} holds NaN or "
           f"inf in {bad}; not saved", reliability.NONFINITE_ADVICE)
     step = (ckpt.latest_step() or 0) + 1
-    meta = {**progress, **meta}
+    meta = {**progress, **meta, "logged_epochs": run_log[0].index if run_log else 0}
     ckpt.save(step, host, meta)
     saved.update(step=step, meta=meta)
 
@@ -251,6 +293,23 @@ def _run_open(config, workdir: str, ckpt: checkpoint.Checkpointer, saved: dict, 
                  start_task + 1, meta.get("op"), meta.get("epoch"))
   else:
     b = [trainer.accuracy(state, j, current=j) for j in range(T)]
+  run_log.append(logs.RunLog(
+      workdir, resume_index=None if found is None else int(found[2].get("logged_epochs", 0)),
+      config_text="```\n" + json.dumps(config_lib.to_dict(config), indent=1) + "\n```"))
+  try:
+    trainer.on_epoch = EpochLogger(trainer, run_log[0])
+    return _train_tasks(config, workdir, ckpt, trainer, state, save, progress, run_log[0],
+                        start_task=start_task, R=R, R_val=R_val, b=b,
+                        train_seconds=train_seconds, stop_after_task=stop_after_task,
+                        print_summary=print_summary)
+  finally:
+    run_log[0].close()
+
+
+def _train_tasks(config, workdir, ckpt, trainer, state, save, progress, run_log, *, start_task,
+                 R, R_val, b, train_seconds, stop_after_task, print_summary):
+  """The task loop of :func:`run` from ``start_task``; results at the end, None if stopped."""
+  T = trainer.stream.num_tasks
   for t in range(start_task, T):
     progress.update(R=R.tolist(), R_val=R_val.tolist(), b=b, train_seconds=train_seconds)
     trainer.begin_task(t)
@@ -261,13 +320,15 @@ def _run_open(config, workdir: str, ckpt: checkpoint.Checkpointer, saved: dict, 
     R[t] = trainer.accuracy_row(state, t, "test")
     R_val[t] = trainer.accuracy_row(state, t, "val")
     logging.info("after task %d: test accuracy %s", t + 1, np.round(R[t], 4).tolist())
+    run_log.task_end(t, R[t].tolist(), float(np.nanmean(R[t, :t + 1])))
     progress.update(R=R.tolist(), R_val=R_val.tolist(), b=b, train_seconds=train_seconds)
     save(state, {"task": t + 1, "op": 0, "epoch": 0, "op_log": {}})
     if stop_after_task is not None and t + 1 >= stop_after_task and t + 1 < T:
       return None
   results = _report(trainer, state, R, R_val, b, train_seconds)
   results["trace_counts"] = dict(trainer.trace_counts)
-  ckpt.finish(results)
+  results_path = ckpt.finish(results)
+  plots = logs.write_run_plots(workdir, results)
   if print_summary:
     print(f"\n{results['method']} on {config.dataset} ({config.scenario}, {T} tasks, "
           f"{config.incremental}-IL, model {config.model}): test accuracy matrix R[i, j]")
@@ -275,7 +336,57 @@ def _run_open(config, workdir: str, ckpt: checkpoint.Checkpointer, saved: dict, 
     print(f"density per task: {np.round(results['density_per_task'], 4).tolist()}  "
           f"model bytes: {results['model_bytes']['total']}  "
           f"train seconds: {train_seconds:.1f}")
+    print(where_everything_is(workdir, results_path, run_log, plots))
   return results
+
+
+def where_everything_is(workdir, results_path, run_log: logs.RunLog, plots) -> str:
+  """The closing lines of a run: the path of each file it wrote."""
+  rows = [("results", str(results_path)),
+          ("per-epoch metrics (CSV)", str(run_log.csv_path)),
+          ("TensorBoard", f"tensorboard --logdir {run_log.tensorboard_dir}"),
+          ("plots", ", ".join(str(p) for p in plots)),
+          ("checkpoints", str(os.path.join(os.path.abspath(workdir), checkpoint.CHECKPOINT_DIR)))]
+  if run_log.moved_to is not None:
+    rows.append(("logs of an attempt without checkpoints", str(run_log.moved_to)))
+  width = max(len(k) for k, _ in rows)
+  return "\n".join([f"run directory {os.path.abspath(workdir)}:"] +
+                   [f"  {k:<{width}}  {v}" for k, v in rows])
+
+
+class EpochLogger:
+  """``Trainer.on_epoch`` of a run: one :class:`logs.RunLog` row per epoch, honest progress ETA.
+
+  The density is the fraction of nonzero maskable weights in the network the task trains with
+  (``method.forward_params`` of the task), computed on the device by one small jitted function.
+  """
+
+  def __init__(self, trainer: train.Trainer, run_log: logs.RunLog):
+    self.run_log = run_log
+    self._bar = None
+    spec = jax.tree.leaves(trainer.ctx.spec)
+    forward = trainer.method.forward_params
+
+    def density(params, aux, mstate, task):
+      view = jax.tree.leaves(forward(params, aux, mstate, task, task))
+      if len(view) != len(spec):
+        return jnp.float32(jnp.nan)
+      nonzero = sum(jnp.count_nonzero(p) for p, s in zip(view, spec) if s)
+      total = sum(int(np.size(p)) for p, s in zip(view, spec) if s)
+      return jnp.asarray(nonzero, jnp.float32) / max(total, 1)
+
+    self._density = jax.jit(density)
+
+  def __call__(self, trainer, state, *, task, phase, op, epoch, epochs, loss, accuracy,
+               learning_rate, bar=None) -> None:
+    del trainer
+    if bar is not None and bar is not self._bar:  # the first epoch of this bar: compilation
+      self._bar = bar
+      logs.exclude_first_epoch_from_rate(bar)
+    dens = float(self._density(state.params, state.aux, state.method, jnp.int32(task)))
+    self.run_log.epoch(task=task, phase=phase, operation=op, epoch=epoch, epochs=epochs,
+                       loss=float(loss), accuracy=float(accuracy),
+                       learning_rate=float(learning_rate), density=dens)
 
 
 def load_results(workdir: str) -> dict:

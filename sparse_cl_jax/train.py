@@ -105,6 +105,11 @@ class Resume:
 class Trainer:
   """Runs a method's phases on one task stream with jitted steps (see the module docstring)."""
 
+  # Called after every training epoch (after the divergence check, before the epoch's checkpoint)
+  # as on_epoch(trainer, state, task=, phase=, op=, epoch=, epochs=, loss=, accuracy=,
+  # learning_rate=, bar=): the harness's per-epoch log. ``state`` is read, never changed.
+  on_epoch: Callable[..., None] | None = None
+
   def __init__(self, *, config, model, stream, method: base.Method, ctx: base.Context,
                save_fn: Callable[[TrainState, dict], None] | None = None):
     self.config = config
@@ -437,6 +442,9 @@ class Trainer:
           state = hook(state, steps_done)
       loss, acc = totals[0] / max(totals[2], 1), totals[1] / max(totals[2], 1)
       reliability.check_loss(loss, c, task=t, phase=phase, epoch=epoch, epochs=epochs)
+      if self.on_epoch is not None:  # the harness's per-epoch log (experiment.EpochLogger)
+        self.on_epoch(self, state, task=t, phase=phase, op=i, epoch=epoch, epochs=epochs,
+                      loss=loss, accuracy=acc, learning_rate=lr_e, bar=bar)
       bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}")
       bar.update(1)
       logging.log_every_n_seconds(logging.INFO, "task %d %s epoch %d/%d loss %.4f acc %.4f", 10,

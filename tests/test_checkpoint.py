@@ -118,8 +118,13 @@ def test_keys_with_dots_do_not_alias(tmp_path):
   assert_bit_identical(state, restored)
 
 
+def saved_once(path, fingerprint=FINGERPRINT, **kwargs):
+  with checkpoint.Checkpointer(path, fingerprint=fingerprint, **kwargs) as ckpt:
+    ckpt.save(0, {"x": jnp.ones(2)}, {})
+
+
 def test_mismatched_fingerprint_names_keys(tmp_path):
-  checkpoint.Checkpointer(tmp_path, fingerprint=FINGERPRINT).close()
+  saved_once(tmp_path)
   changed = {**FINGERPRINT, "epochs": 3, "model": {"width": 16}}
   with pytest.raises(ValueError, match="different config") as info:
     checkpoint.Checkpointer(tmp_path, fingerprint=changed)
@@ -129,7 +134,7 @@ def test_mismatched_fingerprint_names_keys(tmp_path):
 
 
 def test_ignored_keys_are_not_compared(tmp_path):
-  checkpoint.Checkpointer(tmp_path, fingerprint=FINGERPRINT).close()
+  saved_once(tmp_path)
   other = {**FINGERPRINT, "progress_bar": False}
   checkpoint.Checkpointer(tmp_path, fingerprint=other, ignore_keys=("progress_bar",)).close()
   del other["progress_bar"]
@@ -173,6 +178,8 @@ def test_finished_run_refused_then_moved_aside(tmp_path):
   with checkpoint.Checkpointer(tmp_path, fingerprint=changed, overwrite=True) as ckpt:
     assert not ckpt.is_finished() and ckpt.latest_step() is None
     previous = ckpt.previous_dir
+    assert not (tmp_path / "run.json").exists()  # Bound with the first checkpoint.
+    ckpt.save(0, make_state(0), {"task": 0})
   assert previous is not None and previous.parent == tmp_path
   assert previous.name.startswith("previous-")
   # Everything moved aside except the lock file, which belongs to the workdir, not to a run.
@@ -218,6 +225,26 @@ def test_interrupted_save_leftovers_are_ignored(tmp_path):
     assert_bit_identical(state, make_state(0))
     ckpt.save(1, make_state(1), {"task": 1})
     assert ckpt.latest_step() == 1
+
+
+def test_fingerprint_binds_with_the_first_checkpoint_only(tmp_path):
+  # An attempt that saved nothing (failed, or killed before its first checkpoint) binds nothing.
+  checkpoint.Checkpointer(tmp_path, fingerprint=FINGERPRINT).close()
+  assert not (tmp_path / "run.json").exists()
+  changed = {**FINGERPRINT, "epochs": 3}
+  checkpoint.Checkpointer(tmp_path, fingerprint=changed).close()
+  # A run.json left without any checkpoint (as older versions wrote it) binds nothing either and
+  # is replaced by the first save.
+  (tmp_path / "run.json").write_text(json.dumps({"fingerprint": FINGERPRINT}))
+  saved_once(tmp_path, changed)
+  assert json.loads((tmp_path / "run.json").read_text())["fingerprint"] == changed
+  # From then on the fingerprint is bound.
+  with pytest.raises(ValueError, match="epochs 3 != 5"):
+    checkpoint.Checkpointer(tmp_path, fingerprint=FINGERPRINT)
+  # finish() binds too (results are the run's), even without a checkpoint.
+  with checkpoint.Checkpointer(tmp_path / "f", fingerprint=FINGERPRINT) as ckpt:
+    ckpt.finish({"acc": 0.5})
+  assert json.loads((tmp_path / "f" / "run.json").read_text())["fingerprint"] == FINGERPRINT
 
 
 def test_checkpoints_without_run_json_refused(tmp_path):
@@ -362,7 +389,7 @@ def test_tree_mismatch_is_not_corruption(tmp_path):
 
 
 def test_corrupt_run_json_refused_in_one_line(tmp_path):
-  checkpoint.Checkpointer(tmp_path, fingerprint=FINGERPRINT).close()
+  saved_once(tmp_path)
   (tmp_path / "run.json").write_text('{"fingerprint": {"method": "pack')
   with pytest.raises(checkpoint.reliability.CorruptCheckpointError) as info:
     checkpoint.Checkpointer(tmp_path, fingerprint=FINGERPRINT)
@@ -403,6 +430,7 @@ def test_second_open_of_a_workdir_refused_naming_the_process(tmp_path):
   assert (tmp_path / "run.lock").read_text() == ""  # Released cleanly.
   with checkpoint.Checkpointer(tmp_path, fingerprint=FINGERPRINT) as second:
     assert second._lock.previous is None
+    second.save(0, {"x": jnp.ones(2)}, {})  # binds the fingerprint
   # A refused open (here: another config) releases the lock at once.
   with pytest.raises(ValueError, match="different config"):
     checkpoint.Checkpointer(tmp_path, fingerprint={**FINGERPRINT, "epochs": 1})

@@ -14,6 +14,8 @@ import pytest
 from sparse_cl_jax import checkpoint
 from sparse_cl_jax import config as config_lib
 from sparse_cl_jax import experiment
+from sparse_cl_jax import logs
+from sparse_cl_jax import reliability
 from sparse_cl_jax import train
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -152,6 +154,13 @@ def test_resume_inside_a_task_gives_same_matrix(tmp_path, monkeypatch):
     pass  # the checkpoint exists on disk
   resumed = experiment.run(c2, str(tmp_path / "r"), print_summary=False)
   np.testing.assert_array_equal(resumed["accuracy_matrix"], full["accuracy_matrix"])
+  # The per-epoch log of the resumed run lists every epoch once, with the same values.
+  keys = ("epoch_index", "task", "phase", "operation", "epoch", "loss", "accuracy",
+          "learning_rate", "density")
+  clean = [tuple(r[k] for k in keys) for r in logs.read_metrics(tmp_path / "full")]
+  assert [tuple(r[k] for k in keys) for r in logs.read_metrics(tmp_path / "r")] == clean
+  phases = {r[2]: r[-1] for r in clean if r[1] == 1}
+  assert phases["train"] == 1.0 and phases["retrain"] < 0.5  # PackNet prunes 60% before retraining
 
 
 def test_mismatched_checkpoint_refused(tmp_path):
@@ -160,6 +169,32 @@ def test_mismatched_checkpoint_refused(tmp_path):
   other.epochs = 5
   with pytest.raises(ValueError, match=r"different config: epochs 2 != 5"):
     experiment.run(other, str(tmp_path), print_summary=False)
+
+
+def test_failed_attempt_does_not_bind_its_workdir(tmp_path):
+  # The first attempt fails before its first checkpoint (the lr x1e9 of epoch 2 diverges)...
+  with pytest.raises(reliability.DivergenceError, match="no checkpoint was written"):
+    experiment.run(tiny("finetune", lr_milestones=(0.5,), lr_decay=1e9), str(tmp_path),
+                   print_summary=False)
+  assert not (tmp_path / "run.json").exists()
+  first_log = (tmp_path / "metrics.csv").read_text()
+  assert len(logs.read_metrics(tmp_path)) == 1  # epoch 1 was logged
+  # ...so the rerun with the fix runs in the same workdir; the failed attempt's log is kept aside.
+  r = experiment.run(tiny("finetune"), str(tmp_path), print_summary=False)
+  assert r["config"]["learning_rate"] == 0.05
+  (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("unfinished-")]
+  assert (aside / "metrics.csv").read_text() == first_log
+  # A finished run with another seed is refused, naming the differing field.
+  other = tiny("finetune", seed=1)
+  with pytest.raises(checkpoint.RunFinishedError,
+                     match=r"already finished by a different config: seed 0 != 1 "):
+    experiment.run(other, str(tmp_path), print_summary=False)
+
+
+def test_workdir_that_is_a_file_refused(tmp_path):
+  (tmp_path / "f").write_text("x")
+  with pytest.raises(ValueError, match=r"is a file, not a folder; .* --workdir"):
+    experiment.run(tiny("finetune"), str(tmp_path / "f"), print_summary=False)
 
 
 def test_finished_run_not_overwritten(tmp_path):
@@ -177,7 +212,10 @@ def test_finished_run_not_overwritten(tmp_path):
 @pytest.mark.parametrize("field,value,match", [
     ("dataset", "imagenet", "config.dataset='imagenet' is not valid"),
     ("incremental", "domain", "config.incremental='domain'"),
-    ("epochs", -1, "config.epochs=-1 must be a number >= 0"),
+    ("epochs", -1, "config.epochs=-1 must be an integer >= 1"),
+    ("epochs", 0, "config.epochs=0 must be an integer >= 1"),
+    ("num_tasks", 3, r"config.num_tasks=3 does not divide the 10 classes of "
+     r"config.dataset='digits' .*choose num_tasks from \[1, 2, 5, 10\]"),
     ("batch_size", 0, "config.batch_size=0 must be a number > 0"),
     ("class_order", "a,b", "config.class_order='a,b'"),
 ])
@@ -191,7 +229,7 @@ def test_bad_config_values_named(field, value, match, tmp_path):
 
 @pytest.mark.parametrize("key,match", [
     ("fc_layer", r"model_kwargs.fc_layer: model 'mlp' has no field 'fc_layer'"),
-    ("norm", r"model_kwargs.norm is set by the harness; use config.norm"),
+    ("norm", r"model_kwargs.norm is set by the harness from config.norm; set --config.norm"),
 ])
 def test_bad_model_kwargs_named(key, match, tmp_path):
   c = tiny("finetune")
@@ -259,6 +297,15 @@ def test_launcher_with_flag_overrides(tmp_path):
   with open(tmp_path / "results.json") as f:
     r = json.load(f)
   assert r["config"]["epochs"] == 1 and r["config"]["num_tasks"] == 2
+  # Where everything is: printed at the end, and there.
+  assert f"run directory {tmp_path}" in out.stdout
+  for name in ("results.json", "metrics.csv", "tensorboard", "accuracy_matrix.png",
+               "average_accuracy.png", "training.png"):
+    assert name in out.stdout
+  assert (tmp_path / "plots" / "accuracy_matrix.png").stat().st_size > 0
+  assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir())
+  assert len(logs.read_metrics(tmp_path)) == 2  # one epoch per task
+  assert "TPU" not in out.stderr  # no INFO line about backends that are not installed
   bad = subprocess.run(cmd[:-3] + ["--config.incremental=domain"], capture_output=True,
                        text=True, timeout=300)
   assert bad.returncode != 0 and "config.incremental='domain'" in bad.stderr

@@ -1,0 +1,462 @@
+"""What a run leaves to read: per-epoch metrics (TensorBoard event files and a CSV) and PNG plots.
+
+Layer 5 of the design (harness); :func:`sparse_cl_jax.experiment.run` writes, next to its
+checkpoints and ``results.json``::
+
+  workdir/
+    metrics.csv            one row per training epoch (columns: :data:`CSV_FIELDS`)
+    metrics.superseded.csv rows of epochs a resumed run trained again (kept, never deleted)
+    tensorboard/           event files (tensorboardX: no TensorFlow needed). Per epoch
+                           train/{loss,accuracy,learning_rate,density}; after each task
+                           test/average_accuracy and test/task_<j>. x axis: epoch_index.
+    plots/                 accuracy_matrix.png, average_accuracy.png, training.png, and for
+                           methods that give weights to tasks capacity.png
+    unfinished-<time>/     the logs of an attempt that ended before its first checkpoint, moved
+                           aside when the next attempt starts afresh
+
+``epoch_index`` counts the training epochs of the run from 1 (all tasks and phases). A run resumed
+from a checkpoint continues the count from that checkpoint: :class:`RunLog` moves the CSV rows
+logged after it to ``metrics.superseded.csv`` and starts TensorBoard with ``purge_step``, so both
+show each epoch once.
+
+Plots are drawn on ``matplotlib.figure.Figure`` with the Agg canvas (no display, no pyplot state).
+
+Example::
+
+  from sparse_cl_jax import logs
+  rows = logs.read_metrics("/tmp/packnet")     # [{'epoch_index': 1, 'task': 1, ...}, ...]
+  logs.plot_accuracy_matrix(R, "/tmp/R.png", title="packnet")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime
+import math
+import os
+import pathlib
+import sys
+import time
+from collections import abc
+from typing import Any
+
+import numpy as np
+
+CSV_FILE = "metrics.csv"
+SUPERSEDED_FILE = "metrics.superseded.csv"
+TENSORBOARD_DIR = "tensorboard"
+PLOTS_DIR = "plots"
+UNFINISHED_PREFIX = "unfinished-"
+CSV_FIELDS = ("epoch_index", "task", "phase", "operation", "epoch", "epochs", "loss", "accuracy",
+              "learning_rate", "density", "seconds", "time")  # seconds: since this attempt started
+_INT_FIELDS = ("epoch_index", "task", "operation", "epoch", "epochs")
+_FLOAT_FIELDS = ("loss", "accuracy", "learning_rate", "density", "seconds")
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-epoch metrics.
+
+
+def _read_rows(path: pathlib.Path) -> list[dict[str, Any]]:
+  if not path.exists():
+    return []
+  with open(path, newline="", encoding="utf-8") as f:
+    rows = list(csv.DictReader(f))
+  out = []
+  for row in rows:
+    parsed: dict[str, Any] = dict(row)
+    for k in _INT_FIELDS:
+      if row.get(k) not in (None, ""):
+        parsed[k] = int(row[k])
+    for k in _FLOAT_FIELDS:
+      if row.get(k) not in (None, ""):
+        parsed[k] = float(row[k])
+    out.append(parsed)
+  return out
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+  """The rows of ``workdir/metrics.csv`` with numbers parsed (``[]`` if there is none)."""
+  return _read_rows(pathlib.Path(workdir) / CSV_FILE)
+
+
+def _write_rows(path: pathlib.Path, rows, *, append: bool) -> None:
+  new = not path.exists() or path.stat().st_size == 0 or not append
+  with open(path, "a" if append else "w", newline="", encoding="utf-8") as f:
+    w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    if new:
+      w.writeheader()
+    for row in rows:
+      w.writerow(row)
+    f.flush()
+
+
+class RunLog:
+  """Writes one run's per-epoch metrics to ``metrics.csv`` and TensorBoard event files.
+
+  Args:
+    workdir: the run's directory (exists; the caller holds its lock).
+    resume_index: None for a run that starts afresh (logs of an earlier attempt that saved no
+      checkpoint are moved to ``unfinished-<time>/``); ``k`` for a run resumed from a checkpoint
+      taken after its ``k``-th logged epoch.
+    config_text: written once to TensorBoard's text tab (e.g. the config as JSON).
+  """
+
+  def __init__(self, workdir: str | os.PathLike, *, resume_index: int | None,
+               config_text: str | None = None):
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
+    self.workdir = pathlib.Path(workdir)
+    self.csv_path = self.workdir / CSV_FILE
+    self.tensorboard_dir = self.workdir / TENSORBOARD_DIR
+    self.moved_to: pathlib.Path | None = None
+    if resume_index is None:
+      self.moved_to = self._move_unfinished()
+      self.index = 0
+    else:
+      self.index = int(resume_index)
+      self._supersede_after(self.index)
+    self._t0 = time.time()
+    # purge_step: events of a killed attempt at or after this step are hidden by TensorBoard.
+    self._writer = SummaryWriter(logdir=str(self.tensorboard_dir),
+                                 purge_step=self.index + 1 if self.index else None)
+    if config_text and resume_index is None:
+      self._writer.add_text("config", config_text, 0)
+
+  def _move_unfinished(self) -> pathlib.Path | None:
+    entries = [p for p in (self.csv_path, self.workdir / SUPERSEDED_FILE, self.tensorboard_dir,
+                           self.workdir / PLOTS_DIR) if p.exists()]
+    if not entries:
+      return None
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    dest = self.workdir / f"{UNFINISHED_PREFIX}{stamp}"
+    suffix = 1
+    while dest.exists():
+      dest = self.workdir / f"{UNFINISHED_PREFIX}{stamp}-{suffix}"
+      suffix += 1
+    dest.mkdir()
+    for p in entries:
+      os.replace(p, dest / p.name)
+    return dest
+
+  def _supersede_after(self, index: int) -> None:
+    rows = _read_rows(self.csv_path)
+    later = [r for r in rows if int(r["epoch_index"]) > index]
+    if not later:
+      return
+    _write_rows(self.workdir / SUPERSEDED_FILE, later, append=True)
+    kept = [r for r in rows if int(r["epoch_index"]) <= index]
+    tmp = self.csv_path.with_name(f".{CSV_FILE}.tmp-{os.getpid()}")
+    _write_rows(tmp, kept, append=False)
+    os.replace(tmp, self.csv_path)
+
+  def epoch(self, *, task: int, phase: str, operation: int, epoch: int, epochs: int, loss: float,
+            accuracy: float, learning_rate: float, density: float) -> int:
+    """Logs one training epoch (task and epoch 0-based here, 1-based in the files).
+
+    Returns:
+      The epoch's ``epoch_index``.
+    """
+    self.index += 1
+    row = {"epoch_index": self.index, "task": task + 1, "phase": phase, "operation": operation,
+           "epoch": epoch + 1, "epochs": epochs, "loss": f"{loss:.6g}",
+           "accuracy": f"{accuracy:.6g}", "learning_rate": f"{learning_rate:.6g}",
+           "density": f"{density:.6g}", "seconds": f"{time.time() - self._t0:.3f}",
+           "time": datetime.datetime.now().isoformat(timespec="seconds")}
+    _write_rows(self.csv_path, [row], append=True)
+    for name, value in (("loss", loss), ("accuracy", accuracy), ("learning_rate", learning_rate),
+                        ("density", density)):
+      self._writer.add_scalar(f"train/{name}", value, self.index)
+    self._writer.flush()
+    return self.index
+
+  def task_end(self, task: int, accuracies: abc.Sequence[float], average: float) -> None:
+    """Logs the test accuracies after training ``task`` (0-based) at the current epoch_index."""
+    self._writer.add_scalar("test/average_accuracy", average, self.index)
+    for j, a in enumerate(accuracies):
+      if a is not None and math.isfinite(a):
+        self._writer.add_scalar(f"test/task_{j + 1}", a, self.index)
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# The progress bar and the log lines.
+
+
+def exclude_first_epoch_from_rate(bar) -> None:
+  """Makes a tqdm bar estimate its rate (and ETA) from the epochs after the current one.
+
+  Call it once per bar at the end of its first epoch, before that epoch's ``bar.update(1)``: the
+  epoch includes the compilation of the step, so an estimate from it is far too long. Until the
+  second epoch ends the bar shows no estimate ('?'); the elapsed time it shows still counts from
+  the start.
+  """
+  if getattr(bar, "disable", True):
+    return
+  now = bar._time()  # pylint: disable=protected-access  # the bar's own clock
+  bar.initial = bar.n  # the unsmoothed rate (n - initial) / elapsed is 0 until the update: '?'
+  bar.last_print_n = bar.n + 1  # the update of this epoch is not drawn nor fed to the smoothed
+  bar.last_print_t = now  # rate, which starts with the next epoch, measured from now
+
+
+class _TqdmStream:
+  """A text stream that writes through ``tqdm.write`` (clears and redraws the bars)."""
+
+  def __init__(self, target):
+    self.target = target
+
+  def write(self, text: str) -> int:
+    import tqdm  # pylint: disable=g-import-not-at-top
+    tqdm.tqdm.write(text, file=self.target, end="")
+    return len(text)
+
+  def flush(self) -> None:
+    self.target.flush()
+
+
+@contextlib.contextmanager
+def logs_above_progress_bars():
+  """Routes console log records (absl's handler and plain stderr/stdout handlers) via tqdm.
+
+  Inside the block a log line printed while a progress bar is shown appears above the bar
+  instead of being written into it.
+  """
+  import logging  # pylint: disable=g-import-not-at-top
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+
+  swapped = []
+  handlers = list(logging.getLogger().handlers)
+  absl_handler = absl_logging.get_absl_handler()
+  if absl_handler in handlers:
+    handlers.append(absl_handler.python_handler)
+  for h in handlers:
+    stream = getattr(h, "stream", None)
+    if isinstance(h, logging.StreamHandler) and stream in (sys.stderr, sys.stdout):
+      swapped.append((h, stream))
+      h.setStream(_TqdmStream(stream))
+  try:
+    yield
+  finally:
+    for h, stream in swapped:
+      h.setStream(stream)
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots.
+
+
+def _figure(width: float, height: float):
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  fig = Figure(figsize=(width, height), layout="constrained")
+  FigureCanvasAgg(fig)
+  return fig
+
+
+def _save(fig, path) -> pathlib.Path:
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
+  fig.savefig(tmp, dpi=110)
+  os.replace(tmp, path)
+  return path
+
+
+def plot_accuracy_matrix(R, path, *, title: str = "") -> pathlib.Path:
+  """Heatmap of ``R[i, j]`` (test accuracy on task j after training task i), values written in."""
+  R = np.asarray(R, dtype=float)
+  T = R.shape[0]
+  fig = _figure(1.6 + 0.55 * T, 1.2 + 0.5 * T)
+  ax = fig.add_subplot()
+  im = ax.imshow(np.ma.masked_invalid(R), vmin=0.0, vmax=1.0, cmap="viridis")
+  if T <= 12:
+    for i in range(T):
+      for j in range(T):
+        if np.isfinite(R[i, j]):
+          ax.text(j, i, f"{R[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                  color="white" if R[i, j] < 0.6 else "black")
+  ticks = np.arange(T)
+  ax.set_xticks(ticks, [str(t + 1) for t in ticks])
+  ax.set_yticks(ticks, [str(t + 1) for t in ticks])
+  ax.set_xlabel("evaluated on task")
+  ax.set_ylabel("after training task")
+  ax.set_title(title, fontsize=9)
+  fig.colorbar(im, ax=ax, label="test accuracy")
+  return _save(fig, path)
+
+
+def plot_average_accuracy(curves: abc.Mapping[str, abc.Sequence[float]], path, *,
+                          title: str = "") -> pathlib.Path:
+  """Average test accuracy over the tasks seen so far, after each task, one line per run."""
+  fig = _figure(6.0, 3.8)
+  ax = fig.add_subplot()
+  for name, curve in curves.items():
+    curve = np.asarray(curve, dtype=float)
+    ax.plot(np.arange(1, curve.size + 1), curve, marker="o", label=name)
+  ax.set_xlabel("after training task")
+  ax.set_ylabel("average accuracy on tasks seen")
+  ax.set_ylim(0.0, 1.02)
+  ax.grid(alpha=0.3)
+  n = max((len(c) for c in curves.values()), default=1)
+  ax.set_xticks(np.arange(1, n + 1))
+  if len(curves) > 1:
+    ax.legend(fontsize=8)
+  ax.set_title(title, fontsize=9)
+  return _save(fig, path)
+
+
+def plot_capacity(capacity_per_layer: abc.Mapping[str, abc.Mapping[str, float]], path, *,
+                  title: str = "") -> pathlib.Path:
+  """Stacked bars: the fraction of each layer's maskable weights owned by each task, and free."""
+  layers = list(capacity_per_layer)
+  keys = [k for k in next(iter(capacity_per_layer.values()))]
+  tasks = [k for k in keys if k != "free"]
+  fig = _figure(7.0, 1.6 + 0.35 * len(layers))
+  ax = fig.add_subplot()
+  left = np.zeros(len(layers))
+  colours = _task_colours(len(tasks))
+  for k, colour in zip(tasks + ["free"], colours + [(0.85, 0.85, 0.85, 1.0)]):
+    width = np.nan_to_num(np.array([capacity_per_layer[layer].get(k) for layer in layers],
+                                   dtype=float))  # None / NaN: an empty leaf
+    ax.barh(np.arange(len(layers)), width, left=left, color=colour,
+            label=k.replace("task_", "task ") if k != "free" else "free")
+    left += width
+  ax.set_yticks(np.arange(len(layers)), layers, fontsize=7)
+  ax.invert_yaxis()
+  ax.set_xlim(0.0, 1.0)
+  ax.set_xlabel("fraction of the layer's maskable weights")
+  fig.legend(fontsize=7, loc="outside lower center", ncols=min(len(tasks) + 1, 8))
+  ax.set_title(title, fontsize=9)
+  return _save(fig, path)
+
+
+def _task_colours(n: int):
+  from matplotlib import colormaps  # pylint: disable=g-import-not-at-top
+  cmap = colormaps["tab10" if n <= 10 else "viridis"]
+  return [cmap(i if n <= 10 else i / max(n - 1, 1)) for i in range(n)]
+
+
+def plot_training(rows: abc.Sequence[abc.Mapping[str, Any]], path, *,
+                  title: str = "") -> pathlib.Path:
+  """Training loss and accuracy per epoch (from :func:`read_metrics`), tasks shaded in turn."""
+  fig = _figure(7.0, 4.2)
+  ax_loss, ax_acc = fig.subplots(2, 1, sharex=True)
+  x = np.array([r["epoch_index"] for r in rows])
+  tasks = np.array([r["task"] for r in rows])
+  for ax, key, label in ((ax_loss, "loss", "training loss"),
+                         (ax_acc, "accuracy", "training accuracy")):
+    ax.plot(x, [r[key] for r in rows], marker=".", linewidth=1)
+    ax.set_ylabel(label, fontsize=8)
+    ax.grid(alpha=0.3)
+    for t in np.unique(tasks)[::2]:
+      sel = x[tasks == t]
+      ax.axvspan(sel.min() - 0.5, sel.max() + 0.5, color="0.92", zorder=0)
+  ax_acc.set_xlabel("epoch (all tasks and phases; shaded: every other task)")
+  ax_loss.set_title(title, fontsize=9)
+  return _save(fig, path)
+
+
+def write_run_plots(workdir: str | os.PathLike, results: abc.Mapping[str, Any]) -> list[pathlib.Path]:
+  """The PNGs of a finished run (from its results and ``metrics.csv``) in ``workdir/plots``."""
+  plots = pathlib.Path(workdir) / PLOTS_DIR
+  c = results.get("config", {})
+  name = (f"{results.get('method')} on {c.get('dataset')} ({c.get('scenario')}, "
+          f"{c.get('num_tasks')} tasks)")
+  R = np.asarray(results["accuracy_matrix"], dtype=float)
+  out = [plot_accuracy_matrix(R, plots / "accuracy_matrix.png",
+                              title=f"{name}: ACC {results['acc']:.4f}, BWT {results['bwt']:.4f}"),
+         plot_average_accuracy({results.get("method", "run"): results["average_accuracy_curve"]},
+                               plots / "average_accuracy.png", title=name)]
+  rows = read_metrics(workdir)
+  if rows:
+    out.append(plot_training(rows, plots / "training.png", title=name))
+  if results.get("capacity_per_layer"):
+    out.append(plot_capacity(results["capacity_per_layer"], plots / "capacity.png",
+                             title=f"{name}: capacity per layer after the last task"))
+  return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Several runs.
+
+COMPARE_COLUMNS = ("run", "method", "dataset", "tasks", "ACC", "BWT", "forgetting",
+                   "final density", "train s")
+
+
+def load_finished(workdir: str | os.PathLike) -> dict[str, Any]:
+  """``workdir/results.json``; ValueError naming the folder if the run has not finished."""
+  import json  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(workdir) / "results.json"
+  if not path.is_file():
+    what = ("holds an unfinished run (no results.json yet; rerun its command to resume it)"
+            if (pathlib.Path(workdir) / "checkpoints").is_dir() or
+            (pathlib.Path(workdir) / CSV_FILE).exists() else
+            "is not a run directory (no results.json)")
+    raise ValueError(f"{workdir} {what}")
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def compare_rows(workdirs: abc.Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
+  """One row per run directory: the columns of :data:`COMPARE_COLUMNS` and the curve."""
+  rows = []
+  names = _short_names([str(w) for w in workdirs])
+  for name, w in zip(names, workdirs):
+    r = load_finished(w)
+    c = r.get("config", {})
+    dens = r.get("density_per_task") or [float("nan")]
+    rows.append({"run": name, "method": r.get("method"), "dataset": c.get("dataset"),
+                 "tasks": len(r["accuracy_matrix"]), "ACC": r["acc"], "BWT": r["bwt"],
+                 "forgetting": r.get("forgetting"), "final density": dens[-1],
+                 "train s": r.get("train_seconds"), "path": str(w),
+                 "curve": r.get("average_accuracy_curve")})
+  return rows
+
+
+def _short_names(paths: list[str]) -> list[str]:
+  """The shortest distinct trailing path parts (``/a/x/pn``, ``/a/y/pn`` -> ``x/pn``, ``y/pn``)."""
+  parts = [pathlib.Path(p).resolve().parts for p in paths]
+  for n in range(1, max(len(p) for p in parts) + 1):
+    names = ["/".join(p[-n:]) for p in parts]
+    if len(set(names)) == len(names):
+      return names
+  return paths
+
+
+def _fmt(v) -> str:
+  if isinstance(v, float):
+    return "-" if not math.isfinite(v) else f"{v:.4f}" if abs(v) < 100 else f"{v:.0f}"
+  return "-" if v is None else str(v)
+
+
+def compare_table(rows: abc.Sequence[abc.Mapping[str, Any]]) -> str:
+  """A Markdown table of :func:`compare_rows`."""
+  head = list(COMPARE_COLUMNS)
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in rows:
+    lines.append("| " + " | ".join(
+        f"{r[c]:.1f}" if c == "train s" and isinstance(r[c], float) else _fmt(r[c])
+        for c in head) + " |")
+  return "\n".join(lines)
+
+
+def write_compare_files(rows, out: str | os.PathLike, *, title: str = "") -> list[pathlib.Path]:
+  """``out/compare.md``, ``compare.csv`` and ``compare.png`` for :func:`compare_rows`."""
+  out = pathlib.Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  md = out / "compare.md"
+  md.write_text(compare_table(rows) + "\n\n" + "\n".join(
+      f"- {r['run']}: {r['path']}" for r in rows) + "\n", encoding="utf-8")
+  path = out / "compare.csv"
+  with open(path, "w", newline="", encoding="utf-8") as f:
+    w = csv.writer(f)
+    w.writerow(list(COMPARE_COLUMNS) + ["path"])
+    for r in rows:
+      w.writerow([r[c] for c in COMPARE_COLUMNS] + [r["path"]])
+  png = plot_average_accuracy({r["run"]: r["curve"] for r in rows}, out / "compare.png",
+                              title=title)
+  return [md, path, png]
