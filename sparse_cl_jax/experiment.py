@@ -380,13 +380,13 @@ class EpochLogger:
   def __call__(self, trainer, state, *, task, phase, op, epoch, epochs, loss, accuracy,
                learning_rate, bar=None) -> None:
     del trainer
-    if bar is not None and bar is not self._bar:  # the first epoch of this bar: compilation
-      self._bar = bar
-      logs.exclude_first_epoch_from_rate(bar)
     dens = float(self._density(state.params, state.aux, state.method, jnp.int32(task)))
     self.run_log.epoch(task=task, phase=phase, operation=op, epoch=epoch, epochs=epochs,
                        loss=float(loss), accuracy=float(accuracy),
                        learning_rate=float(learning_rate), density=dens)
+    if bar is not None and bar is not self._bar:  # the first epoch of this bar: compilation
+      self._bar = bar
+      logs.exclude_first_epoch_from_rate(bar)
 
 
 def load_results(workdir: str) -> dict:

@@ -192,15 +192,40 @@ def exclude_first_epoch_from_rate(bar) -> None:
 
   Call it once per bar at the end of its first epoch, before that epoch's ``bar.update(1)``: the
   epoch includes the compilation of the step, so an estimate from it is far too long. Until the
-  second epoch ends the bar shows no estimate ('?'); the elapsed time it shows still counts from
-  the start.
+  second epoch ends the bar shows no estimate ('?'); then the rate is the plain average over the
+  epochs since the first. The elapsed time it shows still counts from the start.
   """
   if getattr(bar, "disable", True):
     return
-  now = bar._time()  # pylint: disable=protected-access  # the bar's own clock
-  bar.initial = bar.n  # the unsmoothed rate (n - initial) / elapsed is 0 until the update: '?'
-  bar.last_print_n = bar.n + 1  # the update of this epoch is not drawn nor fed to the smoothed
-  bar.last_print_t = now  # rate, which starts with the next epoch, measured from now
+  if not isinstance(bar, _RateAfterFirstEpoch):
+    bar.__class__ = _rate_after_first_epoch_class(type(bar))
+  bar.after_first = (bar.n + 1, bar._time())  # pylint: disable=protected-access  # its clock
+
+
+class _RateAfterFirstEpoch:
+  """Mixin for tqdm bars: ``format_dict``'s rate counts only what was done after ``after_first``."""
+
+  after_first: tuple[float, float] = (0, 0.0)  # (n at the end of the first epoch, its time)
+
+  @property
+  def format_dict(self):
+    d = super().format_dict  # pytype: disable=attribute-error
+    n0, t0 = self.after_first
+    done, dt = self.n - n0, self._time() - t0  # pytype: disable=attribute-error
+    if done > 0 and dt > 0:
+      d["rate"] = done / dt
+    else:  # no estimate yet: tqdm's own fallback (n - initial) / elapsed must give 0 too
+      d["rate"], d["initial"] = None, d["n"]
+    return d
+
+
+_RATE_CLASSES: dict[type, type] = {}
+
+
+def _rate_after_first_epoch_class(cls: type) -> type:
+  if cls not in _RATE_CLASSES:
+    _RATE_CLASSES[cls] = type(f"{cls.__name__}RateAfterFirstEpoch", (_RateAfterFirstEpoch, cls), {})
+  return _RATE_CLASSES[cls]
 
 
 class _TqdmStream:

@@ -122,8 +122,10 @@ def test_first_epoch_excluded_from_the_estimate(monkeypatch):
     clock.t += 1.0
     bar.set_postfix(loss="1.0")
     bar.update(1)
+    assert "?" not in out.getvalue().split("\r")[-1]
   remaining = (bar.total - bar.n) / bar.format_dict["rate"]
   assert remaining == pytest.approx(6.0)  # not ~6 x 63/4 s
+  assert "00:06" in out.getvalue().split("\r")[-1]
   assert bar.format_dict["elapsed"] == pytest.approx(63.0)  # elapsed still counts everything
   bar.close()
 
