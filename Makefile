@@ -1,17 +1,18 @@
-# Everything a fresh machine needs is installed from here.
+# Everything a fresh machine needs is installed from here, at the versions the suite was tested
+# with (constraints.txt; regenerate it with `make constraints` after a tested upgrade).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench fashion-mnist lint clean
+.PHONY: install test demo bench fashion-mnist lint constraints clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-$(STAMP): $(BIN)/python pyproject.toml
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,tfds]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,tfds]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -36,6 +37,12 @@ bench: $(STAMP) fashion-mnist
 
 lint: $(STAMP)
 	$(BIN)/ruff check sparse_cl_jax tests experiments configs benchmarks
+
+## make constraints: pin what .venv holds now (after `make test` passed on it).
+constraints: $(STAMP)
+	{ sed -n '1,3p' constraints.txt; $(BIN)/pip freeze --exclude-editable | \
+	  grep -v -i '^torch==' | sed 's/+cpu$$//'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -150,8 +150,7 @@ def test_resume_inside_a_task_gives_same_matrix(tmp_path, monkeypatch):
   with pytest.raises(KeyboardInterrupt):
     experiment.run(c2, str(tmp_path / "r"), print_summary=False)
   monkeypatch.setattr(checkpoint.Checkpointer, "save", original)
-  with open(tmp_path / "r" / "checkpoints" / "3" / "meta" / "metadata") as f:
-    pass  # the checkpoint exists on disk
+  assert (tmp_path / "r" / "checkpoints" / "3" / "meta" / "metadata").is_file()  # on disk
   resumed = experiment.run(c2, str(tmp_path / "r"), print_summary=False)
   np.testing.assert_array_equal(resumed["accuracy_matrix"], full["accuracy_matrix"])
   # The per-epoch log of the resumed run lists every epoch once, with the same values.

@@ -183,7 +183,7 @@ def make(config, ctx: base.Context) -> base.Method:
     m = dict(state.method)
     live = jax.tree.map(lambda a, s: (a > thr) if s else jnp.zeros((), jnp.bool_),
                         state.aux["mask"], spec)
-    live = jax.tree.map(lambda l, s: l | (t == 0) if s else l, live, spec)
+    live = jax.tree.map(lambda x, s: x | (t == 0) if s else x, live, spec)
     m["bits"] = set_bits(m["bits"], live, t, spec)
     m["trainable"] = masks.zeros(m["trainable"])
     return state._replace(method=m)
