@@ -364,7 +364,9 @@ def _flag_help(module_names) -> list[str]:
   by_module = FLAGS.flags_by_module_dict()
   for module in module_names:
     for f in sorted(by_module.get(module, []), key=lambda f: f.name):
-      default = "" if f.default is None else f" (default: {_flag_value(f.default)})"
+      value = (",".join(map(str, f.default)) if isinstance(f.default, (list, tuple)) else
+               _flag_value(f.default))
+      default = "" if f.default is None else f" (default: {value})"
       out.append(f"  --{f.name}: {f.help}{default}")
   return out
 
@@ -449,6 +451,15 @@ def quiet_backend_logs() -> None:
     py_logging.getLogger(name).setLevel(py_logging.WARNING)
 
 
+def _print_and_exit(text: str) -> None:
+  """Prints ``text`` and exits 0 (also when stdout is a pipe closed early, e.g. by ``head``)."""
+  try:
+    print(text, flush=True)
+  except BrokenPipeError:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit either
+  sys.exit(0)
+
+
 def _usage_exit(message: str) -> None:
   print(f"error: {message}", file=sys.stderr)
   sys.exit(2)
@@ -468,8 +479,7 @@ def _make_parser(doc: str | None, required: abc.Sequence[str], positional: bool)
         text = help_text(doc, specs)
         if any(a in ("--helpfull", "-helpfull") for a in rest[1:]):
           text += "\n\nAll flags:\n" + FLAGS.get_help()
-        print(text)
-        sys.exit(0)
+        _print_and_exit(text)
       try:
         remaining = FLAGS(rest)
       except flags.Error as e:
@@ -482,10 +492,8 @@ def _make_parser(doc: str | None, required: abc.Sequence[str], positional: bool)
       if _PRINT_CONFIG.value:
         if not _CONFIG_FLAGS:
           raise UsageError("--print_config: this launcher has no --config")
-        for cf in _CONFIG_FLAGS:
-          print(f"# --{cf.name}={cf.spec}")
-          print("\n".join(config_lines(cf.value, cf.name)))
-        sys.exit(0)
+        _print_and_exit("\n".join(f"# --{cf.name}={cf.spec}\n" + "\n".join(
+            config_lines(cf.value, cf.name)) for cf in _CONFIG_FLAGS))
       for name in required:
         if FLAGS[name].value is None:
           raise UsageError(f"--{name} is required")
