@@ -245,12 +245,13 @@ class _TqdmStream:
 
 @contextlib.contextmanager
 def logs_above_progress_bars():
-  """Routes console log records (absl's handler and plain stderr/stdout handlers) via tqdm.
+  """Routes console log records and Python warnings through ``tqdm.write``.
 
-  Inside the block a log line printed while a progress bar is shown appears above the bar
-  instead of being written into it.
+  Inside the block a log line (absl's handler, plain stderr/stdout handlers) or a warning printed
+  while a progress bar is shown appears above the bar instead of being written into it.
   """
   import logging  # pylint: disable=g-import-not-at-top
+  import warnings  # pylint: disable=g-import-not-at-top
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
 
   swapped = []
@@ -263,9 +264,18 @@ def logs_above_progress_bars():
     if isinstance(h, logging.StreamHandler) and stream in (sys.stderr, sys.stdout):
       swapped.append((h, stream))
       h.setStream(_TqdmStream(stream))
+  show = warnings.showwarning
+
+  def show_above_bars(message, category, filename, lineno, file=None, line=None):
+    if file is not None:  # someone else's destination: leave it
+      return show(message, category, filename, lineno, file, line)
+    _TqdmStream(sys.stderr).write(warnings.formatwarning(message, category, filename, lineno, line))
+
+  warnings.showwarning = show_above_bars
   try:
     yield
   finally:
+    warnings.showwarning = show
     for h, stream in swapped:
       h.setStream(stream)
 

@@ -6,6 +6,7 @@ import logging
 import os
 import struct
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -143,6 +144,9 @@ def test_log_lines_go_above_the_bar(monkeypatch):
     with logs.logs_above_progress_bars():
       assert not isinstance(handler.stream, io.StringIO)
       root.warning("a log line")
+      with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("a warning", UserWarning, stacklevel=1)
     assert handler.stream is err  # restored
     bar.close()
   finally:
@@ -150,6 +154,7 @@ def test_log_lines_go_above_the_bar(monkeypatch):
   text = err.getvalue()
   # tqdm.write cleared the bar's line first: the log line starts a line of its own.
   assert "\na log line\n" in text.replace("\r", "\n")
+  assert "\n" + __file__ in text.replace("\r", "\n") and "UserWarning: a warning" in text
 
 
 def test_compare_rows_table_and_files(tmp_path):
