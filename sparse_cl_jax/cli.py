@@ -152,10 +152,25 @@ class ConfigFlag:
     apply_overrides(config, self.overrides, flag=self.name)
     try:
       config_lib.validate(config)
+      check_names(config)
     except ValueError as e:
       raise UsageError(_as_flag(one_line(e), self.name)) from e
     self._value = config
     return config
+
+
+def check_names(config) -> None:
+  """ValueError if ``config.method`` / ``config.model`` / a ``model_kwargs`` key is not known."""
+  from sparse_cl_jax import experiment  # pylint: disable=g-import-not-at-top  # loads JAX
+  from sparse_cl_jax import methods  # pylint: disable=g-import-not-at-top
+  from sparse_cl_jax import models  # pylint: disable=g-import-not-at-top
+  if config.method not in methods.REGISTRY:
+    raise ValueError(f"config.method={config.method!r} is not a method; choose one of "
+                     f"{sorted(methods.REGISTRY)}")
+  if config.model not in models.MODEL_NAMES:
+    raise ValueError(f"config.model={config.model!r} is not a model; choose one of "
+                     f"{list(models.MODEL_NAMES)}")
+  experiment.check_model_kwargs(config)
 
 
 def _caller_module() -> str:

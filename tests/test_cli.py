@@ -94,6 +94,7 @@ def test_print_config_resolves_model_fields_without_a_workdir():
     (["--config.nosuchfield=1"], "error: no such field: --config.nosuchfield"),
     (["--config.epochs=0"], "error: --config.epochs=0 must be an integer >= 1"),
     (["--workdri=/tmp/x"], "error: Unknown command line flag 'workdri'"),
+    (["--config.method=packnett"], "error: --config.method='packnett' is not a method; choose"),
 ])
 def test_usage_errors_exit_2_in_one_line(args, message, tmp_path):
   out = launch(f"--config={PACKNET}:runlocal", f"--workdir={tmp_path}/w", *args)
