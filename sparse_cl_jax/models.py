@@ -11,6 +11,12 @@ Every model here is called the same way::
   head (when ``num_heads > 1``) and the row of per-task BatchNorm (``norm='task_batch'``). It is
   never used in Python control flow.
 * ``train`` is a Python bool (static): batch statistics and dropout in training mode.
+* ``valid`` (optional, ``[B]`` bool or weights): which rows of the batch are real examples. Rows
+  with ``valid`` false / 0 (the padding that tops up the last batch of an epoch or of an
+  evaluation pass) never enter a batch statistic: every norm layer computes its mean and variance,
+  and updates its running statistics, over the valid rows only, so the outputs of the valid rows
+  and the new statistics are bit-identical whatever the padding rows hold. ``None`` (the default):
+  every row is valid. A batch without any valid row leaves the running statistics unchanged.
 * The output is ``[B, num_classes]`` logits of the head selected by ``task`` (row 0 when
   ``num_heads == 1``).
 
@@ -26,8 +32,9 @@ Parameter layout conventions (so that mask trees and path filters are predictabl
 
 Normalisation (``norm`` field, on every model):
 
-* ``'batch'``: ``nn.BatchNorm`` (running statistics, momentum 0.9, epsilon 1e-5; ``batch_stats``
-  must be mutable when ``train=True``).
+* ``'batch'``: :class:`BatchNorm`, the variables of ``nn.BatchNorm`` (params ``scale``/``bias``
+  ``[C]``, ``batch_stats`` ``mean``/``var`` ``[C]``; running statistics, momentum 0.9, epsilon
+  1e-5; ``batch_stats`` must be mutable when ``train=True``) with ``valid`` rows only.
 * ``'task_batch'``: :class:`TaskBatchNorm`, one row of affine parameters and running statistics per
   task (CPG: "BN params and running stats are stored per task").
 * ``'batch_stats_only'``: :class:`BatchStatsNorm`, no affine parameters and no running statistics;
@@ -131,15 +138,106 @@ def _check_norm(norm: str, num_heads: int, num_tasks: int | None) -> int:
 # Normalisation layers.
 
 
+def _row_mask(valid: Any, x: Array) -> Array | None:
+  """``valid`` ([B] bool or weights) as a bool ``[B, 1, ..., 1]`` for ``x``; None if ``valid`` is."""
+  if valid is None:
+    return None
+  v = jnp.asarray(valid)
+  if v.shape != x.shape[:1]:
+    raise ValueError(f'valid must have shape {x.shape[:1]} (one entry per row of the batch), '
+                     f'got {v.shape}.')
+  v = v if v.dtype == jnp.bool_ else v > 0
+  return v.reshape(x.shape[:1] + (1,) * (x.ndim - 1))
+
+
+def batch_moments(x: Array, valid: Any = None) -> tuple[Array, Array, Array]:
+  """Per-channel mean and (biased) variance of ``x`` over every axis but the last, valid rows only.
+
+  Args:
+    x: ``[B, ..., C]`` activations (any float dtype; the statistics are float32).
+    valid: ``None`` (every row) or ``[B]`` bool / weights (rows with false / 0 are left out).
+
+  Returns:
+    ``(mean [C], var [C], count)``: the statistics and the float32 number of values they average
+    (0 when no row is valid; the statistics are then 0). Rows left out contribute exact zeros
+    whatever they hold (NaN and inf included), so the result is bit-identical for any content of
+    the padding rows.
+  """
+  xf = x.astype(jnp.float32)
+  axes = tuple(range(x.ndim - 1))
+  mask = _row_mask(valid, x)
+  if mask is None:
+    mean = jnp.mean(xf, axis=axes)
+    var = jnp.mean(jnp.square(xf - _bcast(mean, x.ndim)), axis=axes)
+    return mean, var, jnp.float32(math.prod(x.shape[:-1]))
+  per_row = math.prod(x.shape[1:-1])
+  count = jnp.sum(mask.astype(jnp.float32)) * jnp.float32(per_row)
+  denom = jnp.maximum(count, 1.0)
+  mean = jnp.sum(jnp.where(mask, xf, 0.0), axis=axes) / denom
+  centred = jnp.where(mask, xf - _bcast(mean, x.ndim), 0.0)
+  var = jnp.sum(jnp.square(centred), axis=axes) / denom
+  return mean, var, count
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm over the valid rows of a batch, with ``nn.BatchNorm``'s variables.
+
+  Params ``scale [C]`` (ones) and ``bias [C]`` (zeros); collection ``batch_stats`` holds
+  ``mean [C]`` (zeros) and ``var [C]`` (ones): the names, shapes and initial values of
+  ``flax.linen.BatchNorm``, so checkpoints, masks and path filters written for it keep working. In
+  training mode the batch statistics of the valid rows (:func:`batch_moments`; the two-pass
+  biased variance) normalise ``x`` and update the running statistics
+  (``m * old + (1 - m) * batch``); nothing is updated while initialising or when no row is valid.
+  In evaluation the running statistics are used.
+
+  Attributes:
+    momentum: running-average decay (0.9, i.e. PyTorch's momentum 0.1).
+    epsilon: added to the variance.
+  """
+  momentum: float = _BN_MOMENTUM
+  epsilon: float = _BN_EPSILON
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False, valid: Any = None) -> Array:
+    c = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (c,), jnp.float32)
+    ra_var = self.variable('batch_stats', 'var', jnp.ones, (c,), jnp.float32)
+    if train:
+      mean, var, count = batch_moments(x, valid)
+      if not self.is_initializing():
+        m = self.momentum
+        seen = count > 0
+        ra_mean.value = jnp.where(seen, m * ra_mean.value + (1.0 - m) * mean, ra_mean.value)
+        ra_var.value = jnp.where(seen, m * ra_var.value + (1.0 - m) * var, ra_var.value)
+    else:
+      mean, var = ra_mean.value, ra_var.value
+    return _normalise(x, mean, var, scale, bias, self.epsilon)
+
+
+def _normalise(x: Array, mean: Array, var: Array, scale: Array | None, bias: Array | None,
+               epsilon: float) -> Array:
+  """``(x - mean) / sqrt(var + eps) * scale + bias`` per channel, in float32, in ``x``'s dtype."""
+  mul = jax.lax.rsqrt(var + epsilon)
+  if scale is not None:
+    mul = mul * scale
+  y = (x.astype(jnp.float32) - _bcast(mean, x.ndim)) * _bcast(mul, x.ndim)
+  if bias is not None:
+    y = y + _bcast(bias, x.ndim)
+  return y.astype(x.dtype)
+
+
 class TaskBatchNorm(nn.Module):
   """BatchNorm with one row of affine parameters and running statistics per task.
 
   Used by CPG/PackNet/Piggyback (Hung et al., NeurIPS 2019: BN parameters and running statistics
   stored per task). Params ``scale [T, C]``, ``bias [T, C]``; collection ``batch_stats`` holds
   ``mean [T, C]`` and ``var [T, C]``. Row ``task`` is selected with a (possibly traced) index. In
-  training mode the current batch statistics normalise ``x`` and only row ``task`` of the running
-  statistics is updated (``.at[task].set``, so the other rows stay bit-identical); nothing is
-  updated while initialising. In evaluation the running statistics of row ``task`` are used.
+  training mode the batch statistics of the valid rows (:func:`batch_moments`) normalise ``x`` and
+  only row ``task`` of the running statistics is updated (``.at[task].set``, so the other rows
+  stay bit-identical); nothing is updated while initialising or when no row is valid. In
+  evaluation the running statistics of row ``task`` are used.
 
   Attributes:
     num_tasks: number of rows T.
@@ -151,28 +249,27 @@ class TaskBatchNorm(nn.Module):
   epsilon: float = _BN_EPSILON
 
   @nn.compact
-  def __call__(self, x: Array, task: Any = 0, train: bool = False) -> Array:
+  def __call__(self, x: Array, task: Any = 0, train: bool = False, valid: Any = None) -> Array:
     c = x.shape[-1]
     t = _task_index(task, self.num_tasks)
     scale = self.param('scale', nn.initializers.ones, (self.num_tasks, c), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (self.num_tasks, c), jnp.float32)
     ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (self.num_tasks, c), jnp.float32)
     ra_var = self.variable('batch_stats', 'var', jnp.ones, (self.num_tasks, c), jnp.float32)
-    xf = x.astype(jnp.float32)
     if train:
-      axes = tuple(range(x.ndim - 1))
-      mean = jnp.mean(xf, axis=axes)
-      var = jnp.mean(jnp.square(xf - _bcast(mean, x.ndim)), axis=axes)
+      mean, var, count = batch_moments(x, valid)
       if not self.is_initializing():
         m = self.momentum
-        ra_mean.value = ra_mean.value.at[t].set(m * ra_mean.value[t] + (1.0 - m) * mean)
-        ra_var.value = ra_var.value.at[t].set(m * ra_var.value[t] + (1.0 - m) * var)
+        seen = count > 0
+        old_mean, old_var = ra_mean.value[t], ra_var.value[t]
+        ra_mean.value = ra_mean.value.at[t].set(
+            jnp.where(seen, m * old_mean + (1.0 - m) * mean, old_mean))
+        ra_var.value = ra_var.value.at[t].set(
+            jnp.where(seen, m * old_var + (1.0 - m) * var, old_var))
     else:
       mean = ra_mean.value[t]
       var = ra_var.value[t]
-    mul = jax.lax.rsqrt(var + self.epsilon) * scale[t]
-    y = (xf - _bcast(mean, x.ndim)) * _bcast(mul, x.ndim) + _bcast(bias[t], x.ndim)
-    return y.astype(x.dtype)
+    return _normalise(x, mean, var, scale[t], bias[t], self.epsilon)
 
 
 class BatchStatsNorm(nn.Module):
@@ -180,7 +277,9 @@ class BatchStatsNorm(nn.Module):
 
   As coded by the DST-for-CL authors (Yildirim et al., CPAL 2024; BatchNorm with
   ``affine=False, track_running_stats=False``): batch statistics are used at test time too, so an
-  example's output depends on the rest of its batch. Has no variables at all.
+  example's output depends on the rest of its batch -- but only on its *valid* rows
+  (:func:`batch_moments`): the padding of an evaluation pass never changes a result. Has no
+  variables at all.
 
   Attributes:
     epsilon: added to the variance.
@@ -188,27 +287,23 @@ class BatchStatsNorm(nn.Module):
   epsilon: float = _BN_EPSILON
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
-    axes = tuple(range(x.ndim - 1))
-    xf = x.astype(jnp.float32)
-    mean = jnp.mean(xf, axis=axes, keepdims=True)
-    var = jnp.mean(jnp.square(xf - mean), axis=axes, keepdims=True)
-    return ((xf - mean) * jax.lax.rsqrt(var + self.epsilon)).astype(x.dtype)
+  def __call__(self, x: Array, valid: Any = None) -> Array:
+    mean, var, _ = batch_moments(x, valid)
+    return _normalise(x, mean, var, None, None, self.epsilon)
 
 
-def _norm_layer(kind: str, *, name: str, num_tasks: int, task: Any, train: bool) -> NormFn:
+def _norm_layer(kind: str, *, name: str, num_tasks: int, task: Any, train: bool,
+                valid: Any = None) -> NormFn:
   """Creates the norm submodule ``name`` of the current compact module; returns x -> norm(x)."""
   if kind == 'none':
     return lambda x: x
   if kind == 'batch':
-    bn = nn.BatchNorm(use_running_average=not train, momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON,
-                      name=name)
-    return bn
+    return functools.partial(BatchNorm(name=name), train=train, valid=valid)
   if kind == 'task_batch':
     tbn = TaskBatchNorm(num_tasks=num_tasks, name=name)
-    return functools.partial(tbn, task=task, train=train)
+    return functools.partial(tbn, task=task, train=train, valid=valid)
   if kind == 'batch_stats_only':
-    return BatchStatsNorm(name=name)
+    return functools.partial(BatchStatsNorm(name=name), valid=valid)
   raise ValueError(f'Unknown norm {kind!r}; valid: {", ".join(NORMS)}.')
 
 
@@ -295,14 +390,16 @@ class MLP(nn.Module):
   num_tasks: int | None = None
 
   @nn.compact
-  def __call__(self, x: Array, task: Any = 0, train: bool = False) -> Array:
+  def __call__(self, x: Array, task: Any = 0, train: bool = False,
+               valid: Any = None) -> Array:
     rows = _check_norm(self.norm, self.num_heads, self.num_tasks)
     x = x.reshape((x.shape[0], -1))
     for i, w in enumerate(self.hidden):
       dense = nn.Dense(scaled_width(w, self.width_multiplier), use_bias=self.norm == 'none',
                        name=f'dense_{i}')
       x = dense(x)
-      x = _norm_layer(self.norm, name=f'norm_{i}', num_tasks=rows, task=task, train=train)(x)
+      x = _norm_layer(self.norm, name=f'norm_{i}', num_tasks=rows, task=task, train=train,
+                      valid=valid)(x)
       x = _relu_and_sow(dense, x)
     return MultiHead(self.num_heads, self.num_classes, name='head')(x, task)
 
@@ -328,13 +425,15 @@ class SmallConvNet(nn.Module):
   num_tasks: int | None = None
 
   @nn.compact
-  def __call__(self, x: Array, task: Any = 0, train: bool = False) -> Array:
+  def __call__(self, x: Array, task: Any = 0, train: bool = False,
+               valid: Any = None) -> Array:
     rows = _check_norm(self.norm, self.num_heads, self.num_tasks)
     for i, w in enumerate((32, 64)):
       conv = Conv(scaled_width(w, self.width_multiplier), (3, 3), padding=((1, 1), (1, 1)),
                      use_bias=self.norm == 'none', name=f'conv_{i}')
       x = conv(x)
-      x = _norm_layer(self.norm, name=f'norm_{i}', num_tasks=rows, task=task, train=train)(x)
+      x = _norm_layer(self.norm, name=f'norm_{i}', num_tasks=rows, task=task, train=train,
+                      valid=valid)(x)
       x = _relu_and_sow(conv, x)
       x = ops.max_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))
@@ -373,13 +472,15 @@ class CLNPConvNet(nn.Module):
   num_tasks: int | None = None
 
   @nn.compact
-  def __call__(self, x: Array, task: Any = 0, train: bool = False) -> Array:
+  def __call__(self, x: Array, task: Any = 0, train: bool = False,
+               valid: Any = None) -> Array:
     rows = _check_norm(self.norm, self.num_heads, self.num_tasks)
     for i, w in enumerate((32, 32, 64, 64)):
       conv = Conv(scaled_width(w, self.width_multiplier), (3, 3), padding=((1, 1), (1, 1)),
                      use_bias=self.norm == 'none', name=f'conv_{i}')
       x = conv(x)
-      x = _norm_layer(self.norm, name=f'norm_{i}', num_tasks=rows, task=task, train=train)(x)
+      x = _norm_layer(self.norm, name=f'norm_{i}', num_tasks=rows, task=task, train=train,
+                      valid=valid)(x)
       x = _relu_and_sow(conv, x)
       if i % 2 == 1:
         x = ops.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -431,7 +532,8 @@ class CLNPWideFCN(nn.Module):
   num_tasks: int | None = None
 
   @nn.compact
-  def __call__(self, x: Array, task: Any = 0, train: bool = False) -> Array:
+  def __call__(self, x: Array, task: Any = 0, train: bool = False,
+               valid: Any = None) -> Array:
     rows = _check_norm(self.norm, self.num_heads, self.num_tasks)
     spec = ((128, 1, 1), (256, 2, 0), (512, 1, 0), (1024, 2, 1), (2048, 1, 0))
     for i, (w, stride, pad) in enumerate(spec):
@@ -439,7 +541,8 @@ class CLNPWideFCN(nn.Module):
                      padding=((pad, pad), (pad, pad)), use_bias=self.norm == 'none',
                      name=f'conv_{i}')
       x = conv(x)
-      x = _norm_layer(self.norm, name=f'norm_{i}', num_tasks=rows, task=task, train=train)(x)
+      x = _norm_layer(self.norm, name=f'norm_{i}', num_tasks=rows, task=task, train=train,
+                      valid=valid)(x)
       x = _relu_and_sow(conv, x)
     return MultiHead(self.num_heads, self.num_classes, kernel_size=(3, 3), name='head')(x, task)
 
@@ -508,9 +611,10 @@ class BasicBlock(nn.Module):
   kernel_init: Callable[..., Array] = _he_fan_out
 
   @nn.compact
-  def __call__(self, x: Array, task: Any = 0, train: bool = False) -> Array:
+  def __call__(self, x: Array, task: Any = 0, train: bool = False,
+               valid: Any = None) -> Array:
     norm = functools.partial(_norm_layer, self.norm, num_tasks=self.num_tasks, task=task,
-                             train=train)
+                             train=train, valid=valid)
     conv = functools.partial(Conv, self.features, use_bias=False, kernel_init=self.kernel_init)
     s = self.strides
     project = s != 1 or x.shape[-1] != self.features
@@ -585,7 +689,8 @@ class ResNet18(nn.Module):
   head_bias: bool = True
 
   @nn.compact
-  def __call__(self, x: Array, task: Any = 0, train: bool = False) -> Array:
+  def __call__(self, x: Array, task: Any = 0, train: bool = False,
+               valid: Any = None) -> Array:
     rows = _check_norm(self.norm, self.num_heads, self.num_tasks)
     if self.stem not in RESNET18_STEMS:
       raise ValueError(f'Unknown ResNet18 stem {self.stem!r}; valid: {", ".join(RESNET18_STEMS)}.')
@@ -598,14 +703,16 @@ class ResNet18(nn.Module):
                   kernel_init=_he_fan_out, name='stem')
     x = stem(x)
     if not self.preact:
-      x = _norm_layer(self.norm, name='norm_stem', num_tasks=rows, task=task, train=train)(x)
+      x = _norm_layer(self.norm, name='norm_stem', num_tasks=rows, task=task, train=train,
+                      valid=valid)(x)
       x = _relu_and_sow(stem, x)
     i = 0
     for stage, w in enumerate((64, 128, 256, 512)):
       for j in range(2):
         strides = 2 if stage > 0 and j == 0 else 1
-        x = BasicBlock(width(w), strides=strides, norm=self.norm, num_tasks=rows,
-                       preact=self.preact, name=f'block_{i}')(x, task=task, train=train)
+        block = BasicBlock(width(w), strides=strides, norm=self.norm, num_tasks=rows,
+                           preact=self.preact, name=f'block_{i}')
+        x = block(x, task=task, train=train, valid=valid)
         i += 1
     x = jnp.mean(x, axis=(1, 2))
     return MultiHead(self.num_heads, self.num_classes, use_bias=self.head_bias,
@@ -640,7 +747,8 @@ class ResNetCifar(nn.Module):
   num_tasks: int | None = None
 
   @nn.compact
-  def __call__(self, x: Array, task: Any = 0, train: bool = False) -> Array:
+  def __call__(self, x: Array, task: Any = 0, train: bool = False,
+               valid: Any = None) -> Array:
     if self.depth < 8 or (self.depth - 2) % 6:
       raise ValueError(f'ResNetCifar depth must be 6n + 2 (e.g. 20, 56), got {self.depth}.')
     n = (self.depth - 2) // 6
@@ -649,14 +757,16 @@ class ResNetCifar(nn.Module):
     stem = Conv(width(16), (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
                    kernel_init=_he_fan_in, name='stem')
     x = stem(x)
-    x = _norm_layer(self.norm, name='norm_stem', num_tasks=rows, task=task, train=train)(x)
+    x = _norm_layer(self.norm, name='norm_stem', num_tasks=rows, task=task, train=train,
+                      valid=valid)(x)
     x = _relu_and_sow(stem, x)
     i = 0
     for stage, w in enumerate((16, 32, 64)):
       for j in range(n):
         strides = 2 if stage > 0 and j == 0 else 1
-        x = BasicBlock(width(w), strides=strides, norm=self.norm, num_tasks=rows, shortcut='a',
-                       kernel_init=_he_fan_in, name=f'block_{i}')(x, task=task, train=train)
+        block = BasicBlock(width(w), strides=strides, norm=self.norm, num_tasks=rows,
+                           shortcut='a', kernel_init=_he_fan_in, name=f'block_{i}')
+        x = block(x, task=task, train=train, valid=valid)
         i += 1
     x = jnp.mean(x, axis=(1, 2))
     return MultiHead(self.num_heads, self.num_classes, name='head')(x, task)
@@ -698,7 +808,8 @@ class VGG16BN(nn.Module):
   num_tasks: int | None = None
 
   @nn.compact
-  def __call__(self, x: Array, task: Any = 0, train: bool = False) -> Array:
+  def __call__(self, x: Array, task: Any = 0, train: bool = False,
+               valid: Any = None) -> Array:
     rows = _check_norm(self.norm, self.num_heads, self.num_tasks)
     cfg = _VGG16_CFG if self.fc_layers else _VGG16_CFG[:-1]
     i = 0
@@ -709,7 +820,8 @@ class VGG16BN(nn.Module):
       conv = Conv(scaled_width(v, self.width_multiplier), (3, 3), padding=((1, 1), (1, 1)),
                      use_bias=False, kernel_init=_he_fan_out, name=f'conv_{i}')
       x = conv(x)
-      x = _norm_layer(self.norm, name=f'norm_{i}', num_tasks=rows, task=task, train=train)(x)
+      x = _norm_layer(self.norm, name=f'norm_{i}', num_tasks=rows, task=task, train=train,
+                      valid=valid)(x)
       x = _relu_and_sow(conv, x)
       i += 1
     x = jnp.mean(x, axis=(1, 2))
