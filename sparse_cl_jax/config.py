@@ -18,6 +18,8 @@ from typing import Any
 
 import ml_collections
 
+from sparse_cl_jax import augment as augment_lib
+
 DATASETS = ("digits", "fashion_mnist", "mnist", "cifar10", "cifar100", "tiny_imagenet",
             "mini_imagenet", "arrays")
 SCENARIOS = ("split", "permuted")
@@ -40,6 +42,14 @@ def base(method: str) -> ml_collections.ConfigDict:
   c.val_fraction = 0.1
   c.max_train_per_task = 0  # 0 = all
   c.max_eval_per_task = 0  # 0 = all
+  # Training augmentation on the device, inside the jitted step (never at evaluation):
+  # "none", "crop_flip" (random crop with augment_padding zero pixels per side, then a horizontal
+  # flip: the CIFAR protocol of the papers), "crop" or "flip". See sparse_cl_jax/augment.py.
+  c.augment = "none"
+  c.augment_padding = 4
+  # 0 = images as read; else every image is resized to image_size x image_size (bilinear,
+  # antialiased) once on the host before the stream is built (DST's miniImageNet: 32).
+  c.image_size = 0
   # Model.
   c.model = "mlp"
   c.hidden = (256, 256)  # MLP only
@@ -143,6 +153,13 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_choice(c, "epoch_loop", ("auto", "device", "host"))
   if "compute_dtype" in c:
     _check_choice(c, "compute_dtype", ("float32", "bfloat16"))
+  if "augment" in c:
+    augment_lib.check(c.augment, c.get("augment_padding", 4))
+  if "image_size" in c:
+    size = c.image_size
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+      raise ValueError(f"config.image_size={size!r} must be an integer >= 0 (0 = keep the size "
+                       "the images are read at)")
   for field in ("num_tasks", "batch_size", "eval_batch_size", "learning_rate",
                 "width_multiplier"):
     _check_positive(c, field)

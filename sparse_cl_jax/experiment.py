@@ -97,6 +97,8 @@ def build_stream(config, source: data_lib.Source | None = None) -> data_lib.Task
                        f"{[d for d in config_lib.DATASETS if d != 'arrays']}")
     source = data_lib.load_source(config.dataset, data_dir=config.data_dir or None,
                                   seed=config.seed)
+  if config.get("image_size", 0):
+    source = data_lib.resize_source(source, int(config.image_size))
   try:
     return data_lib.make_stream(
         source, scenario=config.scenario, num_tasks=config.num_tasks,
