@@ -14,6 +14,15 @@ Layer 5 of the design. One :class:`Trainer` serves a whole task stream:
   return their recorded values), and the interrupted training operation continues at its epoch.
   Randomness is derived from (seed, task, operation, epoch), so a resumed run ends with the same
   results as one that was never interrupted.
+* Training augmentation (``config.augment``, :mod:`sparse_cl_jax.augment`) runs inside the jitted
+  step on the gathered ``uint8`` batch, keyed by (seed, task, operation, epoch, batch); evaluation
+  never augments.
+* Padding never reaches a statistic: the rows that top up the last batch of an epoch (or of an
+  evaluation pass) are passed to the model as ``valid=False`` (every norm layer of
+  :mod:`sparse_cl_jax.models` leaves them out of its batch and running statistics) and weigh 0 in
+  the loss and the accuracy.
+* :meth:`Trainer.train` leaves the last epoch's running training (loss, accuracy) in
+  :attr:`Trainer.last_train_stats` (also when a resumed run skips the operation).
 * With more than one device (``config.num_devices``), batches are sharded over a ``jax.sharding``
   mesh axis ``'data'`` and the state is replicated: plain data parallelism by GSPMD.
 """
@@ -22,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import inspect
 from typing import Any, Callable, NamedTuple
 
 from absl import logging
@@ -31,6 +41,7 @@ import numpy as np
 import optax
 import tqdm
 
+from sparse_cl_jax import augment as augment_lib
 from sparse_cl_jax import data as data_lib
 from sparse_cl_jax import reliability
 from sparse_cl_jax import runtime
@@ -55,6 +66,12 @@ class DeviceData(NamedTuple):
   y: jax.Array
   ids: jax.Array
   n: jax.Array
+
+
+class EpochStats(NamedTuple):
+  """Running means over one training epoch's valid rows (what the progress bar shows)."""
+  loss: float
+  accuracy: float
 
 
 class TaskData(NamedTuple):
@@ -91,6 +108,15 @@ def lr_for_epoch(base_lr: float, epoch: int, epochs: int, milestones, decay: flo
   """Step decay: multiply by ``decay`` at each milestone (fractions of the phase's epochs)."""
   passed = sum(1 for m in milestones if epoch >= int(round(m * epochs)))
   return float(base_lr * decay ** passed)
+
+
+# Salt folded into an epoch's key to derive the augmentation keys (the permutation uses the key).
+_AUGMENT_SALT = 0x617567
+
+
+def _train_log_key(op: int) -> str:
+  """The op-log entry of training operation ``op``: its last epoch's ``[loss, accuracy]``."""
+  return f"train:{op}"
 
 
 @dataclasses.dataclass
@@ -134,6 +160,14 @@ class Trainer:
     self._op = 0
     self._op_log: dict = {}
     self._initial_params = None
+    # The last epoch's (loss, accuracy) of the latest train() call; None before any epoch ran.
+    self.last_train_stats: EpochStats | None = None
+    self.augment = str(config.get("augment", "none"))
+    self.augment_padding = config.get("augment_padding", 4)
+    augment_lib.check(self.augment, self.augment_padding)
+    # Models of this package take ``valid`` (padding rows left out of batch statistics); a user's
+    # model without that keyword is called as before.
+    self._model_takes_valid = "valid" in inspect.signature(type(model).__call__).parameters
 
     n_dev = int(config.num_devices) or jax.local_device_count()
     if n_dev > jax.local_device_count():
@@ -221,11 +255,13 @@ class Trainer:
   # ------------------------------------------------------------------------------------------------
   # Jitted bodies.
 
-  def _logits(self, params, aux, mstate, batch_stats, x, task, current, train: bool, step=None):
+  def _logits(self, params, aux, mstate, batch_stats, x, task, current, train: bool, step=None,
+              valid=None):
     fp = self.method.forward_params(params, aux, mstate, task, current)
-    return self._apply_model(fp, batch_stats, x, task, train, step)
+    return self._apply_model(fp, batch_stats, x, task, train, step, valid)
 
-  def _apply_model(self, fp, batch_stats, x, task, train: bool, step=None):
+  def _apply_model(self, fp, batch_stats, x, task, train: bool, step=None, valid=None):
+    """Logits (float32) and new running statistics; ``valid`` [B]: rows that are real examples."""
     variables = {"params": fp}
     if self.has_batch_stats:
       variables["batch_stats"] = batch_stats
@@ -238,16 +274,19 @@ class Trainer:
           lambda p: p.astype(self.compute_dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p,
           fp)
       x = x.astype(self.compute_dtype)
+    kwargs = {}
+    if valid is not None and self._model_takes_valid:
+      kwargs["valid"] = valid
     rngs = {}
     if train:  # dropout (CLNP's convnet): a key per global step, identical when replayed
       rngs["dropout"] = jax.random.fold_in(
           jax.random.fold_in(jax.random.wrap_key_data(self.key), 7), step)
     if train and self.has_batch_stats:
       logits, mutated = self.model.apply(variables, x, task=task, train=True,
-                                         mutable=["batch_stats"], rngs=rngs)
+                                         mutable=["batch_stats"], rngs=rngs, **kwargs)
       new_stats = mutated["batch_stats"]
     else:
-      logits = self.model.apply(variables, x, task=task, train=train, rngs=rngs)
+      logits = self.model.apply(variables, x, task=task, train=train, rngs=rngs, **kwargs)
       new_stats = batch_stats
     return logits.astype(jnp.float32), new_stats
 
@@ -264,13 +303,16 @@ class Trainer:
     if jax.tree.leaves(state.aux):
       aux_opt_state = optax.tree_utils.tree_set(aux_opt_state, learning_rate=aux_lr)
 
+    real = w > 0
+
     def loss_fn(params, aux):
       logits, new_stats = self._logits(params, aux, state.method, state.batch_stats, x, task,
-                                       task, train=True, step=state.step)
+                                       task, train=True, step=state.step, valid=real)
       logits = self._mask_logits(logits, task)
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
       wsum = jnp.maximum(jnp.sum(w), 1.0)
-      loss = jnp.sum(ce * w) / wsum
+      # where, not a product: a padding row contributes an exact 0 whatever its logits hold.
+      loss = jnp.sum(jnp.where(real, ce * w, 0.0)) / wsum
       if self.method.penalty is not None:
         loss = loss + self.method.penalty(params, aux, state.method, task)
       return loss, (logits, new_stats)
@@ -285,48 +327,64 @@ class Trainer:
       aux_updates, aux_opt_state = self.aux_tx.update(
           aux_grads, aux_opt_state, aux, **self.method.aux_tx_args(state.method, task))
       aux = optax.apply_updates(aux, aux_updates)
-    correct = jnp.sum((jnp.argmax(logits, -1) == y) * w)
+    correct = jnp.sum(jnp.where(real, (jnp.argmax(logits, -1) == y) * w, 0.0))
     new = state._replace(params=params, batch_stats=new_stats, opt_state=opt_state, aux=aux,
                          aux_opt_state=aux_opt_state, step=state.step + 1)
     return new, jnp.stack([loss * jnp.sum(w), correct, jnp.sum(w)])
 
-  def _batch_step(self, state: TrainState, data: TaskData, perm, b, task, lr, aux_lr):
-    """Batch ``b`` of the epoch order ``perm``: gather it on the device, one training step."""
+  def augment_batch(self, x, aug_key, b):
+    """``config.augment`` of the gathered ``uint8`` batch ``b``, keyed by ``(aug_key, b)``.
+
+    ``aug_key`` is the epoch's augmentation key data (``uint32[2]``) that :meth:`train` derives
+    from (seed, task, operation, epoch); ``None`` (a caller tracing the step alone, e.g. to count
+    its FLOPs) uses the trainer's seed key. Identity when ``config.augment == 'none'``.
+    """
+    if self.augment == "none":
+      return x
+    base_key = self.key if aug_key is None else aug_key
+    key = jax.random.fold_in(jax.random.wrap_key_data(base_key), b)
+    return self._shard_batch(augment_lib.apply(self.augment, key, x,
+                                               padding=self.augment_padding))
+
+  def _batch_step(self, state: TrainState, data: TaskData, perm, b, task, lr, aux_lr,
+                  aug_key=None):
+    """Batch ``b`` of the epoch order ``perm``: gather and augment it on the device, one step."""
     idx, valid = data_lib.batch_indices(perm, b, self.batch_size, data.n)
     idx = self._shard_batch(idx)
-    x = jnp.take(data.x, idx, axis=0)
+    x = self.augment_batch(jnp.take(data.x, idx, axis=0), aug_key, b)
     y = jnp.take(data.y, idx, axis=0)
     w = self._shard_batch(valid.astype(jnp.float32))
     return self._train_step(state, x, y, w, task, lr, aux_lr)
 
   def _run_steps_impl(self, state: TrainState, data: TaskData, perm, first, count, task, lr,
-                      aux_lr):
+                      aux_lr, aug_key=None):
     """Batches ``first .. first + count - 1`` of the epoch order ``perm`` (one XLA loop)."""
     self.trace_counts["run_steps"] += 1
 
     def body(i, carry):
       st, totals = carry
-      st, stats = self._batch_step(st, data, perm, first + i, task, lr, aux_lr)
+      st, stats = self._batch_step(st, data, perm, first + i, task, lr, aux_lr, aug_key)
       return st, totals + stats
 
     return jax.lax.fori_loop(0, count, body, (state, jnp.zeros(3, jnp.float32)))
 
   def _host_step_impl(self, state: TrainState, totals, data: TaskData, perm, b, task, lr,
-                      aux_lr):
+                      aux_lr, aug_key=None):
     """One batch as its own jitted call (the ``'host'`` epoch loop); stats summed on device."""
     self.trace_counts["host_step"] += 1
-    state, stats = self._batch_step(state, data, perm, b, task, lr, aux_lr)
+    state, stats = self._batch_step(state, data, perm, b, task, lr, aux_lr, aug_key)
     return state, totals + stats
 
   def _steps(self, state: TrainState, data: TaskData, perm, first: int, count: int, task, lr,
-             aux_lr):
+             aux_lr, aug_key):
     """Runs ``count`` batches from ``first`` with the loop :func:`runtime.epoch_loop` chose."""
     if self.loop == "device":
       return self._run_steps(state, data, perm, jnp.int32(first), jnp.int32(count), task, lr,
-                             aux_lr)
+                             aux_lr, aug_key)
     totals = jnp.zeros(3, jnp.float32)
     for b in range(first, first + count):
-      state, totals = self._host_step(state, totals, data, perm, jnp.int32(b), task, lr, aux_lr)
+      state, totals = self._host_step(state, totals, data, perm, jnp.int32(b), task, lr, aux_lr,
+                                      aug_key)
     return state, totals
 
   def _eval_counts_impl(self, state: TrainState, data: TaskData, view_task, current, head_task):
@@ -344,7 +402,8 @@ class Trainer:
       valid = (pos < data.n).astype(jnp.float32)
       x = jnp.take(data.x, idx, axis=0)
       y = jnp.take(data.y, idx, axis=0)
-      logits, _ = self._apply_model(fp, state.batch_stats, x, view_task, train=False)
+      logits, _ = self._apply_model(fp, state.batch_stats, x, view_task, train=False,
+                                    valid=self._shard_batch(pos < data.n))
       logits = self._mask_logits(logits, head_task)
       hit = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
       return acc + jnp.stack([jnp.sum(hit * valid), jnp.sum(valid)])
@@ -406,10 +465,18 @@ class Trainer:
       hook: ``hook(state, steps_done) -> state`` run every ``hook_every`` steps of this operation
         (e.g. a topology update); it runs between jitted chunks, so the step itself stays plain.
       reset_optimizer: start from fresh optimiser moments.
+
+    Afterwards :attr:`last_train_stats` holds the last epoch's running means of the training loss
+    and accuracy over its valid rows (in training mode, on the augmented batches; CPG's "train
+    accuracy" rule reads it). It is recorded in the operation log, so a resumed run that skips
+    this operation restores it.
     """
     i, skip, start = self._next_op()
     if skip:
+      recorded = self._op_log.get(_train_log_key(i))
+      self.last_train_stats = None if recorded is None else EpochStats(*map(float, recorded))
       return state
+    self.last_train_stats = None
     c = self.config
     lr = c.learning_rate if lr is None else lr
     milestones = c.lr_milestones if lr_milestones is None else lr_milestones
@@ -425,7 +492,9 @@ class Trainer:
                     desc=f"task {t + 1}/{self.stream.num_tasks} {phase}", unit="ep")
     steps_done = start * nb
     for epoch in range(start, epochs):
-      perm = self._permutation(self.op_key(epoch, op=i), data.n, n_max)
+      epoch_key = self.op_key(epoch, op=i)
+      perm = self._permutation(epoch_key, data.n, n_max)
+      aug_key = jax.random.key_data(jax.random.fold_in(epoch_key, _AUGMENT_SALT))
       lr_e = jnp.float32(lr_for_epoch(lr, epoch, epochs, milestones, decay))
       aux_e = jnp.float32(aux_lr_fn(epoch) if aux_lr_fn is not None else aux_lr)
       b = 0
@@ -434,7 +503,7 @@ class Trainer:
         chunk = nb - b
         if hook is not None and hook_every > 0:
           chunk = min(chunk, hook_every - steps_done % hook_every)
-        state, stats = self._steps(state, data, perm, b, chunk, task, lr_e, aux_e)
+        state, stats = self._steps(state, data, perm, b, chunk, task, lr_e, aux_e, aug_key)
         totals += np.asarray(stats)
         b += chunk
         steps_done += chunk
@@ -445,6 +514,8 @@ class Trainer:
       if self.on_epoch is not None:  # the harness's per-epoch log (experiment.EpochLogger)
         self.on_epoch(self, state, task=t, phase=phase, op=i, epoch=epoch, epochs=epochs,
                       loss=loss, accuracy=acc, learning_rate=lr_e, bar=bar)
+      self.last_train_stats = EpochStats(float(loss), float(acc))
+      self._op_log[_train_log_key(i)] = [float(loss), float(acc)]
       bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}")
       bar.update(1)
       logging.log_every_n_seconds(logging.INFO, "task %d %s epoch %d/%d loss %.4f acc %.4f", 10,

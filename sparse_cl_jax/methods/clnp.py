@@ -456,7 +456,9 @@ def make_unit_means(model, normalize, layout: Layout, forward, *, batch_size: in
       idx = jnp.minimum(pos, n_max - 1)
       valid = (pos < data.n).astype(jnp.float32)
       x = normalize(jnp.take(data.x, idx, axis=0))
-      _, st = model.apply(variables, x, task=task, train=False, mutable=["intermediates"])
+      # valid: padding rows stay out of batch statistics (norm='batch_stats_only').
+      _, st = model.apply(variables, x, task=task, train=False, mutable=["intermediates"],
+                          valid=pos < data.n)
       acts = models.hidden_activations(st)
       out = {}
       for n in layout.names:
