@@ -113,3 +113,21 @@ def test_run_error_one_line_and_traceback_on_request(tmp_path):
   assert "Traceback" not in out.stderr
   out = launch(*args, "--traceback")
   assert out.returncode == 1 and "Traceback" in out.stderr and "is a file" in out.stderr
+
+
+def test_compare_launcher(tmp_path):
+  for name, acc in (("pn", 0.9), ("ft", 0.7)):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "results.json").write_text(
+        '{"method": "%s", "config": {"dataset": "digits"}, "accuracy_matrix": [[%s]], "acc": %s, '
+        '"bwt": 0.0, "average_accuracy_curve": [%s]}' % (name, acc, acc, acc))
+  cmd = [sys.executable, os.path.join(_REPO, "experiments", "compare.py"), str(tmp_path / "pn"),
+         str(tmp_path / "ft"), f"--out={tmp_path / 'out'}"]
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "| pn | pn | digits | 1 | 0.9000 |" in out.stdout
+  assert (tmp_path / "out" / "compare.png").stat().st_size > 0
+  out = subprocess.run(cmd[:2] + [str(tmp_path)], capture_output=True, text=True, timeout=120,
+                       check=False)
+  assert out.returncode == 1 and out.stderr.startswith("error: ")
+  assert "is not a run directory" in out.stderr
