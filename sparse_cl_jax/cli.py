@@ -484,7 +484,10 @@ def _make_parser(doc: str | None, required: abc.Sequence[str], positional: bool)
 
   def parse(argv: list[str]) -> list[str]:
     try:
-      argv = FLAGS.read_flags_from_files(list(argv), force_gnu=False)
+      try:
+        argv = FLAGS.read_flags_from_files(list(argv), force_gnu=False)
+      except flags.Error as e:  # e.g. a --flagfile that cannot be read
+        raise UsageError(one_line(e)) from e
       for cf in _CONFIG_FLAGS:
         cf.overrides.clear()
       rest = _split_overrides(argv)
