@@ -218,19 +218,26 @@ def test_compaction_keeps_exact_counts_of_the_chosen_stage(tiny_run):
 
 
 class ScriptedTrainer:
-  """Wraps a real trainer: training does nothing, validation accuracies come from a script."""
+  """Wraps a real trainer: training does nothing, validation accuracies come from a script.
 
-  def __init__(self, trainer, accuracies):
+  Every ``train`` call leaves ``last_train_stats`` with the training accuracy ``train_accuracy``
+  (what CPG's ``cpg.min_train_acc`` rule reads).
+  """
+
+  def __init__(self, trainer, accuracies, train_accuracy=0.5):
     self._trainer = trainer
     self._acc = list(accuracies)
     self.val_data = trainer.val_data
     self.evaluated = 0
+    self.train_accuracy = train_accuracy
+    self.last_train_stats = None
 
   def apply(self, state, fn):
     return fn(state)
 
   def train(self, state, t, **kwargs):
     del t, kwargs
+    self.last_train_stats = train.EpochStats(loss=1.0, accuracy=self.train_accuracy)
     return state
 
   def evaluate(self, state, t, **kwargs):
@@ -373,46 +380,21 @@ def test_isolation_methods_refuse_shared_batch_norm(method_name):
     methods.make(method_name, c, ctx)
 
 
-def test_train_accuracy_is_train_mode_over_the_whole_training_split():
-  model = models.create("mlp", num_heads=1, num_classes=3, hidden=(6,), norm="batch")
-  variables = models.init(model, jax.random.key(0), (1, 2, 2, 1))
-  rng = np.random.default_rng(0)
-  x = rng.integers(0, 256, (12, 2, 2, 1), dtype=np.uint8)
-  y = rng.integers(0, 3, (12,)).astype(np.int32)
-  normalize = lambda a: a.astype(jnp.float32) / 255.0
-  acc_fn = cpg.make_train_accuracy(model, normalize, lambda p, a, m, t, c: p, batch_size=4,
-                                   has_batch_stats=True)
-  state = train.TrainState(params=variables["params"], batch_stats=variables["batch_stats"],
-                           opt_state=(), aux={}, aux_opt_state=(), method={},
-                           step=jnp.int32(0))
-
-  def hits(rows):
-    logits, _ = model.apply(variables, normalize(x[rows]), task=0, train=True,
-                            mutable=["batch_stats"])
-    return np.asarray(jnp.argmax(logits, -1)) == y[rows]
-
-  for n, batches, counted in (
-      (10, [[0, 1, 2, 3], [4, 5, 6, 7], [6, 7, 8, 9]], [slice(0, 4), slice(0, 4), slice(2, 4)]),
-      (3, [[0, 1, 2, 0]], [slice(0, 3)]),  # fewer rows than a batch: real rows repeated
-  ):
-    want = sum(int(hits(b)[s].sum()) for b, s in zip(batches, counted)) / n
-    data = train.TaskData(x=jnp.asarray(x), y=jnp.asarray(y), ids=jnp.arange(12), n=jnp.int32(n))
-    assert float(acc_fn(state, data, jnp.int32(0))) == pytest.approx(want)
-    # Padding rows never enter a batch (nor its statistics).
-    garbage = data._replace(x=data.x.at[n:].set(255), y=data.y.at[n:].set(0))
-    assert float(acc_fn(state, garbage, jnp.int32(0))) == pytest.approx(want)
-
-
-@pytest.mark.parametrize("min_train_acc,chosen,evaluated", [(0.999, 0.0, 1), (0.0, 0.5, 2)])
-def test_a_stage_counts_only_above_the_training_accuracy(tiny_run, min_train_acc, chosen,
-                                                         evaluated):
+@pytest.mark.parametrize("min_train_acc,train_acc,chosen,evaluated", [
+    (0.95, 0.95, 0.0, 1),  # not above 0.95: the width does not count, nothing is pruned
+    (0.95, 0.96, 0.5, 2),
+    (0.0, 0.1, 0.5, 2),  # rule off
+])
+def test_a_stage_counts_only_above_the_training_accuracy(tiny_run, min_train_acc, train_acc,
+                                                         chosen, evaluated):
   trainer, _, _ = tiny_run
   c = copy.deepcopy(trainer.config)
   c.cpg.goal, c.cpg.goal_values = "fixed", (0.5,)
   c.cpg.levels, c.cpg.stages, c.cpg.reserve_for_remaining = (1.0,), (0.5,), False
-  c.cpg.min_train_acc = min_train_acc  # an untrained network never reaches 0.999
+  c.cpg.min_train_acc = min_train_acc
   method = cpg.make(c, trainer.ctx)
-  scripted = ScriptedTrainer(trainer, [0.95, 0.95])
+  # The rule reads the last epoch's running training accuracy the trainer recorded.
+  scripted = ScriptedTrainer(trainer, [0.95, 0.95], train_accuracy=train_acc)
   state = method.run_task(scripted, _fresh_state(trainer, method), 0)
   assert method.report(trainer.ctx, state)["chosen_sparsity_per_task"][0] == chosen
   assert scripted.evaluated == evaluated

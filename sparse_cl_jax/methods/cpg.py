@@ -42,9 +42,10 @@ paper:
    paper's Algorithm 1) pruning stops at the first stage that misses the goal;
    ``cpg.stop_at_first_miss=False`` runs every stage and keeps the largest passing one (as coded).
    ``cpg.min_train_acc`` (as coded 0.95; default 0 = off) additionally requires the stage's (and
-   a width's) training accuracy, measured in training mode over the task's whole training split
-   after the stage (:func:`make_train_accuracy`; as coded, the running mean over the stage's last
-   epoch). If the goal is missed even at the
+   a width's) training accuracy to exceed it: as coded, the running mean of the batch accuracies
+   of the stage's last epoch, in training mode on the augmented batches (the trainer's
+   ``last_train_stats``, restored from the operation log on replay). If the goal is missed even
+   at the
    maximum width, as coded, the task is still pruned to leave ``round(1 / (remaining + 1), 1)`` of
    its weights for each remaining task (``cpg.reserve_for_remaining``).
 5. **Retraining** (tasks after the first, as coded): the picking mask is re-initialised and
@@ -294,52 +295,6 @@ def view(params: types.Params, pick, m, task, current, *, spec: types.LeafSpec,
   return jax.tree.map(one, *trees)
 
 
-def make_train_accuracy(model, normalize, forward, *, batch_size: int, has_batch_stats: bool):
-  """A jitted ``f(state, data, task) -> accuracy``: the task's training accuracy in train mode.
-
-  What CPG's "a stage counts only if train accuracy > 0.95" reads (as coded the running mean of
-  the last epoch's batch accuracies, measured in ``model.train()`` mode). Here: the accuracy of
-  ``forward(params, aux, method, task, task)`` on every valid row of ``data`` (a
-  ``train.TaskData``) with the network in training mode (batch statistics in every norm layer;
-  running statistics are not updated), in batches of ``batch_size`` in data order. The last,
-  partial batch is shifted back to end at the last valid row and counts only its new rows, so no
-  padding row enters a batch statistic (a task with fewer rows than a batch repeats real rows).
-  """
-
-  @jax.jit
-  def accuracy(state, data, task):
-    fp = forward(state.params, state.aux, state.method, task, task)
-    variables = {"params": fp}
-    if has_batch_stats:
-      variables["batch_stats"] = state.batch_stats
-    n_max = data.x.shape[0]
-    b = min(int(batch_size), n_max)
-    n = data.n
-    offsets = jnp.arange(b, dtype=jnp.int32)
-
-    def body(i, acc):
-      first = i * b
-      start = jnp.minimum(first, jnp.maximum(n - b, 0))
-      pos = start + offsets
-      new = (pos >= first) & (pos < n)
-      idx = jnp.where(pos < n, pos, pos % jnp.maximum(n, 1))
-      x = normalize(jnp.take(data.x, idx, axis=0))
-      y = jnp.take(data.y, idx, axis=0)
-      rngs = {"dropout": jax.random.fold_in(jax.random.key(0), i)}
-      if has_batch_stats:
-        logits, _ = model.apply(variables, x, task=task, train=True, mutable=["batch_stats"],
-                                rngs=rngs)
-      else:
-        logits = model.apply(variables, x, task=task, train=True, rngs=rngs)
-      hit = (jnp.argmax(logits, -1) == y) & new
-      return acc + jnp.stack([jnp.sum(hit), jnp.sum(new)]).astype(jnp.float32)
-
-    tot = jax.lax.fori_loop(0, -(-n_max // b), body, jnp.zeros(2, jnp.float32))
-    return tot[0] / jnp.maximum(tot[1], 1.0)
-
-  return accuracy
-
-
 @jax.jit
 def _copy(tree):
   """A copy in fresh buffers (one compiled call), safe to keep while the original is donated."""
@@ -427,7 +382,6 @@ def make(config, ctx: base.Context) -> base.Method:
   has_stats = "batch_stats" in ctx.variables
   per_task_stats = has_stats and getattr(model, "norm", "none") == "task_batch"
   stats_alloc_np = _stats_allocation(ctx.variables.get("batch_stats", {}), alloc_np, ctx.params)
-  train_batch = int(config.batch_size)
 
   # ------------------------------------------------------------------------------------------------
   # Method state and the per-step functions.
@@ -465,8 +419,6 @@ def make(config, ctx: base.Context) -> base.Method:
                 picking=picking, threshold=thr,
                 bias_leaves=bias_leaves if per_task_biases else None)
 
-  train_accuracy = make_train_accuracy(model, ctx.stream.normalize, forward_params,
-                                       batch_size=train_batch, has_batch_stats=has_stats)
   tx_args = base.stored_trainable_args
 
   def wrap_tx(tx):
@@ -629,15 +581,20 @@ def make(config, ctx: base.Context) -> base.Method:
     return int(sum(np.sum(a[t] == level) if r else np.sum(a == level)
                    for a, r in zip(jax.tree.leaves(alloc_np), jax.tree.leaves(rows))))
 
-  def train_ok(trainer, state, t):
+  def train_ok(trainer, t):
     """As coded, a width or a compaction stage counts only if its training accuracy exceeds
-    ``cpg.min_train_acc`` (0.95); see :func:`make_train_accuracy` for what is measured."""
+    ``cpg.min_train_acc`` (0.95): the running mean over the last epoch of the training operation
+    just run (``trainer.last_train_stats``; training mode, augmented batches, as coded)."""
     if float(cc.min_train_acc) <= 0.0:
       return True
-    acc = float(train_accuracy(state, trainer.task_data(t, "train"), jnp.int32(t)))
-    logging.info("task %d: training accuracy %.4f (needs > %g)", t + 1, acc,
-                 float(cc.min_train_acc))
-    return acc > float(cc.min_train_acc)
+    stats = trainer.last_train_stats
+    if stats is None:
+      raise ValueError("config.cpg.min_train_acc needs the training accuracy of the last "
+                       "epoch, but the training operation before it ran no epoch; set "
+                       "config.epochs / cpg.stage_epochs >= 1 or cpg.min_train_acc=0")
+    logging.info("task %d: training accuracy %.4f over the last epoch (needs > %g)", t + 1,
+                 stats.accuracy, float(cc.min_train_acc))
+    return stats.accuracy > float(cc.min_train_acc)
 
   def mask_lr_fn(lr, n_epochs):
     def fn(epoch):
@@ -743,7 +700,7 @@ def make(config, ctx: base.Context) -> base.Method:
       state = trainer.apply(state, lambda st, s=s: prune_to(st, tt, jnp.float32(s)))
       acc = trainer.evaluate(state, t, split="val")
       logging.info("task %d: sparsity %.2f -> val %.4f (goal %.4f)", t + 1, s, acc, goal)
-      if not train_ok(trainer, state, t):
+      if not train_ok(trainer, t):
         break
       s_prev = s
       if at_max_unmet or acc >= goal - tol:
@@ -787,7 +744,7 @@ def make(config, ctx: base.Context) -> base.Method:
       state = trainer.train(state, t, epochs=epochs, phase=f"train x{levels[level]:g}",
                             aux_lr_fn=mask_lr_fn(float(cc.mask_lr), epochs))
       acc = trainer.evaluate(state, t, split="val")
-      met = acc >= goal - tol and train_ok(trainer, state, t)
+      met = acc >= goal - tol and train_ok(trainer, t)
       if met or level >= n_levels - 1:
         break
       level += 1
