@@ -107,6 +107,8 @@ def _cifar(c, wide: bool):
   c.momentum = 0.0
   c.batch_size = 128
   c.epochs = 40
+  # The paper states no augmentation for its CIFAR nets (and there is no code to check).
+  c.augment = "none"
   if wide:
     c.model = "clnp_wide_fcn"
     c.num_tasks = 10

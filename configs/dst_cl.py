@@ -22,11 +22,13 @@ Presets:
   cifar100_5 / cifar100_10 / cifar100_20: the paper's 5/10/20-task CIFAR-100 with the authors'
     ResNet-18 as coded (7x7 stride-2 stem without max-pool, bias-free classifier:
     model_kwargs.stem='imagenet7x7_nopool', model_kwargs.head_bias=False), Adam 1e-3 decayed x0.1
-    at 1/2 and 3/4 of the epochs, batch 128, 100 epochs per task (25 for 20 tasks). Needs
+    at 1/2 and 3/4 of the epochs, batch 128, 100 epochs per task (25 for 20 tasks), training
+    images randomly cropped (4-pixel zero padding) and flipped as coded. Needs
     CIFAR-100 in --config.data_dir: the official cifar-100-python.tar.gz or a prepared TFDS tree
     (README, "Data"). Hours on a GPU.
-  mini_imagenet: the paper's 10-task miniImageNet with the same ResNet-18 (user-provided data
-    directory of class folders; images are read at 84x84, the authors' code resized them to 32x32).
+  mini_imagenet: the paper's 10-task miniImageNet with the same ResNet-18 and augmentation
+    (user-provided data directory of class folders; the 84x84 images are resized to 32x32 once
+    when the stream is built, config.image_size=32, as the authors' code resizes them).
 Modifiers: uniform / erk (init), adaptive (Sec. 5.3 as the paper ran it: ERK init, 90% sparsity,
   random growth for the first half of the tasks, gradient after; an explicit 'uniform' modifier
   overrides the init), as_coded (BN without affine parameters, batch statistics at test time; drop
@@ -77,6 +79,10 @@ def _paper(c, num_tasks: int, epochs: int):
   c.lr_milestones = (0.5, 0.75)
   c.lr_decay = 0.1
   c.dst.update_every = 100
+  # As coded (utils.py:get_transform): RandomCrop(32, padding=4) + RandomHorizontalFlip on the
+  # training images (the authors' code also augments test images: we never do).
+  c.augment = "crop_flip"
+  c.augment_padding = 4
   # The authors' ResNet-18 (CL-with-DST models.py): 7x7 stride-2 stem, no max-pool, no head bias.
   c.model_kwargs.stem = "imagenet7x7_nopool"
   c.model_kwargs.head_bias = False
@@ -138,6 +144,7 @@ def get_config(arg: str | None = None):
   elif preset == "mini_imagenet":
     c.dataset = "mini_imagenet"
     _paper(c, 10, 100)
+    c.image_size = 32  # as coded: transforms.Resize(32) before the crop, train and test
 
   for m in mods:
     if m in ("uniform", "erk"):

@@ -1,10 +1,9 @@
 """Training augmentation on the device (issue 11 item 1): crop with zero padding, flip, replay."""
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from sparse_cl_jax import augment
 from sparse_cl_jax import config as config_lib

@@ -7,11 +7,10 @@ depend on them.
 """
 
 import flax.linen as nn
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from sparse_cl_jax import config as config_lib
 from sparse_cl_jax import data
