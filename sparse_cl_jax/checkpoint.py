@@ -664,12 +664,7 @@ class Checkpointer:
   def set_aside(self, step: int) -> pathlib.Path:
     """Moves step ``step`` to ``corrupt-checkpoints/step-<step>-<timestamp>`` (never deletes)."""
     self.corrupt_dir.mkdir(exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    dest = self.corrupt_dir / f"step-{step}-{stamp}"
-    suffix = 1
-    while dest.exists():
-      dest = self.corrupt_dir / f"step-{step}-{stamp}-{suffix}"
-      suffix += 1
+    dest = reliability.fresh_path(self.corrupt_dir, f"step-{step}-")
     os.replace(self._step_dir(step), dest)
     _fsync_dir(self.checkpoint_dir)
     self._manager.reload()
@@ -759,12 +754,7 @@ class Checkpointer:
                if not p.name.startswith(PREVIOUS_PREFIX) and p.name != reliability.LOCK_FILE]
     if not entries:
       return None
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    dest = self.workdir / f"{PREVIOUS_PREFIX}{stamp}"
-    suffix = 1
-    while dest.exists():
-      dest = self.workdir / f"{PREVIOUS_PREFIX}{stamp}-{suffix}"
-      suffix += 1
+    dest = reliability.fresh_path(self.workdir, PREVIOUS_PREFIX)
     dest.mkdir()
     for entry in entries:
       os.replace(entry, dest / entry.name)

@@ -43,6 +43,8 @@ from typing import Any
 
 import numpy as np
 
+from sparse_cl_jax import reliability
+
 CSV_FILE = "metrics.csv"
 SUPERSEDED_FILE = "metrics.superseded.csv"
 TENSORBOARD_DIR = "tensorboard"
@@ -129,12 +131,7 @@ class RunLog:
                            self.workdir / PLOTS_DIR) if p.exists()]
     if not entries:
       return None
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    dest = self.workdir / f"{UNFINISHED_PREFIX}{stamp}"
-    suffix = 1
-    while dest.exists():
-      dest = self.workdir / f"{UNFINISHED_PREFIX}{stamp}-{suffix}"
-      suffix += 1
+    dest = reliability.fresh_path(self.workdir, UNFINISHED_PREFIX)
     dest.mkdir()
     for p in entries:
       os.replace(p, dest / p.name)

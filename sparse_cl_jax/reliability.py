@@ -233,3 +233,14 @@ class WorkdirLock:
       os.ftruncate(fd, 0)
     finally:
       os.close(fd)  # Closing the descriptor drops the flock.
+
+
+def fresh_path(parent: pathlib.Path, prefix: str) -> pathlib.Path:
+  """``parent/<prefix><YYYYmmdd-HHMMSS>`` (``-1``, ``-2`` ... appended if taken): a new path."""
+  stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+  dest = parent / f"{prefix}{stamp}"
+  suffix = 1
+  while dest.exists():
+    dest = parent / f"{prefix}{stamp}-{suffix}"
+    suffix += 1
+  return dest

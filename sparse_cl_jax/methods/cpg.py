@@ -102,6 +102,7 @@ import optax
 
 from sparse_cl_jax import masks
 from sparse_cl_jax import metrics
+from sparse_cl_jax import runtime
 from sparse_cl_jax import schedules
 from sparse_cl_jax import topk
 from sparse_cl_jax import transforms
@@ -198,8 +199,12 @@ def allocation_levels(model, variables: dict, input_shape, multipliers,
 
   @jax.jit
   def probe_grads(probe):
-    return jax.grad(lambda q: jnp.sum(model.apply({"params": q, **extra}, x, task=0,
-                                                  train=False)))(probe)
+    # Liveness is read off exact zeros of this gradient: take it through the stock lax/Flax ops,
+    # whose max-pool gives a tied window's gradient to one element (the fast CPU ops of
+    # runtime.py split it, and their zero pattern can depend on XLA's optimisation level).
+    with runtime.use_fast_ops(False):
+      return jax.grad(lambda q: jnp.sum(model.apply({"params": q, **extra}, x, task=0,
+                                                    train=False)))(probe)
 
   level = jax.tree.map(lambda p: np.full(np.shape(p), n_levels, np.int8), params)
   for lv in reversed(range(n_levels)):
