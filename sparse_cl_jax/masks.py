@@ -46,6 +46,19 @@ def _key_name(k) -> str:
   return str(k)
 
 
+def describe_path_mismatch(missing, extra) -> str:
+  """``'missing leaves [...]; unexpected leaves [...]'`` (at most 5 each) for an error message."""
+  parts = []
+  if missing:
+    parts.append(f"missing leaves {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
+  if extra:
+    parts.append(f"unexpected leaves {extra[:5]}" + (" ..." if len(extra) > 5 else ""))
+  if not parts:
+    parts.append("same paths but a different container structure (e.g. None leaves or tuple vs "
+                 "list)")
+  return "; ".join(parts)
+
+
 def path_str(path) -> str:
   """Joins a JAX key path into ``'a/b/c'``."""
   return "/".join(_key_name(k) for k in path)
@@ -76,15 +89,8 @@ def check_like(params: types.Params, tree, *, what: str = "mask tree",
   if jax.tree.structure(params) != jax.tree.structure(tree):
     missing = sorted(set(p_paths) - set(t_paths))
     extra = sorted(set(t_paths) - set(p_paths))
-    parts = []
-    if missing:
-      parts.append(f"missing leaves {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
-    if extra:
-      parts.append(f"unexpected leaves {extra[:5]}" + (" ..." if len(extra) > 5 else ""))
-    if not parts:
-      parts.append("same paths but a different container structure (e.g. None leaves or "
-                   "tuple vs list)")
-    raise ValueError(f"{what} does not match the params tree: " + "; ".join(parts))
+    raise ValueError(f"{what} does not match the params tree: "
+                     + describe_path_mismatch(missing, extra))
   if check_shapes:
     bad = [
         f"{p}: {tuple(np.shape(t))} vs params {tuple(np.shape(x))}"

@@ -60,15 +60,7 @@ def _describe_mismatch(updates, mask) -> str:
   missing = sorted(q for q in u_paths - m_paths if not under(q, left_out)
                    and not any(m.startswith(q + "/") for m in m_paths))
   extra = sorted(q for q in m_paths - u_paths if not under(q, left_out))
-  parts = []
-  if missing:
-    parts.append(f"missing leaves {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
-  if extra:
-    parts.append(f"unexpected leaves {extra[:5]}" + (" ..." if len(extra) > 5 else ""))
-  if not parts:
-    parts.append("same paths but a different container structure (e.g. None leaves or tuple vs "
-                 "list)")
-  return "; ".join(parts)
+  return masks_lib.describe_path_mismatch(missing, extra)
 
 
 def _mask_from(extra_args: dict, mask_arg: str, who: str, updates) -> list:
