@@ -6,13 +6,9 @@ The conformance test loads ``configs/<registry name>.py``; this file re-exports
   python experiments/main.py --config=configs/dst.py:runlocal --workdir=/tmp/dst_small
 """
 
-import importlib.util
-import os
+from sparse_cl_jax import config as config_lib
 
-_spec = importlib.util.spec_from_file_location(
-    "configs_dst_cl", os.path.join(os.path.dirname(os.path.abspath(__file__)), "dst_cl.py"))
-_module = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_module)
+_module = config_lib.sibling_module(__file__, "dst_cl")
 
 get_config = _module.get_config
 PRESETS = _module.PRESETS

@@ -13,18 +13,12 @@ Expected runtime: as configs/cpg.py (runlocal: a few seconds).
 Expected result: BWT exactly 0, expansion up to 2x (paper, CIFAR-100: 77.1 average, 2x weights).
 """
 
-import importlib.util
-import os
-
+from sparse_cl_jax import config as config_lib
 from sparse_cl_jax.methods import cpg
 
 
 def _cpg_config_module():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpg.py")
-  spec = importlib.util.spec_from_file_location("configs_cpg", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return config_lib.sibling_module(__file__, "cpg")
 
 
 def get_config(arg: str | None = None):

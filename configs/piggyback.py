@@ -25,20 +25,13 @@ Presets:
 Expected result: BWT exactly 0; later tasks limited by the task-1 backbone.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
 from sparse_cl_jax import config as config_lib
 
 
 def _cpg_config_module():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpg.py")
-  spec = importlib.util.spec_from_file_location("configs_cpg", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return config_lib.sibling_module(__file__, "cpg")
 
 
 def get_config(arg: str | None = None):

@@ -192,3 +192,15 @@ def to_dict(c: ml_collections.ConfigDict) -> dict:
     return v
 
   return plain(c)
+
+
+def sibling_module(config_file: str, name: str):
+  """The config file ``<name>.py`` beside ``config_file``, loaded as a module (for a preset file
+  that reuses another's settings, e.g. ``configs/pae.py`` builds on ``configs/cpg.py``)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
