@@ -752,10 +752,4 @@ class Checkpointer:
     """Moves every entry of the workdir except earlier ``previous-*`` folders into a new one."""
     entries = [p for p in self.workdir.iterdir()
                if not p.name.startswith(PREVIOUS_PREFIX) and p.name != reliability.LOCK_FILE]
-    if not entries:
-      return None
-    dest = reliability.fresh_path(self.workdir, PREVIOUS_PREFIX)
-    dest.mkdir()
-    for entry in entries:
-      os.replace(entry, dest / entry.name)
-    return dest
+    return reliability.move_into_fresh(entries, self.workdir, PREVIOUS_PREFIX)

@@ -129,13 +129,7 @@ class RunLog:
   def _move_unfinished(self) -> pathlib.Path | None:
     entries = [p for p in (self.csv_path, self.workdir / SUPERSEDED_FILE, self.tensorboard_dir,
                            self.workdir / PLOTS_DIR) if p.exists()]
-    if not entries:
-      return None
-    dest = reliability.fresh_path(self.workdir, UNFINISHED_PREFIX)
-    dest.mkdir()
-    for p in entries:
-      os.replace(p, dest / p.name)
-    return dest
+    return reliability.move_into_fresh(entries, self.workdir, UNFINISHED_PREFIX)
 
   def _supersede_after(self, index: int) -> None:
     rows = _read_rows(self.csv_path)

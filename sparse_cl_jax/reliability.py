@@ -244,3 +244,15 @@ def fresh_path(parent: pathlib.Path, prefix: str) -> pathlib.Path:
     dest = parent / f"{prefix}{stamp}-{suffix}"
     suffix += 1
   return dest
+
+
+def move_into_fresh(entries, parent: pathlib.Path, prefix: str) -> pathlib.Path | None:
+  """Moves ``entries`` (paths) into a new :func:`fresh_path` folder; ``None`` if there are none."""
+  entries = list(entries)
+  if not entries:
+    return None
+  dest = fresh_path(parent, prefix)
+  dest.mkdir()
+  for entry in entries:
+    os.replace(entry, dest / entry.name)
+  return dest
