@@ -128,8 +128,6 @@ def protocol_images(config, stream) -> tuple[int, int]:
     cc = config.cpg
     per_task = (epochs + len(tuple(cc.stages)) * int(cc.stage_epochs) + int(cc.retrain_epochs)
                 + int(cc.get("goal_epochs", epochs)))  # + the individual model of the goal
-  elif m == "dst_cl":
-    per_task = epochs
   elif m == "clnp":
     per_task = epochs + int(config.clnp.get("finetune_epochs", 0))
   else:
@@ -165,8 +163,6 @@ def measure(name: str, dtype: str) -> dict:
   src = data_lib.from_arrays(rng.integers(0, 256, (len(y_tr),) + shape, dtype=np.uint8), y_tr,
                              rng.integers(0, 256, (len(y_te),) + shape, dtype=np.uint8), y_te,
                              name=name)
-  if config.scenario == "permuted":
-    pass  # permutation cost is part of the step; the stream builder applies it
   dev = jax.devices()[0]
   t_build = time.perf_counter()
   trainer = experiment.build(config, source=src)
