@@ -131,8 +131,11 @@ def build_model(config, stream: data_lib.TaskStream):
     norm = "none" if natural == "none" else methods.default_norm(config.method)
   kwargs["norm"] = norm
   kwargs.update(check_model_kwargs(config))
-  return models.create(config.model, num_heads=num_heads, num_classes=stream.num_outputs,
-                       **kwargs)
+  # A method that reads several heads off the same features (LLT's main and auxiliary heads)
+  # asks for OUTPUT_COPIES times the stream's outputs.
+  copies = int(getattr(methods.module(config.method), "OUTPUT_COPIES", 1))
+  return models.create(config.model, num_heads=num_heads,
+                       num_classes=stream.num_outputs * copies, **kwargs)
 
 
 def build(config, *, source=None, save_fn=None):

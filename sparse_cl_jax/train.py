@@ -35,6 +35,7 @@ import inspect
 from typing import Any, Callable, NamedTuple
 
 from absl import logging
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,6 +83,94 @@ class TaskData(NamedTuple):
   n: jax.Array  # int32 scalar: valid rows
 
 
+SOURCE_ORDERS = ("epoch", "cycle")
+
+
+class Source(NamedTuple):
+  """One on-device source of the multi-source step (``Trainer.train(..., sources=...)``).
+
+  Attributes:
+    data: a dict of arrays with a common leading row axis (padded to a fixed capacity, so shapes
+      never change between tasks or rounds) and the key ``'n'`` (int32 scalar: valid rows; rows
+      ``>= n`` are never drawn). ``'x'`` holds ``uint8`` images when ``augment`` is on; every other
+      key (``'y'``, ``'ids'``, stored logits ...) is gathered alongside.
+    batch_size: rows per step (static: another size is another compiled step kind).
+    order: ``'epoch'`` (exactly one source: an epoch is one pass over its valid rows in a fresh
+      random order; the last batch is topped up with ``valid=False`` rows) or ``'cycle'`` (a fresh
+      random order of its own each epoch, restarted from its start when exhausted; every row is
+      valid unless ``n == 0``).
+    augment: apply ``config.augment`` to the gathered ``'x'``.
+  """
+  data: dict
+  batch_size: int
+  order: str = "cycle"
+  augment: bool = True
+
+
+class Forward:
+  """The trainer's model application inside a step, handed to ``Method.step_loss``.
+
+  ``fwd(fp, batch_stats, x, valid, task, train=True) -> (logits f32 [B, K], new_batch_stats)``
+  normalises the ``uint8`` images, applies the compute dtype, passes ``valid`` to the model (padding
+  rows stay out of norm statistics) and draws the step's dropout key. ``fwd.features(...)`` also
+  returns the penultimate features (the input of the model's ``head``, flattened to ``[B, D]``).
+  """
+
+  def __init__(self, trainer: "Trainer", step):
+    self._trainer = trainer
+    self._step = step
+
+  def __call__(self, fp, batch_stats, x, valid, task, *, train: bool = True):
+    return self._trainer._apply_model(fp, batch_stats, x, task, train, self._step, valid)
+
+  def features(self, fp, batch_stats, x, valid, task, *, train: bool = True):
+    captured = []
+
+    def grab(next_fun, args, kwargs, context):
+      if context.method_name == "__call__" and context.module.name == "head" and not captured:
+        captured.append(args[0])
+      return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(grab):
+      logits, stats = self(fp, batch_stats, x, valid, task, train=train)
+    if not captured:
+      raise ValueError("the model has no top-level module named 'head' whose input could be read "
+                       "as the penultimate features; every model of sparse_cl_jax.models has one")
+    feats = captured[0].astype(jnp.float32)
+    return feats.reshape(feats.shape[0], -1), logits, stats
+
+
+def _as_dict(data) -> dict:
+  """A source's data as a plain dict (a NamedTuple such as :class:`TaskData` is accepted)."""
+  return dict(data._asdict()) if hasattr(data, "_asdict") else dict(data)
+
+
+def _check_sources(sources: dict) -> tuple:
+  """The static description ``((name, batch_size, order, augment), ...)`` of ``sources``."""
+  if not sources:
+    raise ValueError("sources must name at least one train.Source")
+  spec = []
+  for name in sorted(sources):
+    src = sources[name]
+    if not isinstance(src, Source):
+      raise ValueError(f"sources[{name!r}] is a {type(src).__name__}; pass a train.Source")
+    if src.order not in SOURCE_ORDERS:
+      raise ValueError(f"sources[{name!r}].order={src.order!r}; choose one of {SOURCE_ORDERS}")
+    if isinstance(src.batch_size, bool) or not isinstance(src.batch_size, int) or \
+        src.batch_size < 1:
+      raise ValueError(f"sources[{name!r}].batch_size={src.batch_size!r} must be an int >= 1")
+    if "n" not in _as_dict(src.data):
+      raise ValueError(f"sources[{name!r}].data has no 'n' (the number of valid rows)")
+    if src.augment and "x" not in _as_dict(src.data):
+      raise ValueError(f"sources[{name!r}] asks for augmentation but its data has no 'x'")
+    spec.append((name, src.batch_size, src.order, bool(src.augment)))
+  epochs = [s[0] for s in spec if s[2] == "epoch"]
+  if len(epochs) != 1:
+    raise ValueError(f"exactly one source must have order='epoch' (it defines the epoch); got "
+                     f"{epochs or 'none'}")
+  return tuple(spec)
+
+
 def make_base_tx(config) -> optax.GradientTransformation:
   """The base optimiser from the config, with the learning rate injected as a traced value."""
 
@@ -117,6 +206,11 @@ _AUGMENT_SALT = 0x617567
 def _train_log_key(op: int) -> str:
   """The op-log entry of training operation ``op``: its last epoch's ``[loss, accuracy]``."""
   return f"train:{op}"
+
+
+def _steps_log_key(op: int) -> str:
+  """The op-log entry of training operation ``op``: ``[epochs run, optimiser steps run]``."""
+  return f"steps:{op}"
 
 
 @dataclasses.dataclass
@@ -162,6 +256,9 @@ class Trainer:
     self._initial_params = None
     # The last epoch's (loss, accuracy) of the latest train() call; None before any epoch ran.
     self.last_train_stats: EpochStats | None = None
+    # Epochs and optimiser steps the latest train() call ran (replayed on resume).
+    self.last_train_epochs = 0
+    self.last_train_steps = 0
     self.augment = str(config.get("augment", "none"))
     self.augment_padding = config.get("augment_padding", 4)
     augment_lib.check(self.augment, self.augment_padding)
@@ -192,6 +289,11 @@ class Trainer:
     self.loop = runtime.epoch_loop(config.get("epoch_loop", "auto"))
     self._run_steps = jax.jit(self._run_steps_impl, donate_argnums=(0,))
     self._host_step = jax.jit(self._host_step_impl, donate_argnums=(0, 1))
+    self._run_multi = jax.jit(self._run_multi_impl, donate_argnums=(0,),
+                              static_argnames=("spec",))
+    self._host_multi = jax.jit(self._host_multi_impl, donate_argnums=(0, 1),
+                               static_argnames=("spec",))
+    self._outputs = jax.jit(self._outputs_impl, static_argnames=("features",))
     self._eval_counts = jax.jit(self._eval_counts_impl)
     self._permutation = jax.jit(data_lib.epoch_permutation, static_argnums=(2,))
 
@@ -291,17 +393,18 @@ class Trainer:
     return logits.astype(jnp.float32), new_stats
 
   def _mask_logits(self, logits, head_task):
+    if self.method.eval_logits is not None:
+      logits = self.method.eval_logits(logits)
     if not self.class_il:
       return logits
     seen = self.head_mask[head_task]
     return jnp.where(seen[None, :], logits, jnp.finfo(logits.dtype).min)
 
-  def _train_step(self, state: TrainState, x, y, w, task, lr, aux_lr):
+  def _train_step(self, state: TrainState, x, y, w, task, lr, aux_lr, ids=None):
     self.trace_counts["train_step"] += 1
-    opt_state = optax.tree_utils.tree_set(state.opt_state, learning_rate=lr)
-    aux_opt_state = state.aux_opt_state
-    if jax.tree.leaves(state.aux):
-      aux_opt_state = optax.tree_utils.tree_set(aux_opt_state, learning_rate=aux_lr)
+    opt_state, aux_opt_state = self._set_lrs(state, lr, aux_lr)
+    if ids is None:
+      ids = jnp.full(y.shape, -1, jnp.int32)
 
     real = w > 0
 
@@ -319,6 +422,21 @@ class Trainer:
 
     (loss, (logits, new_stats)), (grads, aux_grads) = jax.value_and_grad(
         loss_fn, argnums=(0, 1), has_aux=True)(state.params, state.aux)
+    hit = jnp.argmax(logits, -1) == y
+    mstate = state.method
+    if self.method.after_step is not None:
+      mstate = self.method.after_step(mstate, {"ids": ids, "correct": hit & real, "valid": real,
+                                               "y": y}, task)
+    new = self._apply_grads(state, grads, aux_grads, opt_state, aux_opt_state, task, new_stats,
+                            mstate)
+    correct = jnp.sum(jnp.where(real, hit * w, 0.0))
+    return new, jnp.stack([loss * jnp.sum(w), correct, jnp.sum(w)])
+
+  def _apply_grads(self, state: TrainState, grads, aux_grads, opt_state, aux_opt_state, task,
+                   new_stats, mstate) -> TrainState:
+    """The optimiser updates of params (``self.tx``) and aux variables; the step counter + 1."""
+    # The transforms read the method's state from before the step (its masks are what the
+    # gradients were taken with); after_step's statistics take effect from the next step.
     updates, opt_state = self.tx.update(grads, opt_state, state.params,
                                         **self.method.tx_args(state.method, task))
     params = optax.apply_updates(state.params, updates)
@@ -327,10 +445,37 @@ class Trainer:
       aux_updates, aux_opt_state = self.aux_tx.update(
           aux_grads, aux_opt_state, aux, **self.method.aux_tx_args(state.method, task))
       aux = optax.apply_updates(aux, aux_updates)
-    correct = jnp.sum(jnp.where(real, (jnp.argmax(logits, -1) == y) * w, 0.0))
-    new = state._replace(params=params, batch_stats=new_stats, opt_state=opt_state, aux=aux,
-                         aux_opt_state=aux_opt_state, step=state.step + 1)
-    return new, jnp.stack([loss * jnp.sum(w), correct, jnp.sum(w)])
+    return state._replace(params=params, batch_stats=new_stats, opt_state=opt_state, aux=aux,
+                          aux_opt_state=aux_opt_state, method=mstate, step=state.step + 1)
+
+  def _set_lrs(self, state: TrainState, lr, aux_lr):
+    opt_state = optax.tree_utils.tree_set(state.opt_state, learning_rate=lr)
+    aux_opt_state = state.aux_opt_state
+    if jax.tree.leaves(state.aux):
+      aux_opt_state = optax.tree_utils.tree_set(aux_opt_state, learning_rate=aux_lr)
+    return opt_state, aux_opt_state
+
+  def _multi_train_step(self, state: TrainState, batches, task, lr, aux_lr):
+    """One step of ``method.step_loss`` over the gathered batches of several sources."""
+    self.trace_counts["multi_train_step"] += 1
+    opt_state, aux_opt_state = self._set_lrs(state, lr, aux_lr)
+    fwd = Forward(self, state.step)
+
+    def loss_fn(params, aux):
+      loss, (new_stats, stats, outputs) = self.method.step_loss(
+          fwd, params, aux, state.method, state.batch_stats, batches, task)
+      if self.method.penalty is not None:
+        loss = loss + self.method.penalty(params, aux, state.method, task)
+      return loss, (new_stats, stats, outputs)
+
+    (_, (new_stats, stats, outputs)), (grads, aux_grads) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1), has_aux=True)(state.params, state.aux)
+    mstate = state.method
+    if self.method.after_step is not None:
+      mstate = self.method.after_step(mstate, outputs, task)
+    new = self._apply_grads(state, grads, aux_grads, opt_state, aux_opt_state, task, new_stats,
+                            mstate)
+    return new, jnp.asarray(stats, jnp.float32).reshape(3)
 
   def augment_batch(self, x, aug_key, b):
     """``config.augment`` of the gathered ``uint8`` batch ``b``, keyed by ``(aug_key, b)``.
@@ -353,8 +498,55 @@ class Trainer:
     idx = self._shard_batch(idx)
     x = self.augment_batch(jnp.take(data.x, idx, axis=0), aug_key, b)
     y = jnp.take(data.y, idx, axis=0)
+    ids = jnp.take(data.ids, idx, axis=0)
     w = self._shard_batch(valid.astype(jnp.float32))
-    return self._train_step(state, x, y, w, task, lr, aux_lr)
+    return self._train_step(state, x, y, w, task, lr, aux_lr, ids)
+
+  def _source_aug_key(self, aug_key, i: int):
+    """The augmentation key data of source number ``i`` of a multi-source step."""
+    base_key = self.key if aug_key is None else aug_key
+    return jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(base_key), 0x5eed + i))
+
+  def _multi_batch_step(self, state: TrainState, datas, perms, spec, b, task, lr, aux_lr,
+                        aug_key=None):
+    """Batch ``b`` of every source of ``spec`` gathered (and augmented) on the device; one step."""
+    batches = {}
+    for i, (name, bs, order, aug) in enumerate(spec):
+      d, perm = datas[name], perms[name]
+      n = jnp.asarray(d["n"], jnp.int32)
+      if order == "epoch":
+        idx, valid = data_lib.batch_indices(perm, b, bs, n)
+      else:  # "cycle": this epoch's order of the source, from its start again when exhausted
+        pos = (b * bs + jnp.arange(bs, dtype=jnp.int32)) % jnp.maximum(n, 1)
+        idx = jnp.take(perm, pos)
+        valid = jnp.broadcast_to(n > 0, (bs,))
+      idx = self._shard_batch(idx)
+      rows = {k: jnp.take(v, idx, axis=0) for k, v in d.items() if k != "n"}
+      if aug and self.augment != "none":
+        key = aug_key if order == "epoch" else self._source_aug_key(aug_key, i)
+        rows["x"] = self.augment_batch(rows["x"], key, b)
+      rows["valid"] = self._shard_batch(valid)
+      batches[name] = rows
+    return self._multi_train_step(state, batches, task, lr, aux_lr)
+
+  def _run_multi_impl(self, state: TrainState, datas, perms, first, count, task, lr, aux_lr,
+                      aug_key=None, *, spec):
+    """Multi-source batches ``first .. first + count - 1`` (one XLA loop)."""
+    self.trace_counts["run_multi_steps"] += 1
+
+    def body(i, carry):
+      st, totals = carry
+      st, stats = self._multi_batch_step(st, datas, perms, spec, first + i, task, lr, aux_lr,
+                                         aug_key)
+      return st, totals + stats
+
+    return jax.lax.fori_loop(0, count, body, (state, jnp.zeros(3, jnp.float32)))
+
+  def _host_multi_impl(self, state: TrainState, totals, datas, perms, b, task, lr, aux_lr,
+                       aug_key=None, *, spec):
+    self.trace_counts["host_multi_step"] += 1
+    state, stats = self._multi_batch_step(state, datas, perms, spec, b, task, lr, aux_lr, aug_key)
+    return state, totals + stats
 
   def _run_steps_impl(self, state: TrainState, data: TaskData, perm, first, count, task, lr,
                       aux_lr, aug_key=None):
@@ -375,9 +567,21 @@ class Trainer:
     state, stats = self._batch_step(state, data, perm, b, task, lr, aux_lr, aug_key)
     return state, totals + stats
 
-  def _steps(self, state: TrainState, data: TaskData, perm, first: int, count: int, task, lr,
-             aux_lr, aug_key):
-    """Runs ``count`` batches from ``first`` with the loop :func:`runtime.epoch_loop` chose."""
+  def _steps(self, state: TrainState, data, perm, first: int, count: int, task, lr,
+             aux_lr, aug_key, spec=None):
+    """Runs ``count`` batches from ``first`` with the loop :func:`runtime.epoch_loop` chose.
+
+    With ``spec`` (multi-source), ``data`` and ``perm`` are dicts keyed by source name.
+    """
+    if spec is not None:
+      if self.loop == "device":
+        return self._run_multi(state, data, perm, jnp.int32(first), jnp.int32(count), task, lr,
+                               aux_lr, aug_key, spec=spec)
+      totals = jnp.zeros(3, jnp.float32)
+      for b in range(first, first + count):
+        state, totals = self._host_multi(state, totals, data, perm, jnp.int32(b), task, lr,
+                                         aux_lr, aug_key, spec=spec)
+      return state, totals
     if self.loop == "device":
       return self._run_steps(state, data, perm, jnp.int32(first), jnp.int32(count), task, lr,
                              aux_lr, aug_key)
@@ -409,6 +613,50 @@ class Trainer:
       return acc + jnp.stack([jnp.sum(hit * valid), jnp.sum(valid)])
 
     return jax.lax.fori_loop(0, nb, body, jnp.zeros(2, jnp.float32))
+
+  def _outputs_impl(self, state: TrainState, x, n, view_task, current, *, features: bool):
+    self.trace_counts["outputs"] += 1
+    eb = self.eval_batch_size
+    n_max = x.shape[0]
+    nb = -(-n_max // eb)
+    fp = self.method.forward_params(state.params, state.aux, state.method, view_task, current)
+    fwd = Forward(self, None)
+
+    def one(i):
+      pos = i * eb + jnp.arange(eb, dtype=jnp.int32)
+      idx = self._shard_batch(jnp.minimum(pos, n_max - 1))
+      valid = self._shard_batch(pos < n)
+      xb = jnp.take(x, idx, axis=0)
+      if features:
+        f, logits, _ = fwd.features(fp, state.batch_stats, xb, valid, view_task, train=False)
+        return {"logits": logits, "features": f}
+      logits, _ = fwd(fp, state.batch_stats, xb, valid, view_task, train=False)
+      return {"logits": logits}
+
+    out = jax.lax.map(one, jnp.arange(nb, dtype=jnp.int32))
+    return jax.tree.map(lambda a: a.reshape((nb * eb,) + a.shape[2:])[:n_max], out)
+
+  def outputs(self, state: TrainState, data, *, view_task: int, current: int | None = None,
+              features: bool = False) -> dict:
+    """Evaluation-mode outputs over every row of ``data``, on the device, in eval batches.
+
+    Args:
+      state: the train state (read, not donated).
+      data: anything with ``x`` (``uint8`` [N, ...]) and ``n`` as attributes or dict keys
+        (:class:`TaskData`, an ``ExemplarMemory``, a source's data dict).
+      view_task / current: passed to ``method.forward_params`` (``current`` defaults to
+        ``view_task``) and ``view_task`` to the model (head and per-task norm).
+      features: also return the penultimate features (the input of the model's ``head``).
+
+    Returns:
+      ``{"logits": f32 [N, K_out]}`` (the raw outputs: no ``eval_logits``, no class masking) and,
+      with ``features``, ``"features": f32 [N, D]``. Rows ``>= n`` hold outputs of repeated rows:
+      ignore them.
+    """
+    get = (lambda k: data[k]) if isinstance(data, dict) else (lambda k: getattr(data, k))
+    current = view_task if current is None else current
+    return self._outputs(state, self.put(jnp.asarray(get("x"))), jnp.asarray(get("n"), jnp.int32),
+                         jnp.int32(view_task), jnp.int32(current), features=bool(features))
 
   # ------------------------------------------------------------------------------------------------
   # Recorded operations (the only way a method's run_task touches the state).
@@ -450,7 +698,10 @@ class Trainer:
             lr: float | None = None, lr_milestones=None, lr_decay: float | None = None,
             aux_lr: float = 0.0, aux_lr_fn: Callable[[int], float] | None = None,
             data: TaskData | None = None, hook: Callable[[TrainState, int], TrainState] | None = None,
-            hook_every: int = 0, reset_optimizer: bool = True) -> TrainState:
+            hook_every: int = 0, reset_optimizer: bool = True,
+            sources: dict[str, Source] | None = None,
+            epoch_end: Callable[[TrainState, int], tuple[TrainState, bool]] | None = None
+            ) -> TrainState:
     """Trains task ``t`` for ``epochs`` epochs (a recorded operation). Donates ``state``.
 
     Args:
@@ -465,35 +716,66 @@ class Trainer:
       hook: ``hook(state, steps_done) -> state`` run every ``hook_every`` steps of this operation
         (e.g. a topology update); it runs between jitted chunks, so the step itself stays plain.
       reset_optimizer: start from fresh optimiser moments.
+      sources: the multi-source step: a dict of :class:`Source` (exactly one with
+        ``order='epoch'``, which sets the epoch's length); every step gathers a batch of each and
+        calls ``method.step_loss``. ``data`` must then be None. Randomness (orders, augmentation)
+        derives from (seed, task, operation, epoch, source), so a resumed run replays exactly.
+      epoch_end: ``epoch_end(state, epoch) -> (state, stop)`` runs on the host after every epoch
+        (after the divergence check, before the epoch's checkpoint); ``stop`` ends the operation
+        early (e.g. early-bird stopping). Keep whatever it decides on in ``state`` so that a
+        resumed run decides the same.
 
     Afterwards :attr:`last_train_stats` holds the last epoch's running means of the training loss
     and accuracy over its valid rows (in training mode, on the augmented batches; CPG's "train
     accuracy" rule reads it). It is recorded in the operation log, so a resumed run that skips
-    this operation restores it.
+    this operation restores it; so are :attr:`last_train_epochs` and :attr:`last_train_steps`
+    (the epochs and optimiser steps the operation ran, all of them, before and after a resume).
     """
     i, skip, start = self._next_op()
     if skip:
       recorded = self._op_log.get(_train_log_key(i))
       self.last_train_stats = None if recorded is None else EpochStats(*map(float, recorded))
+      self.last_train_epochs, self.last_train_steps = map(
+          int, self._op_log.get(_steps_log_key(i), (0, 0)))
       return state
     self.last_train_stats = None
+    self.last_train_epochs = self.last_train_steps = 0
     c = self.config
     lr = c.learning_rate if lr is None else lr
     milestones = c.lr_milestones if lr_milestones is None else lr_milestones
     decay = c.lr_decay if lr_decay is None else lr_decay
-    data = self.task_data(t) if data is None else data
+    spec = None
+    if sources is not None:
+      if data is not None:
+        raise ValueError("train(): pass either data= or sources=, not both")
+      spec = _check_sources(sources)
+      data = self.put({name: _as_dict(src.data) for name, src in sources.items()})
+      primary = next(s for s in spec if s[2] == "epoch")
+      n_valid = int(data[primary[0]]["n"])
+      nb = max(1, -(-n_valid // primary[1]))
+      n_rows = {name: int(next(v for k, v in d.items() if k != "n").shape[0])
+                for name, d in data.items()}
+    else:
+      data = self.task_data(t) if data is None else data
+      n_valid = int(data.n)
+      nb = max(1, -(-n_valid // self.batch_size))
+      n_max = int(data.x.shape[0])
     if reset_optimizer and start == 0:
       state = self.reset_optimizer(state)
-    n_valid = int(data.n)
-    nb = max(1, -(-n_valid // self.batch_size))
-    n_max = int(data.x.shape[0])
     task = jnp.int32(t)
     bar = tqdm.tqdm(total=epochs, initial=start, disable=not c.progress, leave=False,
                     desc=f"task {t + 1}/{self.stream.num_tasks} {phase}", unit="ep")
     steps_done = start * nb
     for epoch in range(start, epochs):
       epoch_key = self.op_key(epoch, op=i)
-      perm = self._permutation(epoch_key, data.n, n_max)
+      if spec is None:
+        perm = self._permutation(epoch_key, data.n, n_max)
+      else:
+        # The 'epoch' source is ordered exactly as data= would be; each other source by its own
+        # key.
+        perm = {name: self._permutation(
+            epoch_key if order == "epoch" else jax.random.fold_in(epoch_key, 0x5eed + k),
+            data[name]["n"], n_rows[name]) for k, (name, _, order, _) in enumerate(spec)}
       aug_key = jax.random.key_data(jax.random.fold_in(epoch_key, _AUGMENT_SALT))
       lr_e = jnp.float32(lr_for_epoch(lr, epoch, epochs, milestones, decay))
       aux_e = jnp.float32(aux_lr_fn(epoch) if aux_lr_fn is not None else aux_lr)
@@ -503,7 +785,8 @@ class Trainer:
         chunk = nb - b
         if hook is not None and hook_every > 0:
           chunk = min(chunk, hook_every - steps_done % hook_every)
-        state, stats = self._steps(state, data, perm, b, chunk, task, lr_e, aux_e, aug_key)
+        state, stats = self._steps(state, data, perm, b, chunk, task, lr_e, aux_e, aug_key,
+                                   spec)
         totals += np.asarray(stats)
         b += chunk
         steps_done += chunk
@@ -516,11 +799,19 @@ class Trainer:
                       loss=loss, accuracy=acc, learning_rate=lr_e, bar=bar)
       self.last_train_stats = EpochStats(float(loss), float(acc))
       self._op_log[_train_log_key(i)] = [float(loss), float(acc)]
+      stop = False
+      if epoch_end is not None:
+        state, stop = epoch_end(state, epoch)
+        stop = bool(stop)
+      self.last_train_epochs, self.last_train_steps = epoch + 1, (epoch + 1) * nb
+      self._op_log[_steps_log_key(i)] = [self.last_train_epochs, self.last_train_steps]
       bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}")
       bar.update(1)
       logging.log_every_n_seconds(logging.INFO, "task %d %s epoch %d/%d loss %.4f acc %.4f", 10,
                                   t + 1, phase, epoch + 1, epochs, loss, acc)
       every = int(c.checkpoint_every_epochs)
+      if stop:
+        break
       if (self.save_fn is not None and self.method.resumable_within_task and every
           and (epoch + 1) % every == 0 and epoch + 1 < epochs):
         self.save_fn(state, {"task": t, "op": i, "epoch": epoch + 1,

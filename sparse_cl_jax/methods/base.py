@@ -20,6 +20,26 @@ fields are functions. The harness (:mod:`sparse_cl_jax.train`) calls them:
 * ``report(ctx, state) -> dict``: per-run figures (``density_per_task``, ``model_bytes``,
   capacity) for ``results.json``.
 
+Optional, for methods whose step is more than one cross-entropy over one batch:
+
+* ``step_loss(fwd, params, aux, mstate, batch_stats, batches, task) -> (loss, (new_batch_stats,
+  stats, outputs))``: the loss of the multi-source step that ``trainer.train(..., sources=...)``
+  runs (:class:`sparse_cl_jax.train.Source`). ``batches`` maps each source's name to its gathered
+  rows (the source's data keys, ``'x'`` augmented, plus ``'valid'`` bool ``[B]``); ``fwd`` is the
+  trainer's model application (:class:`sparse_cl_jax.train.Forward`: ``fwd(fp, batch_stats, x,
+  valid, task)`` and ``fwd.features(...)``); ``stats`` is ``f32[3]`` = (loss * count, correct,
+  count) for the progress bar and the epoch's running means; ``outputs`` any per-example pytree
+  for ``after_step``. Differentiable in ``params`` and ``aux``.
+* ``after_step(mstate, outputs, task) -> mstate``: runs inside the jitted step after the update,
+  for per-example statistics kept in the method's state (checkpointed, replayed exactly). The
+  classic step passes ``{"ids", "correct", "valid", "y"}`` (each ``[B]``; ``correct`` is the
+  training-mode prediction on the augmented minibatch).
+* ``eval_logits(logits) -> logits``: the logits a prediction reads, applied to the model's raw
+  output before class-IL masking (evaluation and the classic step); e.g. LLT's main head.
+
+A module constant ``OUTPUT_COPIES = k`` makes the harness build the head with ``k`` times the
+stream's outputs (LLT's main and auxiliary heads side by side on the same features).
+
 A method module also sets ``DEFAULT_NORM``: the normalisation it wants for models that have one
 when the config says ``norm="auto"`` (parameter isolation needs per-task BatchNorm to forget
 nothing).
@@ -103,6 +123,9 @@ class Method:
   # False for methods whose task logic branches on snapshots: then only task boundaries are
   # checkpointed (resume restarts the interrupted task).
   resumable_within_task: bool = True
+  step_loss: Callable[..., Any] | None = None
+  after_step: Callable[[Any, Any, Any], Any] | None = None
+  eval_logits: Callable[[jax.Array], jax.Array] | None = None
 
 
 # --------------------------------------------------------------------------------------------------
