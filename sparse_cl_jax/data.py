@@ -1386,3 +1386,60 @@ def batch_indices(perm: types.Array, step: types.Array, batch_size: int,
   positions = step * batch_size + jnp.arange(batch_size, dtype=jnp.int32)
   indices = jnp.take(perm, jnp.minimum(positions, perm.shape[0] - 1))
   return indices.astype(jnp.int32), positions < n_valid
+
+
+# ------------------------------------------------------------------------------------------------
+# Which source rows a stream uses (for unlabeled pools drawn from the rest)
+# ------------------------------------------------------------------------------------------------
+
+
+def stream_source_rows(source: Source, *, scenario: str = 'split', num_tasks: int,
+                       class_order: str | Sequence[int] | None = None,
+                       classes_per_task: Sequence[int] | None = None, val_fraction: float = 0.1,
+                       seed: int = 0, max_train_per_task: int | None = None,
+                       max_eval_per_task: int | None = None) -> dict[str, list[np.ndarray]]:
+  """The source rows `make_stream` puts in each task of each split (host side, no images copied).
+
+  Takes the row-selecting arguments of `make_stream` and repeats its selection exactly (same
+  random streams: class order, stratified validation hold-out, stratified per-task caps), so
+  ``source.x_train[rows['train'][t]]`` are the (unpermuted) images of task t's training rows in
+  stream order, ``rows['val'][t]`` likewise from ``x_train``, and ``rows['test'][t]`` index
+  ``x_test``. Lifelong Lottery Tickets uses it to find the training images that a capped stream
+  leaves unused (`unused_train_rows`), which then serve as an unlabeled pool.
+
+  Returns:
+    ``{'train': [...], 'val': [...], 'test': [...]}``: one sorted int64 index array per task.
+  """
+  if class_order is None and scenario == 'permuted':
+    class_order = 'natural'
+  order = _resolve_class_order(source, class_order, seed)
+  if scenario == 'split':
+    sizes = _task_sizes(len(order), num_tasks, classes_per_task)
+    bounds = np.cumsum([0] + sizes)
+    task_classes = [order[bounds[t]:bounds[t + 1]] for t in range(num_tasks)]
+  elif scenario == 'permuted':
+    task_classes = [list(order) for _ in range(num_tasks)]
+  else:
+    raise ValueError(f'scenario must be one of {SCENARIOS}, got {scenario!r}.')
+  train_pool, val_pool = _stratified_split(
+      source.y_train, val_fraction, np.random.default_rng((seed, _SALT_VAL_SPLIT)))
+  test_pool = np.arange(source.y_test.shape[0])
+  pools = {'train': (source.y_train, train_pool, max_train_per_task),
+           'val': (source.y_train, val_pool, max_eval_per_task),
+           'test': (source.y_test, test_pool, max_eval_per_task)}
+  rows = {split: [] for split in pools}
+  for t, classes in enumerate(task_classes):
+    for salt, (split, (labels, pool, cap)) in enumerate(pools.items()):
+      idx = pool[np.isin(labels[pool], classes)]
+      rng = np.random.default_rng((seed, _SALT_SUBSAMPLE, t, salt))
+      rows[split].append(_stratified_subsample(idx, labels, cap, rng))
+  return rows
+
+
+def unused_train_rows(source: Source, **stream_kwargs: Any) -> np.ndarray:
+  """Sorted indices of ``source.x_train`` rows that the stream uses neither for training nor
+  for validation (arguments as in `stream_source_rows`): images a capped stream leaves over,
+  usable as an unlabeled pool whose labels are discarded."""
+  rows = stream_source_rows(source, **stream_kwargs)
+  used = np.concatenate([np.zeros((0,), np.int64)] + rows['train'] + rows['val'])
+  return np.setdiff1d(np.arange(source.x_train.shape[0]), used)

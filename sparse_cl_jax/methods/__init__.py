@@ -16,6 +16,7 @@ REGISTRY = {
     "pae": "cpg",  # CPG without picking, growth up to 2x (same module)
     "dst": "dst",
     "clnp": "clnp",
+    "llt": "llt",  # Lifelong Lottery Tickets: class-IL TD/BU tickets with lottery teaching
 }
 
 
