@@ -17,6 +17,7 @@ REGISTRY = {
     "dst": "dst",
     "clnp": "clnp",
     "llt": "llt",  # Lifelong Lottery Tickets: class-IL TD/BU tickets with lottery teaching
+    "prac": "prac",  # PrAC lottery tickets and its IMP baselines (single task)
 }
 
 

@@ -1,0 +1,128 @@
+"""PrAC lottery tickets (Zhang et al., ICML 2021) and its baselines: single-task ticket finding.
+
+A one-task stream over all classes. ``prac.mode``: ``prac`` (IMP on pruning-aware critical sets,
+dynamic iterations, early-bird stopping), ``imp`` (vanilla IMP / LT on the full data),
+``random_subset`` (IMP on random subsets of the PrAC sets' sizes and the PrAC run's epochs; needs
+``prac.subset_from``), ``random_prune`` (random nested masks at the same densities, no search),
+``random_reinit`` (the PrAC run's masks from a fresh random initialisation; needs
+``prac.subset_from``), ``snip`` / ``grasp`` / ``synflow`` (the IMP loop with that pruning score;
+with ``prac.subset_from`` on the PrAC run's sets and epochs, i.e. the same budget). Every round's
+ticket is retrained on the full training set; ``results.json`` holds ``rounds`` and
+``steps_total``. See ``sparse_cl_jax/methods/prac.py`` and ``docs/fidelity.md``.
+
+Command:
+  python experiments/main.py --config=configs/prac.py --workdir=/tmp/prac
+  python experiments/main.py --config=configs/prac.py --workdir=/tmp/imp --config.prac.mode=imp
+  python experiments/main.py --config=configs/prac.py --workdir=/tmp/rs \
+      --config.prac.mode=random_subset --config.prac.subset_from=/tmp/prac
+  python experiments/main.py --config=configs/prac.py:runlocal --workdir=/tmp/prac_small
+  python experiments/main.py --config=configs/prac.py:fashion_mnist --workdir=/tmp/prac_fm
+  python experiments/main.py --config=configs/prac.py:cifar10 --workdir=/tmp/prac_c10  # GPU
+  (cifar10 / cifar100 take an optional model: cifar10,resnet56 or cifar100,vgg16_bn.)
+  Table: python benchmarks/prac_results.py (docs/results.md, "PrAC lottery tickets").
+Expected runtime (2 CPU cores): default (digits, MLP 256-256, 4 rounds of 30 epochs + retrains)
+  about a minute; runlocal a few seconds; fashion_mnist about 2 minutes per run.
+Expected result (digits): tickets at 80% .. 41% density within about a point of each other
+  (~0.95-0.97 test accuracy); PrAC sets shrink to a minority of the 1293 training digits after
+  round 0 and the search uses well under half of vanilla IMP's steps (iterations_saved_vs_
+  vanilla_imp > 0.5). Measured Fashion-MNIST numbers are in docs/results.md.
+As coded (cifar presets): SGD 0.1, momentum 0.9, wd 1e-4, batch 128, 182 epochs, x0.1 at 91 and
+136, 16 rounds of 20%, rewind to the weights after epoch 3 (rewind_lt), 45k/5k split, crop+flip.
+"""
+
+import ml_collections
+
+from sparse_cl_jax import config as config_lib
+
+CIFAR_MODELS = ("resnet20", "resnet56", "vgg16_bn")
+
+
+def prac_fields() -> ml_collections.ConfigDict:
+  p = ml_collections.ConfigDict()
+  p.mode = "prac"  # prac, imp, random_subset, random_prune, random_reinit, snip, grasp, synflow
+  p.rounds = 4  # prunes; round r's ticket has density 0.8 ** (r + 1)
+  p.rate = 0.2  # fraction of the remaining weights pruned per round
+  p.rewind = "lt"  # "lt": to the initialisation; "rewind_lt": to the weights after rewind_epoch
+  p.rewind_epoch = 3  # epochs of round 0 before the rewinding point (as coded: index 2 = 3rd)
+  p.data_rule = "zero_out"  # "zero_out" (forgotten > threshold or never learned) or "constant"
+  p.threshold = 0  # forgetting events an example needs beyond to be critical (zero_out)
+  p.data_rate = 0.2  # constant rule: keep int(N * (1 - data_rate) ** (r + 1)) most forgotten
+  p.early_bird = True  # prac mode: stop a round once the would-be mask settles
+  p.eb_eps = 0.08  # early-bird threshold on the normalised Hamming distance
+  p.queue_length = 5  # early-bird queue
+  p.dynamic_iterations = True  # prac mode: epochs and milestones scaled by |PrAC| / |D|
+  p.score_batches = 1  # snip / grasp: batches of the round's training set scored
+  p.subset_from = ""  # a finished prac run's results.json or workdir (baselines, transfer)
+  return p
+
+
+def get_config(arg: str | None = None):
+  c = config_lib.base("prac")
+  c.dataset = "digits"
+  c.num_tasks = 1
+  c.model = "mlp"
+  c.hidden = (256, 256)
+  c.epochs = 30
+  c.batch_size = 64
+  c.optimizer = "sgd"
+  c.learning_rate = 0.05
+  c.momentum = 0.9
+  c.weight_decay = 1e-4
+  c.lr_milestones = (0.5, 0.75)
+  c.checkpoint_every_epochs = 10
+  c.prac = prac_fields()
+  preset, _, model = (arg or "").partition(",")
+  if model and preset not in ("cifar10", "cifar100"):
+    raise ValueError(f"config argument {arg!r}: only cifar10 / cifar100 take a model")
+  if preset == "runlocal":
+    c.hidden = (32,)
+    c.epochs = 4
+    c.max_train_per_task = 200
+    c.prac.rounds = 2
+    c.prac.queue_length = 2
+    c.checkpoint_every_epochs = 2
+  elif preset == "fashion_mnist":
+    # LeNet-300-100 (the lottery-ticket MLP of Frankle & Carbin) on all 54k training images (6k
+    # held out for validation), short schedule so that the table's 15 runs fit two CPU cores.
+    c.dataset = "fashion_mnist"
+    c.hidden = (300, 100)
+    c.batch_size = 128
+    c.epochs = 12
+    c.learning_rate = 0.05
+    c.prac.rounds = 5
+    c.prac.queue_length = 3
+    c.checkpoint_every_epochs = 4
+  elif preset in ("cifar10", "cifar100"):
+    model = model or "resnet20"
+    if model not in CIFAR_MODELS:
+      raise ValueError(f"config argument {arg!r}: model {model!r} is not valid; choose one of "
+                       f"{list(CIFAR_MODELS)}")
+    c.dataset = preset
+    c.model = model
+    c.augment = "crop_flip"
+    c.batch_size = 128
+    c.epochs = 182
+    c.learning_rate = 0.1
+    c.weight_decay = 1e-4
+    c.lr_milestones = (91 / 182, 136 / 182)
+    c.val_fraction = 0.1  # 45k / 5k
+    c.prac.rounds = 16
+    c.prac.rewind = "rewind_lt"
+    c.checkpoint_every_epochs = 5
+  elif preset == "tiny_imagenet":
+    c.dataset = "tiny_imagenet"
+    c.model = "resnet18"
+    c.augment = "crop_flip"
+    c.batch_size = 512
+    c.epochs = 182
+    c.learning_rate = 0.1
+    c.weight_decay = 1e-4
+    c.lr_milestones = (91 / 182, 136 / 182)
+    c.val_fraction = 0.1  # 90k / 10k
+    c.prac.rounds = 16
+    c.prac.rewind = "rewind_lt"
+    c.checkpoint_every_epochs = 5
+  elif preset:
+    raise ValueError(f"unknown config argument {arg!r}; use 'runlocal', 'fashion_mnist', "
+                     "'cifar10[,model]', 'cifar100[,model]', 'tiny_imagenet' or nothing")
+  return c

@@ -1,0 +1,367 @@
+"""PrAC lottery tickets (issue 13): forgetting statistics, PrAC sets, early-bird, IMP, accounting.
+
+Pure parts on hand-made inputs with exact expected values; the search end to end on a tiny MLP on
+the embedded digits (one shared run, a resumed copy, a transfer to another architecture and the
+record-driven baselines).
+"""
+
+import contextlib
+import csv
+import json
+import math
+import os
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparse_cl_jax import checkpoint
+from sparse_cl_jax import experiment
+from sparse_cl_jax import masks
+from sparse_cl_jax import train
+from sparse_cl_jax.methods import prac
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NEVER = prac.NEVER_LEARNED
+
+
+def as_coded_forget_times(record):
+  """The authors' ``forget_times`` + the ``-1`` rule of ``sorted_examples`` (utils/setup.py)."""
+  if record[0] < 0:
+    return -1
+  offset, number, learned = NEVER, NEVER, False
+  for v in record:
+    if not learned:
+      if v == 1:
+        learned = True
+        if number == offset:
+          number = 0
+    elif v == 0:
+      learned = False
+      number += 1
+  return number
+
+
+# --------------------------------------------------------------------------------------------------
+# Forgetting statistics and PrAC sets.
+
+
+def test_forgetting_events_on_a_hand_made_history():
+  # Columns: never learned; learned, forgotten, relearned, forgotten; always correct; unseen;
+  # learned late; learned, unseen epoch, forgotten.
+  history = np.array([[0, 1, 1, -1, 0, 1],
+                      [0, 0, 1, -1, 1, -1],
+                      [0, 1, 1, -1, 1, 0],
+                      [0, 0, 1, -1, 1, 1]])
+  scores = prac.scores_from_history(history)
+  np.testing.assert_array_equal(scores, [NEVER, 2, 0, -1, 0, 1])
+  cet = np.asarray(prac.critical_for_training(scores, rule="zero_out", threshold=0))
+  np.testing.assert_array_equal(cet, [True, True, False, False, False, True])
+  cet2 = np.asarray(prac.critical_for_training(scores, rule="zero_out", threshold=1))
+  np.testing.assert_array_equal(cet2, [True, True, False, False, False, False])
+  # The constant rule keeps the most forgotten; ties (examples 2 and 4, both 0) by lower index.
+  for keep, want in ((3, [0, 1, 5]), (4, [0, 1, 2, 5]), (5, [0, 1, 2, 4, 5])):
+    got = np.flatnonzero(np.asarray(prac.critical_for_training(scores, rule="constant",
+                                                               keep=keep)))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_online_statistics_match_the_authors_count_on_random_histories():
+  rng = np.random.default_rng(0)
+  history = rng.choice([-1, 0, 1], p=[0.1, 0.4, 0.5], size=(9, 300))
+  history[0, :250] = rng.choice([0, 1], size=250)  # seen in the first epoch (as coded)
+  history[:, 250:] = -1  # outside the round's set
+  want = [as_coded_forget_times(history[:, j]) for j in range(history.shape[1])]
+  np.testing.assert_array_equal(prac.scores_from_history(history), want)
+
+
+def test_after_step_ignores_padding_rows_under_jit():
+  fs = prac.forgetting_init(4)
+  upd = jax.jit(prac.forgetting_update)
+  ids = jnp.array([0, 1, -1, 1], jnp.int32)
+  fs = upd(fs, ids[:2], jnp.array([True, True]), jnp.array([True, True]))
+  # Padding: id -1 and a repeated valid id marked invalid must change nothing.
+  fs = upd(fs, ids, jnp.array([False, True, False, False]), jnp.array([True, True, False, False]))
+  np.testing.assert_array_equal(np.asarray(prac.forgetting_scores(fs)), [1, 0, -1, -1])
+
+
+def test_disagreement_set_on_a_toy_pair_of_models():
+  w = np.array([[2.0, 0.0], [0.0, 1.0], [0.5, 0.0]])  # dense
+  m = np.array([[1, 1], [1, 1], [0, 1]], bool)  # the pruned model loses w[2, 0]
+  x = np.array([[1.0, 0.0, 0.0],  # class 0 for both
+                [0.0, 1.0, 0.0],  # class 1 for both
+                [0.0, 0.5, 1.5],  # dense: 0.75 vs 0.5 -> 0; pruned: 0 vs 0.5 -> 1
+                [0.0, 0.5, 1.5]])  # same disagreement, but a padding row
+  dense = np.argmax(x @ w, -1)
+  pruned = np.argmax(x @ (w * m), -1)
+  got = np.asarray(prac.disagreement(dense, pruned, np.array([True, True, True, False])))
+  np.testing.assert_array_equal(got, [False, False, True, False])
+
+
+# --------------------------------------------------------------------------------------------------
+# Early-bird, dynamic iterations, IMP.
+
+
+def _flip(mask, k):
+  out = mask.copy()
+  out[:k] = ~out[:k]
+  return out
+
+
+def test_early_bird_stops_exactly_where_a_hand_made_mask_sequence_says():
+  spec = {"a": True, "head": False}
+  base_mask = np.array([True] * 12 + [False] * 8)
+  head = np.ones((3,), bool)
+  # Differences to the previous epoch (remaining = 20 weights: 1 -> 0.05 < eps, 2 -> 0.1 > eps).
+  diffs = [None, 4, 0, 1, 2, 0, 1, 0, 0, 0, 0, 1]
+  seq, cur = [], base_mask
+  for d in diffs:
+    if d:
+      cur = _flip(cur, d)
+    seq.append({"a": jnp.asarray(cur), "head": jnp.asarray(head)})
+  # Distances: e1 .2 (start), e2 0, e3 .05, e4 .1, e5 0, e6 .05, e7 0, e8 0, ...; the queue of 5
+  # holds only values below eps from e8 (e4..e8 has e4 = .1), i.e. first at e9.
+  assert prac.early_bird_stop_epoch(seq, 20, spec, eps=0.08, queue_length=5) == 9
+  assert prac.early_bird_stop_epoch(seq, 20, spec, eps=0.08, queue_length=3) == 7
+  # Never above eps: the queue never starts (as coded), so it never stops.
+  calm = [{"a": jnp.asarray(base_mask), "head": jnp.asarray(head)}] * 12
+  assert prac.early_bird_stop_epoch(calm, 20, spec, eps=0.08) is None
+  # The distance is normalised by the unpruned weights: 4 / 100 is below eps from the start.
+  assert prac.early_bird_stop_epoch(seq, 100, spec, eps=0.08, queue_length=5) is None
+
+
+def test_dynamic_iteration_scaling():
+  # CIFAR-10 as coded: 182 epochs, milestones 91 / 136, a PrAC set of 16500 of 45000 examples.
+  e, ms = prac.dynamic_schedule(182, [91, 136], 16500, 45000)
+  assert (e, ms) == (66, [33, 49])
+  assert prac.dynamic_schedule(182, [91, 136], 45000, 45000) == (182, [91, 136])
+  assert prac.dynamic_schedule(10, [5], 1, 45000) == (1, [0])  # never 0 epochs
+  lrs = [train.lr_for_epoch(1.0, k, e, prac.milestone_fractions(e, ms), 0.1) for k in range(e)]
+  assert [k for k in range(1, e) if lrs[k] != lrs[k - 1]] == [33, 49]
+
+
+def test_imp_density_is_exactly_0_8_to_the_r_global_and_nested():
+  key = jax.random.key(3)
+  params = {"conv_0": {"kernel": jax.random.normal(key, (3, 3, 1, 8))},
+            "dense_0": {"kernel": 0.3 * jax.random.normal(jax.random.fold_in(key, 1), (72, 40)),
+                        "bias": jnp.ones((40,))},
+            "head": {"kernel": jnp.ones((40, 10)), "bias": jnp.ones((10,))}}
+  spec = masks.maskable(params)
+  assert not spec["head"]["kernel"] and spec["conv_0"]["kernel"]
+  total = prac.spec_total(params, spec)
+  mask = masks.ones(params)
+  prune = jax.jit(lambda p, m, k: prac.magnitude_prune(p, m, k, spec))
+  for r in range(1, 6):
+    new = prune(params, mask, jnp.int32(prac.imp_kept(total, r)))
+    kept = int(masks.count(new, spec))
+    assert kept == round(total * 0.8 ** r)
+    assert abs(kept / total - 0.8 ** r) <= 0.5 / total
+    for old_l, new_l in zip(jax.tree.leaves(mask), jax.tree.leaves(new)):
+      assert not np.any(np.asarray(new_l) & ~np.asarray(old_l))  # nested
+    mags = [(np.abs(np.asarray(p)), np.asarray(o), np.asarray(n))
+            for p, o, n, s in zip(jax.tree.leaves(params), jax.tree.leaves(mask),
+                                  jax.tree.leaves(new), jax.tree.leaves(spec)) if s]
+    pruned_now = np.concatenate([a[o & ~n] for a, o, n in mags])
+    kept_now = np.concatenate([a[n] for a, o, n in mags])
+    assert pruned_now.max() <= kept_now.min()  # global magnitude, first conv included
+    assert np.all(np.asarray(new["head"]["kernel"])) and np.all(np.asarray(new["dense_0"]["bias"]))
+    mask = new
+
+
+def test_bad_config_values_raise_one_line():
+  cfg = load("runlocal")
+  for field, value, allowed in (("mode", "lottery", "prac"), ("rewind", "late", "rewind_lt"),
+                                ("data_rule", "constent", "zero_out")):
+    c = load("runlocal")
+    c.prac[field] = value
+    with pytest.raises(ValueError) as info:
+      prac.check_config(c)
+    msg = str(info.value)
+    assert "\n" not in msg and f"config.prac.{field}={value!r}" in msg and allowed in msg
+  cfg.prac.mode = "random_subset"
+  with pytest.raises(ValueError, match="subset_from"):
+    prac.check_config(cfg)
+
+
+# --------------------------------------------------------------------------------------------------
+# The search end to end (tiny MLP on digits).
+
+
+def load(arg="runlocal"):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("prac_cfg", os.path.join(_REPO, "configs",
+                                                                          "prac.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config(arg)
+  c.progress = False
+  return c
+
+
+def tiny(**prac_overrides):
+  c = load("runlocal")
+  c.max_train_per_task = 150
+  c.hidden = (16,)
+  c.epochs = 6
+  c.checkpoint_every_epochs = 2
+  for k, v in prac_overrides.items():
+    c.prac[k] = v
+  return c
+
+
+def comparable(results):
+  kept = {k: v for k, v in results.items() if k not in ("train_seconds", "trace_counts")}
+  return json.dumps(kept, sort_keys=True, default=str)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("prac_ref"))
+  saved = []
+  original = checkpoint.Checkpointer.save
+
+  def save(self, step, state, meta):
+    original(self, step, state, meta)
+    saved.append((meta["task"], meta["op"], meta["epoch"]))
+
+  with mock.patch.object(checkpoint.Checkpointer, "save", save):
+    results = experiment.run(tiny(), workdir, print_summary=False)
+  return workdir, results, saved
+
+
+def test_rounds_report_and_step_counts_add_up(reference):
+  workdir, r, _ = reference
+  rounds = r["rounds"]
+  c = tiny()
+  assert len(rounds) == c.prac.rounds
+  n = rounds[0]["subset_size"]
+  trainer = experiment.build(c)
+  total = prac.spec_total(trainer.ctx.params, trainer.ctx.spec)
+  for i, row in enumerate(rounds):
+    assert row["density"] == round(total * 0.8 ** (i + 1)) / total
+    assert row["steps"] == row["epochs"] * math.ceil(row["subset_size"] / c.batch_size)
+    assert row["ticket_steps"] == c.epochs * math.ceil(n / c.batch_size)
+    assert 0.0 <= row["test_accuracy"] <= 1.0 and row["val_accuracy"] >= 0.0
+    if i:
+      assert row["subset_size"] == rounds[i - 1]["next_subset_size"]
+      assert row["planned_epochs"] == prac.dynamic_schedule(c.epochs, [], row["subset_size"],
+                                                            n)[0]
+  assert r["steps_total"] == sum(row["steps"] for row in rounds)
+  assert r["vanilla_imp_steps_total"] == c.prac.rounds * c.epochs * math.ceil(n / c.batch_size)
+  assert r["optimizer_steps_run"] == r["steps_total"] + sum(row["ticket_steps"] for row in rounds)
+  # The per-epoch log agrees: one row per epoch each search round ran.
+  with open(os.path.join(workdir, "metrics.csv")) as f:
+    phases = [row["phase"] for row in csv.DictReader(f)]
+  for i, row in enumerate(rounds):
+    assert phases.count(f"search {i}") == row["epochs"]
+  dens = [row["density"] for row in rounds]
+  assert r["density_per_task"] == r["expected_density_per_task"]
+  assert dens[-1] == r["density_per_task"][0]
+  assert all(b < a for a, b in zip(dens, dens[1:]))
+  assert r["trace_counts"].get("eval") == 1 and r["trace_counts"].get("outputs") == 1
+
+
+class Killed(BaseException):
+  """Stands in for SIGKILL (not an Exception: nothing on the way catches it)."""
+
+
+def test_a_run_killed_inside_the_search_resumes_and_ends_identical(reference, tmp_path):
+  _, results, saved = reference
+  inside = [p for p in saved if p[1] or p[2]]
+  assert len(inside) >= 6, saved
+  target = inside[(2 * len(inside)) // 3]  # in a later round: earlier ops are replayed
+  original = checkpoint.Checkpointer.save
+
+  def killing_save(self, step, state, meta):
+    original(self, step, state, meta)
+    if (meta["task"], meta["op"], meta["epoch"]) == target:
+      raise Killed(str(target))
+
+  with mock.patch.object(checkpoint.Checkpointer, "save", killing_save), pytest.raises(Killed):
+    experiment.run(tiny(), str(tmp_path), print_summary=False)
+  resumed = experiment.run(tiny(), str(tmp_path), print_summary=False)
+  assert comparable(resumed) == comparable(results)
+
+
+def test_rewinding_restores_exactly():
+  c = tiny(rewind="rewind_lt", rewind_epoch=2)
+  trainer = experiment.build(c)
+  starts, captured = [], {}
+  real_train = trainer.train
+
+  def spy(state, t, *, phase, epoch_end=None, **kw):
+    starts.append((phase, jax.device_get(state.params), jax.device_get(state.method["mask"])))
+
+    def ee(s, epoch):
+      if phase == "search 0" and epoch == 1:
+        captured["p"] = jax.device_get(s.params)
+      return epoch_end(s, epoch)
+
+    return real_train(state, t, phase=phase, epoch_end=ee, **kw)
+
+  trainer.train = spy
+  trainer.begin_task(0)
+  trainer.method.run_task(trainer, trainer.init_state(), 0)
+  init = jax.device_get(trainer.ctx.params)
+  assert starts[0][0] == "search 0"
+  jax.tree.map(np.testing.assert_array_equal, starts[0][1], init)
+  assert [p for p, _, _ in starts[1:]] == ["ticket 0", "search 1", "ticket 1"]
+  for phase, params, mask in starts[1:]:
+    want = jax.tree.map(lambda p, m: np.where(m, p, np.zeros_like(p)), captured["p"], mask)
+    jax.tree.map(np.testing.assert_array_equal, params, want)
+    assert int(masks.count(mask, trainer.ctx.spec)) < prac.spec_total(init, trainer.ctx.spec)
+
+
+def run_direct(config):
+  """The method's search and report without the experiment loop (no checkpoints, no files)."""
+  trainer = experiment.build(config)
+  trainer.begin_task(0)
+  state = trainer.method.run_task(trainer, trainer.init_state(), 0)
+  return trainer.method.report(trainer.ctx, state)
+
+
+def members_of(results):
+  return prac.decode_members(results["prac_sets"])
+
+
+def test_transfer_of_prac_sets_to_another_architecture(reference):
+  workdir, ref, _ = reference
+  c = tiny(subset_from=workdir)
+  c.hidden = (24, 12)  # a deeper, wider MLP
+  r = run_direct(c)
+  np.testing.assert_array_equal(members_of(r), members_of(ref))
+  assert [x["subset_size"] for x in r["rounds"]] == [x["subset_size"] for x in ref["rounds"]]
+  assert all(x["next_subset_size"] is None for x in r["rounds"])  # no statistics recomputed
+  assert r["vanilla_imp_steps_total"] == ref["vanilla_imp_steps_total"]
+  assert r["optimizer_steps_run"] > 0
+
+
+def test_random_subset_and_random_reinit_follow_the_prac_record(reference):
+  workdir, ref, _ = reference
+  rs = run_direct(tiny(mode="random_subset", subset_from=workdir))
+  for a, b in zip(rs["rounds"], ref["rounds"]):
+    assert (a["subset_size"], a["steps"], a["epochs"]) == (b["subset_size"], b["steps"],
+                                                           b["epochs"])
+  assert rs["steps_total"] == ref["steps_total"]
+  assert not np.array_equal(members_of(rs)[1], members_of(ref)[1])
+  ri = run_direct(tiny(mode="random_reinit", subset_from=workdir))
+  assert ri["steps_total"] == 0
+  got, want = prac.decode_pruned_at(ri["prac_sets"]), prac.decode_pruned_at(ref["prac_sets"])
+  assert got.keys() == want.keys()
+  for k in got:
+    np.testing.assert_array_equal(got[k], want[k])
+  assert all(x["test_accuracy"] is not None for x in ri["rounds"])
+
+
+@pytest.mark.parametrize("mode", ["snip", "grasp", "synflow", "random_prune", "imp"])
+def test_baseline_modes_hit_the_densities(mode):
+  c = tiny(mode=mode)
+  c.epochs = 3
+  r = run_direct(c)
+  assert r["density_per_task"] == r["expected_density_per_task"]
+  n = r["rounds"][0]["subset_size"]
+  per_round = 0 if mode == "random_prune" else c.epochs * math.ceil(n / c.batch_size)
+  assert [x["steps"] for x in r["rounds"]] == [per_round] * c.prac.rounds
+  assert r["iterations_saved_vs_vanilla_imp"] == (1.0 if mode == "random_prune" else 0.0)
