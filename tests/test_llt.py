@@ -1,0 +1,336 @@
+"""Lifelong Lottery Tickets (sparse_cl_jax/methods/llt.py): the pieces against hand-made cases.
+
+* the lottery-teaching query against a brute-force greedy search (ties and an exhausted pool
+  included; no duplicates);
+* the KD loss against a value computed by hand;
+* the balanced sub-batch sizes (and the rows the step really marks valid);
+* TD rounds keep exactly 0.8^r of the maskable weights; heads, biases and norms never pruned;
+* BU re-growth and pruning back only ever grow the previous mask;
+* rewinding changes exactly the masked kernels and nothing else;
+* the unlabeled pool 'auto' is exactly the training images the stream leaves unused;
+* runs resumed inside a task (TD and BU) end with identical results.
+"""
+
+import importlib.util
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparse_cl_jax import checkpoint
+from sparse_cl_jax import config as config_lib
+from sparse_cl_jax import data
+from sparse_cl_jax import experiment
+from sparse_cl_jax import masks
+from sparse_cl_jax.methods import llt
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(arg="runlocal", **llt_fields):
+  spec = importlib.util.spec_from_file_location(
+      "config_llt", os.path.join(_REPO, "configs", "llt.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config(arg)
+  c.progress = False
+  for k, v in llt_fields.items():
+    c.llt[k] = v
+  return c
+
+
+# --------------------------------------------------------------------------------------------------
+# Lottery teaching: the kNN query.
+
+
+def _brute_force(pool, pool_n, ex, ex_n, k):
+  taken = np.zeros(len(pool), bool)
+  picks = []
+  for i in range(ex_n):
+    d = ((ex[i][None, :] - pool) ** 2).sum(-1).astype(np.float64)
+    d[taken] = np.inf
+    d[pool_n:] = np.inf
+    order = np.argsort(d, kind="stable")[:k]  # ties: the lower index first
+    order = [j for j in order if np.isfinite(d[j])]
+    picks.extend(order)
+    taken[order] = True
+  return np.asarray(picks, np.int64)
+
+
+@pytest.mark.parametrize("pool_n,k,block", [(33, 4, 2), (10, 4, 3), (37, 1, 16)])
+def test_knn_query_matches_brute_force_greedy_without_duplicates(pool_n, k, block):
+  rng = np.random.default_rng(0)
+  # Small integer features: squared distances are exact in float32 and many tie.
+  pool = rng.integers(0, 4, (37, 3)).astype(np.float32)
+  ex = rng.integers(0, 4, (9, 3)).astype(np.float32)
+  ex_n = 7
+  capacity = min(9 * k, 37)
+  idx, n = llt.knn_select(jnp.asarray(pool), jnp.int32(pool_n), jnp.asarray(ex), jnp.int32(ex_n),
+                          k=k, block=block, capacity=capacity)
+  want = _brute_force(pool, pool_n, ex, ex_n, k)
+  assert int(n) == len(want) == min(ex_n * k, pool_n)
+  np.testing.assert_array_equal(np.asarray(idx)[:int(n)], want)
+  assert len(set(want.tolist())) == len(want) and want.max() < pool_n
+
+
+def test_knn_block_respects_the_memory_budget():
+  assert llt.knn_block_rows(1000, 1.0) == 2 ** 20 // 4000
+  assert llt.knn_block_rows(10 ** 9, 1.0) == 1  # never fewer than one row
+
+
+# --------------------------------------------------------------------------------------------------
+# The KD loss and the balanced sub-batches.
+
+
+def test_kd_loss_against_hand_computed_value():
+  student = jnp.asarray([[1.0, 2.0, 9.0], [5.0, -3.0, 0.0]])
+  teacher = jnp.asarray([[2.0, 0.0, -5.0], [0.0, 0.0, 0.0]])
+  valid = jnp.asarray([True, False])  # the second row must not count
+  got = float(llt.kd_loss(student, teacher, 2, 2.0, valid))
+  # Old classes = the first two columns; T = 2.
+  p = [math.exp(1.0) / (math.exp(1.0) + 1.0), 1.0 / (math.exp(1.0) + 1.0)]
+  z = math.log(math.exp(0.5) + math.exp(1.0))
+  logq = [0.5 - z, 1.0 - z]
+  want = -(p[0] * logq[0] + p[1] * logq[1]) * 4.0
+  assert got == pytest.approx(want, rel=1e-6)
+  # By hand: p = (0.7311, 0.2689), log q = (-0.9741, -0.4741): 4 * 0.8396 = 3.3584.
+  assert want == pytest.approx(3.3584, abs=1e-4)
+
+
+def test_balanced_sub_batch_sizes_as_coded():
+  traced = jax.jit(jax.vmap(llt.balanced_counts, in_axes=(None, 0)), static_argnums=0)
+  for batch in (256, 128, 64, 30):
+    sub = batch // 4
+    n_new, n_old = map(np.asarray, traced(sub, jnp.arange(10, dtype=jnp.int32)))
+    for t in range(10):
+      want = (int(sub / (1 + t)), int(sub * t / (1 + t)))  # dataloader.setup_dataset as coded
+      assert llt.sub_batch_sizes(batch, t) == (sub,) + want
+      assert (int(n_new[t]), int(n_old[t])) == want
+
+
+@pytest.fixture(scope="module")
+def trainer():
+  c = _config()
+  c.batch_size = 64
+  return experiment.build(c)
+
+
+def test_step_marks_exactly_the_balanced_rows_valid(trainer):
+  K = trainer.stream.num_outputs
+  captured = {}
+
+  def fwd(fp, batch_stats, x, valid, task, *, train=True):
+    del fp, task, train
+    captured["valid"] = np.asarray(valid)
+    return jnp.zeros((x.shape[0], 2 * K), jnp.float32), batch_stats
+
+  sub = 16
+  rows = {name: {"x": jnp.zeros((sub, 8, 8, 1), jnp.uint8), "y": jnp.zeros((sub,), jnp.int32),
+                 "valid": jnp.ones((sub,), bool)} for name in ("random", "new", "old")}
+  rows["random"]["valid"] = jnp.arange(sub) < 11  # the epoch's last, padded batch
+  state = trainer.init_state()
+  for t, (n_new, n_old) in ((1, (8, 8)), (3, (4, 12)), (4, (3, 12))):
+    trainer.method.step_loss(fwd, state.params, state.aux, state.method, state.batch_stats, rows,
+                             jnp.int32(t))
+    v = captured["valid"].reshape(3, sub)
+    assert v[0].sum() == 11 and v[1].sum() == n_new and v[2].sum() == n_old
+    assert v[1][:n_new].all() and v[2][:n_old].all()
+
+
+# --------------------------------------------------------------------------------------------------
+# Pruning, growth, rewinding.
+
+
+def _tree(seed=0):
+  rng = np.random.default_rng(seed)
+  return {"conv_0": {"kernel": jnp.asarray(rng.normal(size=(5, 5, 5, 5)), jnp.float32)},
+          "dense_0": {"kernel": jnp.asarray(rng.normal(size=(25, 75)), jnp.float32),
+                      "bias": jnp.asarray(rng.normal(size=(75,)), jnp.float32)},
+          "norm_0": {"scale": jnp.asarray(rng.normal(size=(5,)), jnp.float32)},
+          "head": {"kernel": jnp.asarray(rng.normal(size=(1, 75, 4)), jnp.float32)}}
+
+
+def test_td_rounds_leave_exactly_0_8_to_the_rounds_of_the_maskable_weights():
+  params = _tree()
+  spec = masks.maskable(params)
+  assert masks.maskable_paths(spec) == ["conv_0/kernel", "dense_0/kernel"]
+  mask = masks.ones(params)
+  count = 2500  # 625 + 1875: 0.8^r * 2500 is an integer for r <= 4
+  for r in range(1, 5):
+    keep = count - llt.round_count(0.2, count)
+    mask = jax.jit(lambda m, p, k: llt.prune_keep(m, p, spec, k))(mask, params, jnp.int32(keep))
+    count = keep
+    assert int(masks.count(mask, spec)) == 2500 * 4 ** r // 5 ** r  # = 2500 * 0.8^r exactly
+    for path, m in masks.leaves_with_paths(mask):
+      if path not in ("conv_0/kernel", "dense_0/kernel"):
+        assert bool(np.all(m)), path  # heads, biases, norms are never pruned
+    # Global magnitude: every kept weight is at least as large as every pruned one.
+    w = np.concatenate([np.abs(np.asarray(params[k]["kernel"])).ravel()
+                        for k in ("conv_0", "dense_0")])
+    m = np.concatenate([np.asarray(mask[k]["kernel"]).ravel() for k in ("conv_0", "dense_0")])
+    assert w[m].min() >= w[~m].max()
+  assert llt.expected_counts(2500, (1, 1, 2), 0.2) == [2500, 2000, 1024]
+
+
+def test_bu_growth_and_pruning_back_only_grow_the_mask():
+  params, ref = _tree(0), _tree(1)
+  spec = masks.maskable(params)
+  base = llt.prune_keep(masks.ones(params), params, spec, jnp.int32(200))
+  grown = llt.regrow(base, ref, spec, jnp.int32(1000))
+  assert int(masks.count(grown, spec)) == 1200
+  for b, g in zip(jax.tree.leaves(base), jax.tree.leaves(grown)):
+    assert bool(np.all(np.asarray(g) | ~np.asarray(b)))  # base is inside grown
+  # The re-grown positions are the largest |ref| among the pruned ones.
+  r = np.concatenate([np.abs(np.asarray(ref[k]["kernel"])).ravel() for k in ("conv_0", "dense_0")])
+  b = np.concatenate([np.asarray(base[k]["kernel"]).ravel() for k in ("conv_0", "dense_0")])
+  g = np.concatenate([np.asarray(grown[k]["kernel"]).ravel() for k in ("conv_0", "dense_0")])
+  assert r[g & ~b].min() >= r[~g].max()
+  back = llt.prune_back(base, grown, params, spec, jnp.int32(300))
+  assert int(masks.count(back, spec)) == 500
+  for bb, k, gg in zip(jax.tree.leaves(base), jax.tree.leaves(back), jax.tree.leaves(grown)):
+    bb, k, gg = map(np.asarray, (bb, k, gg))
+    assert np.all(k | ~bb) and np.all(gg | ~k)  # base <= pruned-back <= grown
+
+
+def test_rewinding_restores_exactly_the_masked_kernels_and_nothing_else():
+  params, source = _tree(0), _tree(1)
+  spec = masks.maskable(params)
+  mask = llt.prune_keep(masks.ones(params), params, spec, jnp.int32(900))
+  out = llt.rewind(params, mask, source, spec)
+  for path, o in masks.leaves_with_paths(out):
+    p = dict(masks.leaves_with_paths(params))[path]
+    s = dict(masks.leaves_with_paths(source))[path]
+    m = dict(masks.leaves_with_paths(mask))[path]
+    if path in ("conv_0/kernel", "dense_0/kernel"):
+      np.testing.assert_array_equal(np.asarray(o), np.where(np.asarray(m), np.asarray(s), 0.0))
+    else:
+      np.testing.assert_array_equal(np.asarray(o), np.asarray(p))
+
+
+def test_td_stashes_the_rewound_ticket_and_evaluates_the_trained_model(trainer):
+  state = trainer.init_state()
+  trainer.begin_task(0)
+  state = trainer.method.run_task(trainer, state, 0)
+  m = jax.device_get(state.method)
+  init = jax.device_get(trainer.initial_params())
+  spec = trainer.ctx.spec
+  total = sum(int(np.size(p)) for p, s in zip(jax.tree.leaves(init), jax.tree.leaves(spec)) if s)
+  # Task 1 has one round (1,1,2,3,5): total - round(0.2 * total) weights are kept.
+  assert int(masks.count(m["next_mask"], spec)) == total - round(0.2 * total)
+  assert int(masks.count(m["mask"], spec)) == total  # the evaluated (trained) model is dense
+  for (path, st), nm, ini, sn, pr, s in zip(masks.leaves_with_paths(m["start"]),
+                                            jax.tree.leaves(m["next_mask"]),
+                                            jax.tree.leaves(init), jax.tree.leaves(m["snap"]),
+                                            jax.tree.leaves(jax.device_get(state.params)),
+                                            jax.tree.leaves(spec)):
+    if s:  # kernels: the original init under the new mask (LT)
+      np.testing.assert_array_equal(st, np.where(nm, ini, 0.0), err_msg=path)
+    else:  # everything else continues (no retraining after the last round: the trained values)
+      np.testing.assert_array_equal(st, sn, err_msg=path)
+    np.testing.assert_array_equal(pr, sn, err_msg=path)  # the trained model is restored
+
+
+# --------------------------------------------------------------------------------------------------
+# The unlabeled pool and the config.
+
+
+def test_pool_auto_is_the_training_images_the_stream_leaves_unused():
+  source = data.load_source("digits", seed=3)  # digits' own train/test split follows the seed
+  kwargs = dict(num_tasks=5, class_order="natural", val_fraction=0.1, seed=3,
+                max_train_per_task=100, max_eval_per_task=None)
+  stream = data.make_stream(source, incremental="class", **kwargs)
+  rows = data.stream_source_rows(source, **kwargs)
+  for t in range(5):
+    n = int(stream.n_train[t])
+    np.testing.assert_array_equal(source.x_train[rows["train"][t]], stream.x_train[t, :n])
+    nv = int(stream.n_val[t])
+    np.testing.assert_array_equal(source.x_train[rows["val"][t]], stream.x_val[t, :nv])
+  unused = data.unused_train_rows(source, **kwargs)
+  used = np.concatenate(rows["train"] + rows["val"])
+  assert np.intersect1d(unused, used).size == 0
+  assert unused.size + used.size == source.x_train.shape[0]
+  c = _config()
+  c.seed = 3
+  c.max_train_per_task = 100
+  pool = llt.load_pool(c, stream)
+  np.testing.assert_array_equal(pool, source.x_train[unused])
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("mode", "topdown", r"config\.llt\.mode='topdown' is not valid"),
+    ("curriculum", "1,2", r"config\.llt\.curriculum='1,2' must be 'auto' or 5"),
+    ("rewind", "best", r"config\.llt\.rewind='best' is not valid"),
+    ("prune_fraction", 1.0, r"config\.llt\.prune_fraction=1\.0 must be in \(0, 1\)"),
+    ("late_epoch", 9, r"config\.llt\.late_epoch=9 must be <= config\.epochs=3"),
+])
+def test_bad_config_values_fail_with_one_line(field, value, match):
+  c = _config(**{field: value})
+  with pytest.raises(ValueError, match=match):
+    experiment.build(c)
+
+
+def test_presets_resolve():
+  for arg in (None, "runlocal", "fashion_mnist", "cifar10", "cifar100", "tiny_imagenet"):
+    c = _config(arg)
+    config_lib.validate(c)
+    r = llt.resolved(c)
+    assert len(r["rounds"]) == c.num_tasks
+  assert llt.resolved(_config(mode="imp"))["rounds"] == (3, 3, 2, 2, 2)
+  assert llt.resolved(_config(mode="imp"))["teach"] is False
+  assert llt.resolved(_config("cifar10"))["rounds"] == (1, 1, 2, 3, 5)
+
+
+# --------------------------------------------------------------------------------------------------
+# End to end: BU masks grow; resumed runs end identical.
+
+
+def _tiny(mode, **fields):
+  c = _config(mode=mode, **fields)
+  c.num_tasks = 2
+  c.epochs = 2
+  c.max_train_per_task = 60
+  c.checkpoint_every_epochs = 1
+  c.llt.curriculum = "1,2"
+  c.llt.retrain_epochs = 2
+  c.llt.bu_max_rounds = 3
+  c.llt.bu_accept = 0.0  # any shortfall against the reference re-grows
+  return c
+
+
+# Checkpoint saves of these runs (one after every epoch but an operation's last, one per task):
+# TD task 1: train 1, task end 1; task 2: train 1, retrain between its two rounds 1 -> the 4th
+# save is inside that retrain. BU task 1: train 1, three prune rounds' retrains 3, task end 1;
+# task 2: reference 1, ticket 1, re-grow rounds 1, 2 -> the 9th save is inside the second re-grow
+# round (after pruning back), whose decisions read the mask count the task began with.
+@pytest.mark.parametrize("mode,crash_at", [("td", 4), ("bu", 9)])
+def test_run_resumed_inside_a_task_ends_identical(mode, crash_at, tmp_path, monkeypatch):
+  full = experiment.run(_tiny(mode), str(tmp_path / "full"), print_summary=False)
+  original = checkpoint.Checkpointer.save
+  calls = {"n": 0, "meta": None}
+
+  def crash(self, step, state, meta):
+    original(self, step, state, meta)
+    calls["n"] += 1
+    if calls["n"] == crash_at:
+      calls["meta"] = dict(meta)
+      raise KeyboardInterrupt("simulated preemption")
+
+  monkeypatch.setattr(checkpoint.Checkpointer, "save", crash)
+  with pytest.raises(KeyboardInterrupt):
+    experiment.run(_tiny(mode), str(tmp_path / "r"), print_summary=False)
+  monkeypatch.setattr(checkpoint.Checkpointer, "save", original)
+  meta = calls["meta"]
+  assert meta["task"] == 1 and meta["epoch"] == 1 and meta["op"] > 2, meta  # mid-operation
+  resumed = experiment.run(_tiny(mode), str(tmp_path / "r"), print_summary=False)
+  np.testing.assert_array_equal(resumed["accuracy_matrix"], full["accuracy_matrix"])
+  assert resumed["remaining_weights"] == full["remaining_weights"]
+  assert resumed["llt"] == full["llt"]
+  rem = full["remaining_weights"]
+  if mode == "td":
+    assert rem == [1.0, full["expected_density_per_task"][1]]
+  else:
+    assert full["llt"]["regrown"] == [False, True]
+    assert rem[0] < 1.0 and rem[1] > rem[0]  # task 1 pruned; task 2's mask grew
