@@ -121,16 +121,17 @@ def get_config(arg: str | None = None):
     # rest of Fashion-MNIST's training split (labels discarded) as the unlabeled pool.
     c.dataset = "fashion_mnist"
     c.model = "small_convnet"
+    c.width_multiplier = 0.5
     c.batch_size = 128
-    c.max_train_per_task = 1000
+    c.max_train_per_task = 600
     c.max_eval_per_task = 1000
-    c.epochs = 6
+    c.epochs = 5
     c.learning_rate = 0.02
     c.lr_milestones = (0.6, 0.8)
     c.llt.exemplars_per_class = 20
     c.llt.knn = 10
-    c.llt.pool_max = 4000
-    c.llt.retrain_epochs = 2
+    c.llt.pool_max = 3000
+    c.llt.retrain_epochs = 1
     c.llt.retrain_lr = 0.002
     c.llt.bu_max_rounds = 12
   elif arg == "cifar10":

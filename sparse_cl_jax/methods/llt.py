@@ -196,9 +196,11 @@ def knn_select(pool_feat, pool_n, ex_feat, ex_n, *, k: int, block: int, capacity
   return jnp.where(out < 0, 0, out), count
 
 
-def round_count(fraction: float, n: int) -> int:
-  """``round(fraction * n)`` as PyTorch's pruning counts it (Python round, half to even)."""
-  return int(round(float(fraction) * int(n)))
+def kept_after(n: int, fraction: float, rounds: int) -> int:
+  """Weights kept of ``n`` after ``rounds`` IMP rounds of ``fraction`` each: ``round(n * (1 -
+  fraction) ** rounds)``, the nearest weight to exactly 0.8^r for the default 20% (as coded,
+  PyTorch's pruning container rounds every round, which drifts by a few weights)."""
+  return int(round(int(n) * (1.0 - float(fraction)) ** int(rounds)))
 
 
 def prune_keep(mask, params, spec, keep) -> masks.types.Masks:
@@ -274,14 +276,9 @@ def expected_counts(total: int, rounds, fraction: float) -> list[int]:
   The model of task t carries the rounds of tasks before t; the last task is retrained on the
   ticket of every round (as coded), so its count has them all.
   """
-  count, out = int(total), []
-  done = []
-  for r in rounds:
-    done.append(count)
-    for _ in range(r):
-      count -= round_count(fraction, count)
-  out = done[:-1] + [count]
-  return out
+  before = np.cumsum((0,) + tuple(rounds))
+  return [kept_after(total, fraction, int(r)) for r in before[:len(rounds) - 1]] + [
+      kept_after(total, fraction, int(before[-1]))]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -485,6 +482,7 @@ def make(config, ctx: base.Context) -> base.Method:
         "selected": jnp.zeros((T,), jnp.int32),
         "ref_acc": jnp.full((T,), -1.0, jnp.float32),  # -1: not measured (BU only)
         "ticket_acc": jnp.full((T,), -1.0, jnp.float32),
+        "final_acc": jnp.full((T,), -1.0, jnp.float32),
         "regrown": jnp.zeros((T,), jnp.int32),
         "count_start": jnp.zeros((T,), jnp.int32),  # BU: mask count when task t began
     }
@@ -729,13 +727,9 @@ def make(config, ctx: base.Context) -> base.Method:
     state = trainer.apply(state, snapshot)
     # Host mirror of the mask count (decisions never read the state: it may be a later one on
     # replay); before the rounds of task t the mask holds the rounds of tasks < t.
-    count = total
-    for r in rounds[:t]:
-      for _ in range(r):
-        count -= round_count(frac, count)
+    done = sum(rounds[:t])
     for r in range(n_rounds):
-      keep = count - round_count(frac, count)
-      count = keep
+      keep = kept_after(total, frac, done + r + 1)
 
       def prune(s, keep=keep):
         new = prune_keep(s.method["mask"], s.params, spec, jnp.int32(keep))
@@ -806,10 +800,9 @@ def make(config, ctx: base.Context) -> base.Method:
                                                     ref_bs=copy(s.batch_stats)))
       ref_acc = val_acc(trainer, state, t)
       state = trainer.apply(state, lambda s: save_accepted(with_m(s, use_mask=jnp.asarray(True))))
-      count = accepted = total
       acc = ref_acc
       for r in range(int(lc.bu_max_rounds)):
-        keep = count - round_count(frac, count)
+        keep = kept_after(total, frac, r + 1)
 
         def prune(s, keep=keep):
           new = prune_keep(s.method["mask"], s.params, spec, jnp.int32(keep))
@@ -822,14 +815,12 @@ def make(config, ctx: base.Context) -> base.Method:
         acc_r = val_acc(trainer, state, t)
         if not keep_pruning(ref_acc - acc_r, 1.0 - keep / total):
           break
-        count = accepted = keep
         acc = acc_r
         state = trainer.apply(state, save_accepted)
       state = trainer.apply(state, restore_accepted)
-      del accepted
       return trainer.apply(state, lambda s: record(s, t, remaining=density(s.method),
                                                    rewind=_NO_REWIND, ref_acc=ref_acc,
-                                                   ticket_acc=acc))
+                                                   ticket_acc=acc, final_acc=acc))
 
     # Later tasks: the dense reference continues from the previous reference ...
     def begin(s):
@@ -866,7 +857,7 @@ def make(config, ctx: base.Context) -> base.Method:
       # resumes later in the task reads the same value).
       count = int(jax.device_get(state.method["count_start"])[t])
       pruned = total - count
-      grow = pruned - round_count(1.0 - float(lc.bu_regrow), pruned)
+      grow = int(round(float(lc.bu_regrow) * pruned))
 
       def expand(s, grow=grow):
         m = s.method
@@ -890,7 +881,7 @@ def make(config, ctx: base.Context) -> base.Method:
         state = trainer.apply(state, save_accepted)
         if r == int(lc.bu_max_rounds) - 1 or grown == 0:
           break
-        keep_grown = grown - round_count(frac, grown)
+        keep_grown = kept_after(grow, frac, r + 1)
 
         def shrink(s, keep_grown=keep_grown):
           m = s.method
@@ -902,7 +893,7 @@ def make(config, ctx: base.Context) -> base.Method:
         grown = keep_grown
     return trainer.apply(state, lambda s: record(s, t, remaining=density(s.method), rewind=code,
                                                  ref_acc=ref_acc, ticket_acc=ticket_acc,
-                                                 regrown=regrown))
+                                                 final_acc=acc, regrown=regrown))
 
   def run_task(trainer, state, t):
     if mode == "dense":
@@ -935,6 +926,7 @@ def make(config, ctx: base.Context) -> base.Method:
       out["llt"].update(
           reference_val_accuracy=[float(v) for v in np.asarray(m["ref_acc"])],
           ticket_val_accuracy=[float(v) for v in np.asarray(m["ticket_acc"])],
+          final_ticket_val_accuracy=[float(v) for v in np.asarray(m["final_acc"])],
           regrown=[bool(v) for v in np.asarray(m["regrown"])])
     if mode in ("td", "imp"):
       out["expected_density_per_task"] = [c / total for c in expected_counts(total, rounds, frac)]
