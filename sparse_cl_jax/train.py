@@ -285,17 +285,41 @@ class Trainer:
     self.val_data = self._to_device("val", pad_to=n_eval)
     self.test_data = self._to_device("test", pad_to=n_eval)
     self.head_mask = self.put(jnp.asarray(stream.head_mask))
+    # What differs between runs of the same shapes (the seed's key, the split's normalisation,
+    # the class layout) reaches the jitted functions as data, never as constants: runs that
+    # differ only in these (the cells of a seed sweep) share every compiled step, also through
+    # the persistent compilation cache. ``self._c`` is what the step bodies read: these device
+    # arrays, or their tracers while a jitted function is traced.
+    self._consts = self.put({
+        "key": self.key, "mean": jnp.asarray(stream.mean, jnp.float32),
+        "std": jnp.asarray(stream.std, jnp.float32), "head_mask": jnp.asarray(stream.head_mask)})
+    self._c = self._consts
 
     self.loop = runtime.epoch_loop(config.get("epoch_loop", "auto"))
-    self._run_steps = jax.jit(self._run_steps_impl, donate_argnums=(0,))
-    self._host_step = jax.jit(self._host_step_impl, donate_argnums=(0, 1))
-    self._run_multi = jax.jit(self._run_multi_impl, donate_argnums=(0,),
-                              static_argnames=("spec",))
-    self._host_multi = jax.jit(self._host_multi_impl, donate_argnums=(0, 1),
-                               static_argnames=("spec",))
-    self._outputs = jax.jit(self._outputs_impl, static_argnames=("features",))
-    self._eval_counts = jax.jit(self._eval_counts_impl)
+    self._run_steps = self._jit(self._run_steps_impl, donate_argnums=(0,))
+    self._host_step = self._jit(self._host_step_impl, donate_argnums=(0, 1))
+    self._run_multi = self._jit(self._run_multi_impl, donate_argnums=(0,),
+                                static_argnames=("spec",))
+    self._host_multi = self._jit(self._host_multi_impl, donate_argnums=(0, 1),
+                                 static_argnames=("spec",))
+    self._outputs = self._jit(self._outputs_impl, static_argnames=("features",))
+    self._eval_counts = self._jit(self._eval_counts_impl)
     self._permutation = jax.jit(data_lib.epoch_permutation, static_argnums=(2,))
+
+  def _jit(self, impl, **jit_kwargs):
+    """``jax.jit(impl)`` that also takes the run's constants (``self._consts``) as data."""
+
+    def with_consts(consts, *args, **kwargs):
+      self._c = consts
+      try:
+        return impl(*args, **kwargs)
+      finally:
+        self._c = self._consts
+
+    if "donate_argnums" in jit_kwargs:
+      jit_kwargs["donate_argnums"] = tuple(i + 1 for i in jit_kwargs["donate_argnums"])
+    jitted = jax.jit(with_consts, **jit_kwargs)
+    return lambda *args, **kwargs: jitted(self._consts, *args, **kwargs)
 
   # ------------------------------------------------------------------------------------------------
   # Placement.
@@ -367,7 +391,7 @@ class Trainer:
     variables = {"params": fp}
     if self.has_batch_stats:
       variables["batch_stats"] = batch_stats
-    x = self.stream.normalize(x)
+    x = data_lib.normalize(x, self._c["mean"], self._c["std"])
     if self.compute_dtype != jnp.float32:
       # Mixed precision: the forward and backward passes compute in compute_dtype; params, their
       # gradients (the transpose of this cast), the optimiser state, running statistics and the
@@ -382,7 +406,7 @@ class Trainer:
     rngs = {}
     if train:  # dropout (CLNP's convnet): a key per global step, identical when replayed
       rngs["dropout"] = jax.random.fold_in(
-          jax.random.fold_in(jax.random.wrap_key_data(self.key), 7), step)
+          jax.random.fold_in(jax.random.wrap_key_data(self._c["key"]), 7), step)
     if train and self.has_batch_stats:
       logits, mutated = self.model.apply(variables, x, task=task, train=True,
                                          mutable=["batch_stats"], rngs=rngs, **kwargs)
@@ -397,7 +421,7 @@ class Trainer:
       logits = self.method.eval_logits(logits)
     if not self.class_il:
       return logits
-    seen = self.head_mask[head_task]
+    seen = self._c["head_mask"][head_task]
     return jnp.where(seen[None, :], logits, jnp.finfo(logits.dtype).min)
 
   def _train_step(self, state: TrainState, x, y, w, task, lr, aux_lr, ids=None):
@@ -486,7 +510,7 @@ class Trainer:
     """
     if self.augment == "none":
       return x
-    base_key = self.key if aug_key is None else aug_key
+    base_key = self._c["key"] if aug_key is None else aug_key
     key = jax.random.fold_in(jax.random.wrap_key_data(base_key), b)
     return self._shard_batch(augment_lib.apply(self.augment, key, x,
                                                padding=self.augment_padding))
@@ -504,7 +528,7 @@ class Trainer:
 
   def _source_aug_key(self, aug_key, i: int):
     """The augmentation key data of source number ``i`` of a multi-source step."""
-    base_key = self.key if aug_key is None else aug_key
+    base_key = self._c["key"] if aug_key is None else aug_key
     return jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(base_key), 0x5eed + i))
 
   def _multi_batch_step(self, state: TrainState, datas, perms, spec, b, task, lr, aux_lr,

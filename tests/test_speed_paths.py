@@ -225,3 +225,29 @@ def test_compilation_cache_writes_where_told_and_turns_off(tmp_path, monkeypatch
   finally:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     runtime.enable_compilation_cache(before or "none")
+
+
+def test_runs_that_differ_only_in_seed_share_every_compiled_step(tmp_path):
+  # The seed changes the split (so the normalisation), the dropout and augmentation keys: all of
+  # them reach the jitted steps as data, so the second run compiles nothing new.
+  before = runtime.compilation_cache_dir(None)
+  try:
+    path = runtime.enable_compilation_cache(str(tmp_path / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    files, means = [], []
+    for seed in (0, 1):
+      c = _tiny_packnet(seed=seed, augment="crop_flip", augment_padding=1,
+                        compilation_cache=str(tmp_path / "xla"))
+      c.method = "finetune"
+      trainer = experiment.build(c)
+      means.append(trainer.stream.mean)
+      state = trainer.init_state()
+      trainer.begin_task(0)
+      state = trainer.train(state, 0, epochs=1)
+      trainer.accuracy(state, 0, split="val", current=0)
+      files.append(set(os.listdir(path)))
+    assert not np.array_equal(means[0], means[1])  # the seeds' splits differ
+    assert files[0] and files[1] == files[0], sorted(files[1] - files[0])
+  finally:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    runtime.enable_compilation_cache(before or "none")
