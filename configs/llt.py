@@ -110,8 +110,8 @@ def get_config(arg: str | None = None):
   c.llt = llt_fields()
   if arg == "runlocal":
     c.hidden = (64,)
-    c.epochs = 3
-    c.max_train_per_task = 100
+    c.epochs = 2
+    c.max_train_per_task = 80
     c.llt.exemplars_per_class = 5
     c.llt.knn = 2
     c.llt.retrain_epochs = 1
@@ -133,7 +133,6 @@ def get_config(arg: str | None = None):
     c.llt.pool_max = 3000
     c.llt.retrain_epochs = 1
     c.llt.retrain_lr = 0.002
-    c.llt.bu_max_rounds = 12
   elif arg == "cifar10":
     _paper(c, "cifar10", 5, 100, 50, "cifar100")
   elif arg == "cifar100":
