@@ -5,7 +5,6 @@ the embedded digits (one shared run, a resumed copy, a transfer to another archi
 record-driven baselines).
 """
 
-import contextlib
 import csv
 import json
 import math
@@ -260,6 +259,9 @@ def test_rounds_report_and_step_counts_add_up(reference):
   assert r["density_per_task"] == r["expected_density_per_task"]
   assert dens[-1] == r["density_per_task"][0]
   assert all(b < a for a, b in zip(dens, dens[1:]))
+  # Sets of every size train with one compiled step (padded to the stream's shape).
+  assert len({row["subset_size"] for row in rounds}) > 1
+  assert r["trace_counts"].get("train_step") == 1, r["trace_counts"]
   assert r["trace_counts"].get("eval") == 1 and r["trace_counts"].get("outputs") == 1
 
 
@@ -287,16 +289,19 @@ def test_a_run_killed_inside_the_search_resumes_and_ends_identical(reference, tm
 
 def test_rewinding_restores_exactly():
   c = tiny(rewind="rewind_lt", rewind_epoch=2)
+  c.norm = "batch"  # running statistics are rewound too
   trainer = experiment.build(c)
+  assert jax.tree.leaves(trainer.ctx.variables["batch_stats"])
   starts, captured = [], {}
   real_train = trainer.train
 
   def spy(state, t, *, phase, epoch_end=None, **kw):
-    starts.append((phase, jax.device_get(state.params), jax.device_get(state.method["mask"])))
+    starts.append((phase, jax.device_get(state.params), jax.device_get(state.batch_stats),
+                   jax.device_get(state.method["mask"])))
 
     def ee(s, epoch):
       if phase == "search 0" and epoch == 1:
-        captured["p"] = jax.device_get(s.params)
+        captured["p"], captured["bs"] = jax.device_get(s.params), jax.device_get(s.batch_stats)
       return epoch_end(s, epoch)
 
     return real_train(state, t, phase=phase, epoch_end=ee, **kw)
@@ -307,10 +312,13 @@ def test_rewinding_restores_exactly():
   init = jax.device_get(trainer.ctx.params)
   assert starts[0][0] == "search 0"
   jax.tree.map(np.testing.assert_array_equal, starts[0][1], init)
-  assert [p for p, _, _ in starts[1:]] == ["ticket 0", "search 1", "ticket 1"]
-  for phase, params, mask in starts[1:]:
+  jax.tree.map(np.testing.assert_array_equal, starts[0][2],
+               jax.device_get(trainer.ctx.variables["batch_stats"]))
+  assert [s[0] for s in starts[1:]] == ["ticket 0", "search 1", "ticket 1"]
+  for phase, params, bs, mask in starts[1:]:
     want = jax.tree.map(lambda p, m: np.where(m, p, np.zeros_like(p)), captured["p"], mask)
     jax.tree.map(np.testing.assert_array_equal, params, want)
+    jax.tree.map(np.testing.assert_array_equal, bs, captured["bs"])
     assert int(masks.count(mask, trainer.ctx.spec)) < prac.spec_total(init, trainer.ctx.spec)
 
 

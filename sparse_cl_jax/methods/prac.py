@@ -277,7 +277,8 @@ def encode_sets(members: np.ndarray, planned, epochs, milestones, pruned_at: dic
   return {
       "num_train": int(members.shape[1]), "labels_crc32": labels_digest(y), "arch": arch,
       "rounds": [{"size": int(m.sum()), "planned_epochs": int(p), "epochs": int(e),
-                  "milestone_epochs": [int(x) for x in ms], "members": _b64(np.packbits(m).tobytes())}
+                  "milestone_epochs": [int(x) for x in ms],
+                  "members": _b64(np.packbits(m).tobytes())}
                  for m, p, e, ms in zip(members, planned, epochs, milestones)],
       "pruned_at": {k: {"shape": list(v.shape), "data": _b64(np.asarray(v, np.int8).tobytes())}
                     for k, v in pruned_at.items()},
@@ -407,7 +408,8 @@ def make(config, ctx: base.Context) -> base.Method:
     m = {
         "mask": masks.ones(p),
         "pruned_at": jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.int8), p),
-        "rewind": {"params": jax.tree.map(jnp.array, p), "batch_stats": jax.tree.map(jnp.array, bs)},
+        "rewind": {"params": jax.tree.map(jnp.array, p),
+                   "batch_stats": jax.tree.map(jnp.array, bs)},
         "eb": early_bird_init(masks.ones(p), int(pc.queue_length))._asdict(),
         "fs": forgetting_init(num_ids),
         "recording": jnp.zeros((), jnp.bool_),
@@ -631,7 +633,6 @@ def make(config, ctx: base.Context) -> base.Method:
   def run_task(trainer, state, t):
     n_train = int(np.asarray(stream.n_train)[t])
     valid_rows = jnp.arange(n_max) < n_train
-    tt = jnp.int32(t)
     init_bs = trainer.put(ctx.variables.get("batch_stats", {}))
     state = trainer.apply(state, lambda s: start_task(s, trainer.initial_params(), init_bs))
     src_members = decode_members(record) if record is not None else None
