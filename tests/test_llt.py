@@ -312,9 +312,13 @@ def _tiny(mode, **fields):
 # save is inside that retrain. BU task 1: train 1, three prune rounds' retrains 3, task end 1;
 # task 2: reference 1, ticket 1, re-grow rounds 1, 2 -> the 9th save is inside the second re-grow
 # round (after pruning back), whose decisions read the mask count the task began with.
-@pytest.mark.parametrize("mode,crash_at", [("td", 4), ("bu", 9)])
-def test_run_resumed_inside_a_task_ends_identical(mode, crash_at, tmp_path, monkeypatch):
-  full = experiment.run(_tiny(mode), str(tmp_path / "full"), print_summary=False)
+# TD rewinds to late weights (kept by an epoch_end hook of task 1); BU selects exemplars by herding
+# and starts its tickets from a random re-initialisation: all three must survive the resume.
+@pytest.mark.parametrize("mode,crash_at,fields", [
+    ("td", 4, {"rewind": "late"}),
+    ("bu", 9, {"rewind": "random", "exemplar_selection": "herding"})])
+def test_run_resumed_inside_a_task_ends_identical(mode, crash_at, fields, tmp_path, monkeypatch):
+  full = experiment.run(_tiny(mode, **fields), str(tmp_path / "full"), print_summary=False)
   original = checkpoint.Checkpointer.save
   calls = {"n": 0, "meta": None}
 
@@ -327,17 +331,19 @@ def test_run_resumed_inside_a_task_ends_identical(mode, crash_at, tmp_path, monk
 
   monkeypatch.setattr(checkpoint.Checkpointer, "save", crash)
   with pytest.raises(KeyboardInterrupt):
-    experiment.run(_tiny(mode), str(tmp_path / "r"), print_summary=False)
+    experiment.run(_tiny(mode, **fields), str(tmp_path / "r"), print_summary=False)
   monkeypatch.setattr(checkpoint.Checkpointer, "save", original)
   meta = calls["meta"]
   assert meta["task"] == 1 and meta["epoch"] == 1 and meta["op"] > 2, meta  # mid-operation
-  resumed = experiment.run(_tiny(mode), str(tmp_path / "r"), print_summary=False)
+  resumed = experiment.run(_tiny(mode, **fields), str(tmp_path / "r"), print_summary=False)
   np.testing.assert_array_equal(resumed["accuracy_matrix"], full["accuracy_matrix"])
   assert resumed["remaining_weights"] == full["remaining_weights"]
   assert resumed["llt"] == full["llt"]
   rem = full["remaining_weights"]
   if mode == "td":
     assert rem == [1.0, full["expected_density_per_task"][1]]
+    assert full["rewind_points"] == ["late: after epoch 1 of task 1"] * 2
   else:
     assert full["llt"]["regrown"] == [False, True]
+    assert full["rewind_points"] == ["none", "random"]
     assert rem[0] < 1.0 and rem[1] > rem[0]  # task 1 pruned; task 2's mask grew

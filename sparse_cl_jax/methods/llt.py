@@ -45,6 +45,13 @@ authors' code is VITA-Group/Lifelong-Learning-LTH (``main_TD.py``, ``main_BU.py`
 * ``'imp'``: plain IMP, as the TD machinery with a uniform schedule of the same total number of
   rounds, no lottery teaching and no rewinding (pruned weights are fine-tuned).
 
+``results.json`` adds ``remaining_weights`` (fraction of the maskable weights the model evaluated
+after each task computes with; also ``density_per_task``), ``rewind_points`` (per task, where the
+ticket's kernels were rewound to) and ``llt``: the resolved curriculum / rewinding / lottery
+teaching, pool size, unlabeled images selected after each task, ``prune_rounds`` (TD: rounds
+after each task; BU: task 1's accepted rounds, later the pruning-back rounds after a re-growth),
+and for BU the reference's and the ticket's validation accuracies and which tasks re-grew.
+
 Every decision uses validation data (never test). Everything a resumed run needs (memory, query
 results, stored logits, masks, rewinding weights, the BU reference) lives in the method state, so
 a run resumed inside a task ends with identical results.
@@ -801,6 +808,7 @@ def make(config, ctx: base.Context) -> base.Method:
       ref_acc = val_acc(trainer, state, t)
       state = trainer.apply(state, lambda s: save_accepted(with_m(s, use_mask=jnp.asarray(True))))
       acc = ref_acc
+      kept_rounds = 0
       for r in range(int(lc.bu_max_rounds)):
         keep = kept_after(total, frac, r + 1)
 
@@ -816,11 +824,13 @@ def make(config, ctx: base.Context) -> base.Method:
         if not keep_pruning(ref_acc - acc_r, 1.0 - keep / total):
           break
         acc = acc_r
+        kept_rounds = r + 1
         state = trainer.apply(state, save_accepted)
       state = trainer.apply(state, restore_accepted)
       return trainer.apply(state, lambda s: record(s, t, remaining=density(s.method),
                                                    rewind=_NO_REWIND, ref_acc=ref_acc,
-                                                   ticket_acc=acc, final_acc=acc))
+                                                   ticket_acc=acc, final_acc=acc,
+                                                   rounds=kept_rounds))
 
     # Later tasks: the dense reference continues from the previous reference ...
     def begin(s):
@@ -850,7 +860,7 @@ def make(config, ctx: base.Context) -> base.Method:
     state = train_phase(trainer, state, t, epochs=config.epochs, phase="ticket")
     acc = val_acc(trainer, state, t)
     ticket_acc = acc
-    regrown = 0
+    regrown = kept_rounds = 0
     if ref_acc - acc > float(lc.bu_accept):
       regrown = 1
       # Read from the state, written by this task's first operation (a replayed run that
@@ -878,6 +888,7 @@ def make(config, ctx: base.Context) -> base.Method:
           state = trainer.apply(state, restore_accepted)
           break
         acc = acc_r
+        kept_rounds = r  # pruning-back rounds behind the accepted model
         state = trainer.apply(state, save_accepted)
         if r == int(lc.bu_max_rounds) - 1 or grown == 0:
           break
@@ -893,7 +904,8 @@ def make(config, ctx: base.Context) -> base.Method:
         grown = keep_grown
     return trainer.apply(state, lambda s: record(s, t, remaining=density(s.method), rewind=code,
                                                  ref_acc=ref_acc, ticket_acc=ticket_acc,
-                                                 final_acc=acc, regrown=regrown))
+                                                 final_acc=acc, regrown=regrown,
+                                                 rounds=kept_rounds))
 
   def run_task(trainer, state, t):
     if mode == "dense":
