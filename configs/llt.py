@@ -6,12 +6,14 @@ Command (default: 5-task class-IL Split-Digits, top-down tickets, MLP 256-256):
   python experiments/main.py --config=configs/llt.py:runlocal --workdir=/tmp/llt_small
   python experiments/main.py --config=configs/llt.py:fashion_mnist --workdir=/tmp/llt_fm \
       --config.llt.mode=td   # or bu, dense, imp; --config.llt.lottery_teaching=False
-Expected runtime on 2 CPU cores: default ~1-2 min; runlocal a few seconds of training;
-fashion_mnist ~3-5 min per run (see docs/results.md, "Lifelong Lottery Tickets").
-Expected result (default, td): class-IL average accuracy after the last task well above the 10%
-of chance (about 0.7-0.8 on digits), remaining_weights [1.0, 0.8, 0.64, 0.41, 0.069] (0.8^12
-after the last task: the 1,1,2,3,5 curriculum); docs/results.md has the measured Fashion-MNIST
-table.
+Expected runtime on 2 CPU cores: default ~40 s (23 s of training); runlocal a few seconds;
+fashion_mnist ~1-1.5 min per run for dense / td / imp, ~5-6 min for bu (docs/results.md,
+"Lifelong Lottery Tickets").
+Expected result (default, td): class-IL average accuracy after the last task 0.94 (seed 0; chance
+is 0.1), remaining_weights [1.0, 0.8, 0.64, 0.41, 0.0687] (0.8^12
+after the last task: the 1,1,2,3,5 curriculum). fashion_mnist (4 seeds, docs/results.md): ACC
+0.774 +- 0.019 dense, 0.777 +- 0.012 td at 6.87% remaining, 0.754 +- 0.021 bu at 1.5-2.1%,
+0.748 +- 0.015 imp at 6.87%, 0.762 +- 0.017 td without lottery teaching.
 
 Modes (``llt.mode``): 'td' top-down tickets, 'bu' bottom-up tickets, 'dense' the class-IL model
 without pruning, 'imp' plain IMP (uniform schedule, no lottery teaching, no rewinding).

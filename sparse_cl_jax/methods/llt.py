@@ -388,12 +388,11 @@ def _check(config) -> None:
     v = lc[field]
     if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
       raise ValueError(f"config.llt.{field}={v!r} must be a number > 0")
-  for field, lo_open in (("prune_fraction", True), ("bu_regrow", True)):
+  for field, high_ok in (("prune_fraction", False), ("bu_regrow", True)):
     v = lc[field]
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1 or (
-        field == "prune_fraction" and v >= 1):
-      allowed = "(0, 1)" if field == "prune_fraction" else "(0, 1]"
-      raise ValueError(f"config.llt.{field}={v!r} must be in {allowed}")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (
+        0 < v < 1 or (high_ok and v == 1)):
+      raise ValueError(f"config.llt.{field}={v!r} must be in (0, {'1]' if high_ok else '1)'}")
   if not 0 <= lc.bu_base_sparsity < 1:
     raise ValueError(f"config.llt.bu_base_sparsity={lc.bu_base_sparsity!r} must be in [0, 1)")
   if lc.late_epoch > config.epochs:
@@ -418,8 +417,6 @@ def resolved(config) -> dict:
   rw = lc.rewind
   if rw == "auto":
     rw = {"td": "init", "bu": "task", "imp": "none", "dense": "none"}[mode]
-  if mode == "imp":
-    rw = "none" if lc.rewind == "auto" else rw
   teach = bool(lc.lottery_teaching) and mode != "imp"
   if teach and str(lc.pool) == "none":
     raise ValueError("config.llt.pool='none' leaves lottery teaching without images; set "
