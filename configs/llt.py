@@ -35,36 +35,36 @@ from sparse_cl_jax import config as config_lib
 
 def llt_fields() -> ml_collections.ConfigDict:
   """The ``config.llt`` fields with their defaults (as coded where the authors fixed a value)."""
-  l = ml_collections.ConfigDict()
-  l.mode = "td"  # td | bu | dense | imp
+  f = ml_collections.ConfigDict()
+  f.mode = "td"  # td | bu | dense | imp
   # Class-IL framework.
-  l.exemplars_per_class = 20  # as coded: 100 (CIFAR-10), 10 (CIFAR-100), 5 (Tiny-ImageNet)
-  l.exemplar_selection = "random"  # random | herding
-  l.gamma1 = 1.0  # weight of the KD terms
-  l.gamma2 = 0.5  # weight of the main (balanced) head's loss
+  f.exemplars_per_class = 20  # as coded: 100 (CIFAR-10), 10 (CIFAR-100), 5 (Tiny-ImageNet)
+  f.exemplar_selection = "random"  # random | herding
+  f.gamma1 = 1.0  # weight of the KD terms
+  f.gamma2 = 0.5  # weight of the main (balanced) head's loss
   # Lottery teaching.
-  l.lottery_teaching = True
-  l.temperature = 2.0
-  l.knn = 3  # nearest pool images per exemplar (as coded 50)
-  l.pool = "auto"  # auto | none | npz:<path> | a dataset name (its training images)
-  l.pool_data_dir = ""  # data_dir of a named pool dataset
-  l.pool_max = 0  # 0 = every pool image; else a random subset of this many
-  l.knn_memory_mb = 64.0  # the largest [exemplars x pool] distance block on the device
+  f.lottery_teaching = True
+  f.temperature = 2.0
+  f.knn = 3  # nearest pool images per exemplar (as coded 50)
+  f.pool = "auto"  # auto | none | npz:<path> | a dataset name (its training images)
+  f.pool_data_dir = ""  # data_dir of a named pool dataset
+  f.pool_max = 0  # 0 = every pool image; else a random subset of this many
+  f.knn_memory_mb = 64.0  # the largest [exemplars x pool] distance block on the device
   # Pruning.
-  l.curriculum = "auto"  # rounds after each task; auto = 1,1,2,3,5 (td) or uniform (imp)
-  l.prune_fraction = 0.2
-  l.retrain_epochs = 4  # as coded 30 (iter_epochs)
-  l.retrain_lr = 0.0005  # as coded lr / 100 = 1e-4
-  l.rewind = "auto"  # auto (td: init, bu: task, imp: none) | init | random | task | late | none
-  l.late_epoch = 1  # late rewinding: the weights after this epoch of task 1
+  f.curriculum = "auto"  # rounds after each task; auto = 1,1,2,3,5 (td) or uniform (imp)
+  f.prune_fraction = 0.2
+  f.retrain_epochs = 4  # as coded 30 (iter_epochs)
+  f.retrain_lr = 0.0005  # as coded lr / 100 = 1e-4
+  f.rewind = "auto"  # auto (td: init, bu: task, imp: none) | init | random | task | late | none
+  f.late_epoch = 1  # late rewinding: the weights after this epoch of task 1
   # Bottom-up.
-  l.bu_base_sparsity = 0.9
-  l.bu_max_drop = 0.02
-  l.bu_accept = 0.01
-  l.bu_regrow = 0.8  # fraction of the pruned positions re-grown
-  l.bu_max_rounds = 26
-  l.l1 = 0.0  # > 0: the l1-regularised BU variant (also usable with td / dense)
-  return l
+  f.bu_base_sparsity = 0.9
+  f.bu_max_drop = 0.02
+  f.bu_accept = 0.01
+  f.bu_regrow = 0.8  # fraction of the pruned positions re-grown
+  f.bu_max_rounds = 26
+  f.l1 = 0.0  # > 0: the l1-regularised BU variant (also usable with td / dense)
+  return f
 
 
 def _paper(c, dataset, tasks, exemplars, knn, pool):
