@@ -773,7 +773,11 @@ class Trainer:
       if data is not None:
         raise ValueError("train(): pass either data= or sources=, not both")
       spec = _check_sources(sources)
-      data = self.put({name: _as_dict(src.data) for name, src in sources.items()})
+      # Copies of device arrays: a source may hold arrays of the state (e.g. a method's exemplar
+      # memory), and the state's buffers are donated to every step.
+      data = self.put(jax.tree.map(
+          lambda a: jnp.copy(a) if isinstance(a, jax.Array) else a,
+          {name: _as_dict(src.data) for name, src in sources.items()}))
       primary = next(s for s in spec if s[2] == "epoch")
       n_valid = int(data[primary[0]]["n"])
       nb = max(1, -(-n_valid // primary[1]))
@@ -849,6 +853,22 @@ class Trainer:
     if skip:
       return state
     return fn(state)
+
+  def record(self, state: TrainState, fn: Callable[[TrainState], Any]) -> Any:
+    """``fn(state)`` (a JSON-able host value) as a recorded operation: replayed from the log.
+
+    For decisions a method takes on the host from the state (a count, a threshold test): on
+    resume the finished operations are skipped and hand back the *restored* (later) state, so
+    reading the state again would decide from the wrong weights; the recorded value is the one
+    the interrupted run computed.
+    """
+    i, skip, _ = self._next_op()
+    key = f"value:{i}"
+    if skip and key in self._op_log:
+      return self._op_log[key]
+    value = fn(state)
+    self._op_log[key] = value
+    return value
 
   def evaluate(self, state: TrainState, t: int, *, split: str = "val",
                current: int | None = None, data: TaskData | None = None) -> float:

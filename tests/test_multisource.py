@@ -212,3 +212,39 @@ def test_bad_sources_are_refused_with_the_reason():
     trainer.train(state, 0, epochs=1, sources={"a": train.Source(d, 8, "shuffle")})
   with pytest.raises(ValueError, match="no 'n'"):
     trainer.train(state, 0, epochs=1, sources={"a": train.Source({"x": d.x}, 8, "epoch")})
+
+
+def test_record_replays_the_value_the_interrupted_run_computed():
+  trainer = experiment.build(_config(augment="none"), source=_source())
+  state = trainer.init_state()
+  trainer.begin_task(0)
+  before = trainer.record(state, lambda st: float(np.abs(np.asarray(
+      st.params["head"]["kernel"])).sum()))
+  state = trainer.train(state, 0, epochs=1)
+  after = trainer.record(state, lambda st: float(np.abs(np.asarray(
+      st.params["head"]["kernel"])).sum()))
+  assert before != after
+  log = dict(trainer._op_log)  # pylint: disable=protected-access
+  # Replay from the trained state: the first value comes back from the log, not from the state.
+  trainer.resume = train.Resume(task=0, op=3, epoch=0, op_log=log)
+  trainer.begin_task(0)
+  assert trainer.record(state, lambda st: -1.0) == before
+  state = trainer.train(state, 0, epochs=1)
+  assert trainer.record(state, lambda st: -1.0) == after
+
+
+def test_a_source_may_hold_arrays_of_the_donated_state():
+  # The method keeps its memory in its state and trains on it as a source: the state is donated
+  # to every step, so the source must not share its buffers.
+  def init_state(ctx):
+    del ctx
+    return {"memory": jnp.asarray(np.arange(12, dtype=np.int32))}
+
+  trainer = _with(experiment.build(_config(augment="none"), source=_source()),
+                  init_state=init_state, step_loss=_plain_ce)
+  state = trainer.init_state()
+  trainer.begin_task(0)
+  d = trainer.task_data(0)
+  memory = {"x": d.x[:12], "y": d.y[:12], "mem": state.method["memory"], "n": np.int32(12)}
+  state = trainer.train(state, 0, epochs=2, sources={"main": train.Source(memory, 4, "epoch")})
+  np.testing.assert_array_equal(np.asarray(state.method["memory"]), np.arange(12))
