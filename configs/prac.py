@@ -58,6 +58,21 @@ def prac_fields() -> ml_collections.ConfigDict:
   return p
 
 
+def _as_coded_schedule(c, *, batch_size: int) -> None:
+  """PrAC-LTH's schedule: SGD 0.1, wd 1e-4, 182 epochs x0.1 at 91 and 136, crop+flip, 10% val,
+  16 rounds of IMP rewinding to an early epoch."""
+  c.augment = "crop_flip"
+  c.batch_size = batch_size
+  c.epochs = 182
+  c.learning_rate = 0.1
+  c.weight_decay = 1e-4
+  c.lr_milestones = (91 / 182, 136 / 182)
+  c.val_fraction = 0.1
+  c.prac.rounds = 16
+  c.prac.rewind = "rewind_lt"
+  c.checkpoint_every_epochs = 5
+
+
 def get_config(arg: str | None = None):
   c = config_lib.base("prac")
   c.dataset = "digits"
@@ -105,29 +120,11 @@ def get_config(arg: str | None = None):
                        f"{list(CIFAR_MODELS)}")
     c.dataset = preset
     c.model = model
-    c.augment = "crop_flip"
-    c.batch_size = 128
-    c.epochs = 182
-    c.learning_rate = 0.1
-    c.weight_decay = 1e-4
-    c.lr_milestones = (91 / 182, 136 / 182)
-    c.val_fraction = 0.1  # 45k / 5k
-    c.prac.rounds = 16
-    c.prac.rewind = "rewind_lt"
-    c.checkpoint_every_epochs = 5
+    _as_coded_schedule(c, batch_size=128)  # 45k / 5k
   elif preset == "tiny_imagenet":
     c.dataset = "tiny_imagenet"
     c.model = "resnet18"
-    c.augment = "crop_flip"
-    c.batch_size = 512
-    c.epochs = 182
-    c.learning_rate = 0.1
-    c.weight_decay = 1e-4
-    c.lr_milestones = (91 / 182, 136 / 182)
-    c.val_fraction = 0.1  # 90k / 10k
-    c.prac.rounds = 16
-    c.prac.rewind = "rewind_lt"
-    c.checkpoint_every_epochs = 5
+    _as_coded_schedule(c, batch_size=512)  # 90k / 10k
   elif preset:
     raise ValueError(f"unknown config argument {arg!r}; use 'runlocal', 'fashion_mnist', "
                      "'cifar10[,model]', 'cifar100[,model]', 'tiny_imagenet' or nothing")
