@@ -285,6 +285,9 @@ def _run_open(config, workdir: str, ckpt: checkpoint.Checkpointer, saved: dict, 
   found = ckpt.restore_newest_valid(like=like)
   if found is not None:
     latest, state, meta = found
+    # Placed exactly as a fresh state is (trainer.put): restored arrays come back committed to a
+    # device, and the jitted steps and method functions would all compile again for that.
+    state = trainer.put(jax.device_get(state))
     saved.update(step=latest, meta=meta)
     R = np.array(meta["R"], dtype=float)
     R_val = np.array(meta["R_val"], dtype=float)

@@ -112,10 +112,25 @@ def compilation_cache_dir(requested: str | None = None) -> str | None:
   return os.path.abspath(os.path.expanduser(path))
 
 
+def cache_min_compile_seconds() -> float:
+  """Compile time from which an executable is cached: ``$SPARSE_CL_JAX_CACHE_MIN_SECONDS`` or 0.2.
+
+  0 caches every executable (the test suite: its many small programs recompile in every
+  process and every new trainer otherwise).
+  """
+  value = os.environ.get('SPARSE_CL_JAX_CACHE_MIN_SECONDS', '0.2')
+  try:
+    return max(0.0, float(value))
+  except ValueError:
+    raise ValueError(f'SPARSE_CL_JAX_CACHE_MIN_SECONDS={value!r} must be a number of seconds '
+                     '(e.g. 0.2)') from None
+
+
 def enable_compilation_cache(requested: str | None = None) -> str | None:
   """Turns JAX's persistent compilation cache on at :func:`compilation_cache_dir` (requested).
 
-  Every executable that took at least 0.2 s to compile is written there and loaded instead of
+  Every executable that took at least 0.2 s (:func:`cache_min_compile_seconds`) to compile is
+  written there and loaded instead of
   compiled by any later process that builds the same program (same shapes, same config, same
   jax/jaxlib and backend). Returns the directory, or ``None`` when turned off. Calling it again
   with another directory moves the cache; with ``'none'`` it turns the cache off.
@@ -135,7 +150,7 @@ def enable_compilation_cache(requested: str | None = None) -> str | None:
       raise ValueError(f'compilation cache directory {path!r} cannot be created ({e}); set '
                        'config.compilation_cache to a writable directory or to "none"') from e
     jax.config.update('jax_compilation_cache_dir', path)
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', cache_min_compile_seconds())
   cc.reset_cache()  # JAX decides once per process whether to use a cache: decide again
   _cache_dir[0] = path
   return path

@@ -223,7 +223,8 @@ def test_compilation_cache_writes_where_told_and_turns_off(tmp_path, monkeypatch
     monkeypatch.setenv("SPARSE_CL_JAX_CACHE_DIR", str(tmp_path / "env"))
     assert runtime.compilation_cache_dir("") == str(tmp_path / "env")
   finally:
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      runtime.cache_min_compile_seconds())
     runtime.enable_compilation_cache(before or "none")
 
 
@@ -249,5 +250,6 @@ def test_runs_that_differ_only_in_seed_share_every_compiled_step(tmp_path):
     assert not np.array_equal(means[0], means[1])  # the seeds' splits differ
     assert files[0] and files[1] == files[0], sorted(files[1] - files[0])
   finally:
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      runtime.cache_min_compile_seconds())
     runtime.enable_compilation_cache(before or "none")
