@@ -17,10 +17,11 @@ import numpy as np
 import optax
 import pytest
 
-from sparse_cl_jax import config as config_lib
 from sparse_cl_jax import data
 from sparse_cl_jax import experiment
 from sparse_cl_jax import train
+
+import test_padding
 
 
 def _source(seed=0):
@@ -31,21 +32,8 @@ def _source(seed=0):
 
 
 def _config(**overrides):
-  c = config_lib.base("finetune")
-  c.dataset = "arrays"
-  c.num_tasks = 2
-  c.model = "small_convnet"
-  c.width_multiplier = 0.125
-  c.norm = "batch"
-  c.batch_size = 8
-  c.eval_batch_size = 8
-  c.progress = False
-  c.checkpoint_every_epochs = 0
-  c.augment = "crop_flip"
-  c.augment_padding = 2
-  for k, v in overrides.items():
-    c[k] = v
-  return c
+  # test_padding's tiny convnet stream config with plain BatchNorm.
+  return test_padding._config("batch", **overrides)  # pylint: disable=protected-access
 
 
 def _plain_ce(fwd, params, aux, mstate, batch_stats, batches, task):
