@@ -29,6 +29,7 @@ in float32 and in bfloat16 compute and prints both accuracies (needs the IDX fil
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -142,6 +143,7 @@ def measure(name: str, dtype: str) -> dict:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from sparse_cl_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from sparse_cl_jax import experiment  # pylint: disable=g-import-not-at-top
+  from sparse_cl_jax.train import steps as train_steps  # pylint: disable=g-import-not-at-top
 
   _, _, shape, classes, n_tr, n_te = PROTOCOLS[name]
   config = _config(name)
@@ -196,8 +198,9 @@ def measure(name: str, dtype: str) -> dict:
   n_eval0 = int(stream.n_test[0])
   # FLOPs of one training step, from its jaxpr.
   data = trainer.task_data(0)
-  perm = trainer._permutation(trainer.op_key(0), data.n, int(data.x.shape[0]))  # pylint: disable=protected-access
-  jaxpr = jax.make_jaxpr(trainer._host_step_impl)(  # pylint: disable=protected-access
+  perm = trainer.programs.permutation(trainer.op_key(0), data.n, int(data.x.shape[0]))
+  jaxpr = jax.make_jaxpr(functools.partial(  # pylint: disable=protected-access
+      train_steps.host_step, trainer.env, trainer._consts))(
       state, jnp.zeros(3, jnp.float32), data, perm, jnp.int32(0), jnp.int32(0),
       jnp.float32(0.01), jnp.float32(0.0))
   flops = jaxpr_flops(jaxpr.jaxpr)

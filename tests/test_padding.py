@@ -195,7 +195,7 @@ def test_training_is_bit_identical_whatever_the_padding_holds(norm):
   if norm != "batch_stats_only":
     # The same check would fail if the padding rows reached BatchNorm (the test can fail).
     leaky = experiment.build(_config(norm), source=_source())
-    leaky._model_takes_valid = False  # pylint: disable=protected-access
+    leaky.env.model_takes_valid = False
     a, b = (_train(leaky, _pad(d, 5, kind)) for kind in ("zeros", "noise"))
     assert any(not np.array_equal(u, v) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 

@@ -1,0 +1,62 @@
+"""Device placement: the ``'data'`` mesh of a run, replicated state, and the stream on device.
+
+With one device everything is a plain ``jax.device_put``. With ``config.num_devices`` > 1 (0 =
+all local devices) the state and the stream are replicated over a one-axis ``'data'`` mesh and
+the step bodies shard every gathered batch over it (:func:`steps.shard_batch`): plain data
+parallelism by GSPMD.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from sparse_cl_jax.train import state as state_lib
+
+
+def make_mesh(num_devices: int, batch_size: int, eval_batch_size: int):
+  """A one-axis ``'data'`` mesh over the first ``num_devices`` local devices (None for one)."""
+  n_dev = int(num_devices) or jax.local_device_count()
+  if n_dev > jax.local_device_count():
+    raise ValueError(f"config.num_devices={n_dev} but only {jax.local_device_count()} local "
+                     "devices exist")
+  if n_dev <= 1:
+    return None
+  if batch_size % n_dev or eval_batch_size % n_dev:
+    raise ValueError(f"config.batch_size={batch_size} and eval_batch_size="
+                     f"{eval_batch_size} must be divisible by the {n_dev} devices")
+  return jax.sharding.Mesh(np.array(jax.local_devices()[:n_dev]), ("data",))
+
+
+class Placement:
+  """Where a run's arrays live: ``put`` places any pytree (replicated over the mesh if any)."""
+
+  def __init__(self, mesh: jax.sharding.Mesh | None):
+    self.mesh = mesh
+    self.replicated = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+                       if mesh is not None else None)
+
+  def put(self, x):
+    """``x`` (any pytree) placed on the run's device(s): replicated over the mesh if any."""
+    if self.replicated is None:
+      return jax.device_put(x)
+    return jax.device_put(x, self.replicated)
+
+  def split(self, stream, split: str, pad_to: int | None = None) -> state_lib.DeviceData:
+    """One split of the stream (``[T, N_max, ...]``), its rows padded to ``pad_to``."""
+    arrays = [np.asarray(getattr(stream, f"{p}_{split}")) for p in ("x", "y", "ids", "n")]
+    if pad_to is not None and pad_to > arrays[0].shape[1]:
+      extra = pad_to - arrays[0].shape[1]
+      for i, fill in ((0, 0), (1, 0), (2, -1)):
+        widths = [(0, 0), (0, extra)] + [(0, 0)] * (arrays[i].ndim - 2)
+        arrays[i] = np.pad(arrays[i], widths, constant_values=fill)
+    return state_lib.DeviceData(*(self.put(a) for a in arrays))
+
+  def stream(self, stream) -> tuple[state_lib.DeviceData, ...]:
+    """The stream's train, validation and test splits on the device(s).
+
+    Validation and test are padded to one size so that evaluation compiles once for both.
+    """
+    n_eval = max(stream.x_val.shape[1], stream.x_test.shape[1])
+    return (self.split(stream, "train"), self.split(stream, "val", pad_to=n_eval),
+            self.split(stream, "test", pad_to=n_eval))
