@@ -1,7 +1,9 @@
 """Tests for sparse_cl_jax.data: sources, task streams, exemplar memory and batching helpers."""
 
+import collections
 import gzip
 import importlib.util
+import io
 import os
 import pathlib
 import pickle
@@ -17,6 +19,9 @@ import numpy as np
 import pytest
 
 from sparse_cl_jax import data
+from sparse_cl_jax.data import selection
+from sparse_cl_jax.data import streams
+from sparse_cl_jax.data.formats import safe_pickle
 
 REAL_FASHION_MNIST = pathlib.Path(data.FASHION_MNIST_DIR)
 
@@ -239,6 +244,56 @@ def test_mini_imagenet_pickles(tmp_path):
   np.testing.assert_array_equal(np.bincount(source.y_train), [5, 5, 5, 5])
   np.testing.assert_array_equal(np.bincount(source.y_test), [1, 1, 1, 1])
   assert source.x_train.shape == (20, 84, 84, 3)
+
+
+class _Evil:
+  """A pickle that calls print when loaded by an unrestricted unpickler."""
+
+  def __reduce__(self):
+    return (print, ('this must never run',))
+
+
+def _write_mini_imagenet_train(directory, image_data, protocol):
+  class_dict = {'n01': [0, 1, 2, 3, 4, 5], 'n02': [6, 7, 8, 9, 10, 11]}
+  with open(directory / 'mini-imagenet-cache-train.pkl', 'wb') as f:
+    pickle.dump({'image_data': image_data, 'class_dict': class_dict}, f, protocol=protocol)
+
+
+def test_mini_imagenet_pickles_refuse_other_globals(tmp_path, capsys):
+  _write_mini_imagenet_train(tmp_path, _Evil(), protocol=4)
+  with pytest.raises(ValueError, match=r'refusing to load (__builtin__|builtins)\.print') as info:
+    data.load_source('mini_imagenet', data_dir=tmp_path)
+  assert '\n' not in str(info.value)  # One line.
+  assert 'mini-imagenet-cache-train.pkl' in str(info.value)
+  assert 'this must never run' not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('protocol', [2, 4, 5])
+def test_mini_imagenet_pickles_of_any_protocol_load(tmp_path, protocol):
+  images = np.random.default_rng(5).integers(0, 256, (12, 84, 84, 3), dtype=np.uint8)
+  _write_mini_imagenet_train(tmp_path, images, protocol)
+  source = data.load_source('mini_imagenet', data_dir=tmp_path)
+  # 6 images per class: round(6 / 6) = 1 test image per class, both splits keep file order.
+  np.testing.assert_array_equal(np.bincount(source.y_train), [5, 5])
+  np.testing.assert_array_equal(np.bincount(source.y_test), [1, 1])
+  rebuilt = np.concatenate([source.x_train, source.x_test])
+  assert sorted(map(bytes, rebuilt)) == sorted(map(bytes, images))
+
+
+def test_safe_pickle_load_dict_arrays_only():
+  fmt = safe_pickle.PickleFormat(name='test pickle', origin='a test file',
+                                 contents='only arrays.', encoding='bytes')
+  array = np.arange(6, dtype=np.int16).reshape(2, 3)
+  for protocol in (2, 5):
+    loaded = safe_pickle.load_dict(io.BytesIO(pickle.dumps({'a': array, 'b': [1, 'x']},
+                                                           protocol=protocol)), 'f', fmt)
+    np.testing.assert_array_equal(loaded['a'], array)
+    assert loaded['a'].dtype == np.int16 and loaded['b'] == [1, 'x']
+  with pytest.raises(ValueError, match='expected a pickled dict, got list'):
+    safe_pickle.load_dict(io.BytesIO(pickle.dumps([array])), 'f', fmt)
+  with pytest.raises(ValueError, match=r'f: not a test pickle \(refusing to load '
+                     r'collections\.OrderedDict from a test file: only arrays\.\)'):
+    safe_pickle.load_dict(io.BytesIO(pickle.dumps(collections.OrderedDict(a=1))), 'f', fmt)
 
 
 def test_folder_sources_need_a_layout(tmp_path):
@@ -625,6 +680,81 @@ def test_stream_errors():
     data.make_stream(source, num_tasks=2, class_order='coarse')
   with pytest.raises(ValueError, match='val_fraction'):
     data.make_stream(source, num_tasks=2, val_fraction=1.0)
+
+
+def test_task_classes_split_and_permuted():
+  order = [4, 0, 5, 2, 1, 3]
+  assert selection.task_classes(order, 'split', 3, None) == [[4, 0], [5, 2], [1, 3]]
+  assert selection.task_classes(order, 'split', 2, [1, 5]) == [[4], [0, 5, 2, 1, 3]]
+  assert selection.task_classes(order, 'permuted', 2, None) == [order, order]
+  with pytest.raises(ValueError, match='scenario'):
+    selection.task_classes(order, 'rotated', 2, None)
+
+
+def test_task_rows_partition_the_training_split():
+  source = _index_source()
+  classes = [[5, 0], [3], [1, 2, 4]]
+  rows = selection.task_rows(source, classes, val_fraction=0.2, seed=3, max_train_per_task=None,
+                             max_eval_per_task=None)
+  for split, labels in (('train', source.y_train), ('val', source.y_train),
+                        ('test', source.y_test)):
+    for t, task in enumerate(classes):
+      assert set(labels[rows[split][t]].tolist()) == set(task)
+  # Uncapped, train and val of all tasks together are every training row exactly once.
+  used = np.concatenate(rows['train'] + rows['val'])
+  np.testing.assert_array_equal(np.sort(used), np.arange(source.y_train.size))
+  # round(0.2 * n_c) validation rows per class (classes of 10..20 images: 2, 2, 3, 3, 4, 4).
+  val_counts = np.bincount(source.y_train[np.concatenate(rows['val'])], minlength=6)
+  np.testing.assert_array_equal(val_counts, [2, 2, 3, 3, 4, 4])
+  np.testing.assert_array_equal(np.sort(np.concatenate(rows['test'])),
+                                np.arange(source.y_test.size))
+
+
+def test_permute_pixels_moves_whole_pixels():
+  x = np.arange(2 * 2 * 2 * 2, dtype=np.uint8).reshape(2, 2, 2, 2)  # [N, H, W, C]
+  perm = np.asarray([2, 0, 3, 1])
+  out = streams.permute_pixels(x, perm)
+  for n in range(2):
+    for j in range(4):  # Pixel j of the output is pixel perm[j] of the input, both channels.
+      np.testing.assert_array_equal(out[n, j // 2, j % 2], x[n, perm[j] // 2, perm[j] % 2])
+
+
+def test_pixel_permutations_identity_first():
+  perms = streams.pixel_permutations(3, 6, seed=0, permute_first=False)
+  assert perms.dtype == np.int32 and perms.shape == (3, 6)
+  np.testing.assert_array_equal(perms[0], np.arange(6))
+  for t in range(3):
+    np.testing.assert_array_equal(np.sort(perms[t]), np.arange(6))
+
+
+@pytest.mark.parametrize('incremental', ['task', 'class'])
+def test_output_masks_hand_checked(incremental):
+  head, task = streams.output_masks([[3, 1], [0], [2, 4, 5]], incremental)
+  if incremental == 'task':  # C_t outputs per task, within the largest task's 3.
+    expected = [[1, 1, 0], [1, 0, 0], [1, 1, 1]]
+    np.testing.assert_array_equal(head, np.asarray(expected, bool))
+    np.testing.assert_array_equal(task, np.asarray(expected, bool))
+  else:  # Global outputs 0-1, 2, 3-5.
+    np.testing.assert_array_equal(head, np.asarray([[1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0],
+                                                    [1, 1, 1, 1, 1, 1]], bool))
+    np.testing.assert_array_equal(task, np.asarray([[1, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0],
+                                                    [0, 0, 0, 1, 1, 1]], bool))
+
+
+@pytest.mark.parametrize('class_il', [False, True])
+def test_stack_split_hand_checked(class_il):
+  images = np.arange(5, dtype=np.uint8).reshape(5, 1, 1, 1)
+  labels = np.asarray([2, 0, 2, 1, 0], np.int32)
+  rows = [np.asarray([0, 2, 3]), np.asarray([4])]  # Task 0: classes (2, 1); task 1: class (0,).
+  offsets = np.asarray([0, 2, 3]) if class_il else None
+  out = streams.stack_split(images, labels, rows, [[2, 1], [0]], None, num_classes=3,
+                            offsets=offsets, first_id=10)
+  np.testing.assert_array_equal(out['n'], [3, 1])
+  np.testing.assert_array_equal(out['x'][:, :, 0, 0, 0], [[0, 2, 3], [4, 0, 0]])  # Zero padding.
+  np.testing.assert_array_equal(out['y_global'], [[2, 2, 1], [0, 0, 0]])
+  np.testing.assert_array_equal(out['y'], [[0, 0, 1], [2, 0, 0]] if class_il
+                                else [[0, 0, 1], [0, 0, 0]])
+  np.testing.assert_array_equal(out['ids'], [[10, 11, 12], [13, -1, -1]])
 
 
 def test_coarse_class_order():
