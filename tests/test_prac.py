@@ -6,9 +6,12 @@ record-driven baselines).
 """
 
 import csv
+import dataclasses
+import functools
 import json
 import math
 import os
+from typing import NamedTuple
 from unittest import mock
 
 import jax
@@ -21,9 +24,10 @@ from sparse_cl_jax import experiment
 from sparse_cl_jax import masks
 from sparse_cl_jax import train
 from sparse_cl_jax.methods import prac
+from sparse_cl_jax.methods import prac_sets
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NEVER = prac.NEVER_LEARNED
+NEVER = prac_sets.NEVER_LEARNED
 
 
 def as_coded_forget_times(record):
@@ -54,15 +58,15 @@ def test_forgetting_events_on_a_hand_made_history():
                       [0, 0, 1, -1, 1, -1],
                       [0, 1, 1, -1, 1, 0],
                       [0, 0, 1, -1, 1, 1]])
-  scores = prac.scores_from_history(history)
+  scores = prac_sets.scores_from_history(history)
   np.testing.assert_array_equal(scores, [NEVER, 2, 0, -1, 0, 1])
-  cet = np.asarray(prac.critical_for_training(scores, rule="zero_out", threshold=0))
+  cet = np.asarray(prac_sets.critical_for_training(scores, rule="zero_out", threshold=0))
   np.testing.assert_array_equal(cet, [True, True, False, False, False, True])
-  cet2 = np.asarray(prac.critical_for_training(scores, rule="zero_out", threshold=1))
+  cet2 = np.asarray(prac_sets.critical_for_training(scores, rule="zero_out", threshold=1))
   np.testing.assert_array_equal(cet2, [True, True, False, False, False, False])
   # The constant rule keeps the most forgotten; ties (examples 2 and 4, both 0) by lower index.
   for keep, want in ((3, [0, 1, 5]), (4, [0, 1, 2, 5]), (5, [0, 1, 2, 4, 5])):
-    got = np.flatnonzero(np.asarray(prac.critical_for_training(scores, rule="constant",
+    got = np.flatnonzero(np.asarray(prac_sets.critical_for_training(scores, rule="constant",
                                                                keep=keep)))
     np.testing.assert_array_equal(got, want)
 
@@ -73,17 +77,17 @@ def test_online_statistics_match_the_authors_count_on_random_histories():
   history[0, :250] = rng.choice([0, 1], size=250)  # seen in the first epoch (as coded)
   history[:, 250:] = -1  # outside the round's set
   want = [as_coded_forget_times(history[:, j]) for j in range(history.shape[1])]
-  np.testing.assert_array_equal(prac.scores_from_history(history), want)
+  np.testing.assert_array_equal(prac_sets.scores_from_history(history), want)
 
 
 def test_after_step_ignores_padding_rows_under_jit():
-  fs = prac.forgetting_init(4)
-  upd = jax.jit(prac.forgetting_update)
+  fs = prac_sets.forgetting_init(4)
+  upd = jax.jit(prac_sets.forgetting_update)
   ids = jnp.array([0, 1, -1, 1], jnp.int32)
   fs = upd(fs, ids[:2], jnp.array([True, True]), jnp.array([True, True]))
   # Padding: id -1 and a repeated valid id marked invalid must change nothing.
   fs = upd(fs, ids, jnp.array([False, True, False, False]), jnp.array([True, True, False, False]))
-  np.testing.assert_array_equal(np.asarray(prac.forgetting_scores(fs)), [1, 0, -1, -1])
+  np.testing.assert_array_equal(np.asarray(prac_sets.forgetting_scores(fs)), [1, 0, -1, -1])
 
 
 def test_disagreement_set_on_a_toy_pair_of_models():
@@ -95,8 +99,52 @@ def test_disagreement_set_on_a_toy_pair_of_models():
                 [0.0, 0.5, 1.5]])  # same disagreement, but a padding row
   dense = np.argmax(x @ w, -1)
   pruned = np.argmax(x @ (w * m), -1)
-  got = np.asarray(prac.disagreement(dense, pruned, np.array([True, True, True, False])))
+  got = np.asarray(prac_sets.disagreement(dense, pruned, np.array([True, True, True, False])))
   np.testing.assert_array_equal(got, [False, False, True, False])
+
+
+class FakeState(NamedTuple):
+  """The two fields of the train state the method's jitted state updates below read."""
+  params: dict
+  method: dict
+
+
+def test_next_prac_set_joins_cet_and_the_dense_disagreement_on_a_hand_made_round():
+  # Stream ids 0..7; this task's rows are ids 2..6 (offset 2), its last row is padding.
+  history = np.full((3, 8), -1)
+  history[:, 0] = [1, 0, 0]  # another task's ids: critical if the offset were ignored
+  history[:, 1] = [0, 0, 0]
+  history[:, 2] = [1, 0, 1]  # row 0: forgotten once -> CET
+  history[:, 3] = [1, 1, 1]  # row 1: never forgotten
+  history[:, 4] = [0, 0, 0]  # row 2: never learned -> CET
+  history[:, 5] = [1, 1, 1]  # row 3: never forgotten
+  history[:, 6] = [1, 0, 0]  # row 4: forgotten, but a padding row
+  fs = prac_sets.forgetting_init(8)
+  for row in history:
+    fs = prac_sets.forgetting_update(fs, jnp.arange(8), jnp.asarray(row == 1),
+                                     jnp.asarray(row >= 0))
+  valid = jnp.array([True, True, True, True, False])
+  step = jax.jit(functools.partial(prac_sets.next_set, n_max=5, rule="zero_out", threshold=0))
+  state = FakeState({}, {"fs": fs, "dense_pred": jnp.zeros((5,), jnp.int32),
+                         "member": jnp.zeros((5,), bool)})
+  # Round 0: the dense network's round; its predictions are kept, the set is the CET alone.
+  pred0 = jnp.array([0, 1, 2, 3, 4], jnp.int32)
+  state, counts = step(state, pred0, valid, jnp.int32(2), jnp.int32(0), jnp.asarray(False))
+  np.testing.assert_array_equal(np.asarray(state.method["member"]), [1, 0, 1, 0, 0])
+  np.testing.assert_array_equal(np.asarray(state.method["dense_pred"]), [0, 1, 2, 3, 4])
+  np.testing.assert_array_equal(np.asarray(counts), [2, 0, 2])
+  # Round 1: a model that disagrees with the dense one on rows 1, 3 and the padding row 4; the
+  # statistics are the same hand-made ones. The dense predictions stay round 0's.
+  pred1 = jnp.array([0, 9, 2, 9, 9], jnp.int32)
+  state, counts = step(state, pred1, valid, jnp.int32(2), jnp.int32(0), jnp.asarray(True))
+  np.testing.assert_array_equal(np.asarray(state.method["member"]), [1, 1, 1, 1, 0])
+  np.testing.assert_array_equal(np.asarray(state.method["dense_pred"]), [0, 1, 2, 3, 4])
+  np.testing.assert_array_equal(np.asarray(counts), [2, 2, 4])
+  # Round 2: a model that agrees with the dense one except on row 0 (already a CET row).
+  pred2 = jnp.array([7, 1, 2, 3, 4], jnp.int32)
+  state, counts = step(state, pred2, valid, jnp.int32(2), jnp.int32(0), jnp.asarray(True))
+  np.testing.assert_array_equal(np.asarray(state.method["member"]), [1, 0, 1, 0, 0])
+  np.testing.assert_array_equal(np.asarray(counts), [2, 1, 2])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -131,6 +179,51 @@ def test_early_bird_stops_exactly_where_a_hand_made_mask_sequence_says():
   assert prac.early_bird_stop_epoch(seq, 100, spec, eps=0.08, queue_length=5) is None
 
 
+def test_early_bird_step_compares_the_would_be_magnitude_masks_of_consecutive_epochs():
+  # 32 weights, 30 alive (the 2 pruned ones hold large values: never candidates); keep 24 of the
+  # 30: the would-be mask keeps the 24 largest alive magnitudes.
+  spec = {"a": True}
+  alive = np.arange(32) < 30
+  mask = {"a": jnp.asarray(alive)}
+
+  def weights(swaps):
+    w = np.concatenate([np.arange(1.0, 31.0), [100.0, 100.0]])  # position i holds i + 1
+    for i, j in swaps:
+      w[i], w[j] = w[j], w[i]
+    return {"a": jnp.asarray(w)}
+
+  # Epoch 0: positions 6..29 kept. Epoch 1: values 5 <-> 8 and 6 <-> 7 swap places, so positions
+  # 4, 5 enter and 6, 7 leave (4 / 30 above eps: the queue starts). Epoch 2: also 4 <-> 9, i.e.
+  # position 3 enters and 8 leaves (2 / 30 = 0.067 < eps). Epoch 3: unchanged (0). Queue of 2:
+  # (0.067, 0.133) after epoch 2, (0, 0.067) after epoch 3 -> stop at epoch 3.
+  e1 = [(4, 7), (5, 6)]
+  epochs = [weights([]), weights(e1), weights(e1 + [(3, 8)]), weights(e1 + [(3, 8)]),
+            weights(e1 + [(3, 8)])]
+  step = jax.jit(functools.partial(prac.early_bird_step, spec=spec, eps=0.08))
+  state = FakeState(epochs[0], {"mask": mask, "eb": prac.early_bird_init(mask, 2)._asdict()})
+  dists, stops = [], []
+  for e, params in enumerate(epochs):
+    state, dist, stop = step(state._replace(params=params), jnp.int32(24), jnp.int32(30),
+                             jnp.int32(e))
+    dists.append(float(dist))
+    stops.append(bool(stop))
+  np.testing.assert_allclose(dists[1:4], [4 / 30, 2 / 30, 0.0], rtol=1e-6)
+  assert stops.index(True) == 3, stops
+
+
+def test_search_stops_on_early_bird_or_the_epoch_budget_but_never_before_the_rewind_point():
+  stop = prac.search_should_stop
+  # (epoch, early-bird says stop, stop after this many epochs, rewinding point) -> stop?
+  table = [((0, False, None, None), False), ((4, True, None, None), True),
+           ((0, False, 1, None), True), ((1, False, 3, None), False), ((2, False, 3, None), True),
+           # The rewinding point after 3 epochs is captured at epoch index 2: no stop before.
+           ((0, True, None, 3), False), ((1, True, None, 3), False), ((2, True, None, 3), True),
+           ((1, False, 1, 3), False), ((2, False, 1, 3), True), ((5, False, None, 3), False)]
+  for (epoch, eb_stop, stop_after, rewind_epoch), want in table:
+    got = stop(epoch, eb_stop=eb_stop, stop_after=stop_after, rewind_epoch=rewind_epoch)
+    assert got == want, (epoch, eb_stop, stop_after, rewind_epoch)
+
+
 def test_dynamic_iteration_scaling():
   # CIFAR-10 as coded: 182 epochs, milestones 91 / 136, a PrAC set of 16500 of 45000 examples.
   e, ms = prac.dynamic_schedule(182, [91, 136], 16500, 45000)
@@ -139,6 +232,29 @@ def test_dynamic_iteration_scaling():
   assert prac.dynamic_schedule(10, [5], 1, 45000) == (1, [0])  # never 0 epochs
   lrs = [train.lr_for_epoch(1.0, k, e, prac.milestone_fractions(e, ms), 0.1) for k in range(e)]
   assert [k for k in range(1, e) if lrs[k] != lrs[k - 1]] == [33, 49]
+
+
+def test_search_schedule_per_mode_by_hand():
+  c = tiny()
+  trainer = experiment.build(c)
+  plan = dataclasses.replace(prac.make_plan(c, trainer.ctx), epochs=10, milestones=[5, 8])
+  sched = prac.search_schedule
+  # PrAC, dynamic iterations: a set of 37 of 100 examples runs int(10 * 0.37) = 3 epochs with the
+  # milestones int(5 * 0.37) = int(1.85) = 1 and int(8 * 0.37) = int(2.96) = 2.
+  assert sched(plan, 1, 37, 100) == (3, [1, 2], None)
+  assert sched(plan, 0, 100, 100) == (10, [5, 8], None)
+  assert sched(plan, 2, 1, 100) == (1, [0, 0], None)  # at least one epoch
+  assert sched(dataclasses.replace(plan, dynamic_iterations=False), 1, 37, 100) == (
+      10, [5, 8], None)
+  assert sched(dataclasses.replace(plan, mode="imp"), 1, 37, 100) == (10, [5, 8], None)
+  # Random pruning trains only up to the rewinding point.
+  assert sched(dataclasses.replace(plan, mode="random_prune", rewind_epoch=2), 0, 100, 100) == (
+      10, [5, 8], 2)
+  # Record-driven baselines: the recorded round's plan, stopped after the epochs it ran.
+  record = {"rounds": [{"planned_epochs": 9, "milestone_epochs": [4, 6], "epochs": 9},
+                       {"planned_epochs": 4, "milestone_epochs": [2, 3], "epochs": 3}]}
+  snip = dataclasses.replace(plan, mode="snip", record=record)
+  assert sched(snip, 1, 37, 100) == (4, [2, 3], 3)
 
 
 def test_imp_density_is_exactly_0_8_to_the_r_global_and_nested():
@@ -265,6 +381,28 @@ def test_rounds_report_and_step_counts_add_up(reference):
   assert r["trace_counts"].get("eval") == 1 and r["trace_counts"].get("outputs") == 1
 
 
+def test_learning_rates_follow_the_milestones_scaled_to_each_round_set(reference):
+  workdir, r, _ = reference
+  c = tiny()
+  assert (c.epochs, tuple(c.lr_milestones)) == (6, (0.5, 0.75))
+  full = [3, 4]  # milestone epochs of the full schedule: 0.5 * 6 and 0.75 * 6 = 4.5, rounded to 4
+  n_all = r["rounds"][0]["subset_size"]
+  with open(os.path.join(workdir, "metrics.csv")) as f:
+    rows = list(csv.DictReader(f))
+  checked = set()
+  for row in rows:
+    kind, rnd = row["phase"].split()
+    n = r["rounds"][int(rnd)]["subset_size"] if kind == "search" else n_all
+    # Dynamic iterations: milestone m of the full schedule moves to int(m * |P| / N).
+    milestones = [int(m * n / n_all) for m in full]
+    k = int(row["epoch"]) - 1  # 0-based epoch of the phase
+    want = c.learning_rate * c.lr_decay ** sum(1 for m in milestones if k >= m)
+    assert math.isclose(float(row["learning_rate"]), want, rel_tol=1e-6), row
+    checked.add(row["phase"])
+  # A later round trains on a smaller set, with milestones that moved.
+  assert "search 1" in checked and r["rounds"][1]["subset_size"] < n_all
+
+
 class Killed(BaseException):
   """Stands in for SIGKILL (not an Exception: nothing on the way catches it)."""
 
@@ -322,6 +460,78 @@ def test_rewinding_restores_exactly():
     assert int(masks.count(mask, trainer.ctx.spec)) < prac.spec_total(init, trainer.ctx.spec)
 
 
+def test_the_disagreement_set_compares_round_0_and_round_r_best_validation_models():
+  """Issue 26: the critical examples for pruning of round r are the rows on which round 0's and
+  round r's best-validation models (not their last epochs) predict different classes."""
+  c = tiny(rounds=3, early_bird=False, dynamic_iterations=False)
+  c.epochs = 4
+  trainer = experiment.build(c)
+  # Every search epoch's validation accuracy is scripted: the best is epoch 1 of 4, so the
+  # best-validation model of each round differs from its last-epoch model.
+  script = [0.5, 0.9, 0.2, 0.1]
+  snaps, fs_of_round, now = {}, {}, {}
+  real_train, real_accuracy = trainer.train, trainer.accuracy
+
+  def spy(state, t, *, phase, epoch_end=None, **kw):
+    kind, r = phase.split()
+    if kind == "ticket":  # the round's forgetting statistics, before the next round resets them
+      fs_of_round[int(r)] = jax.device_get(state.method["fs"])
+      return real_train(state, t, phase=phase, epoch_end=epoch_end, **kw)
+    snaps[int(r)] = []
+
+    def ee(s, epoch):
+      snaps[int(r)].append((jax.device_get(s.params), jax.device_get(s.batch_stats)))
+      now["search_epoch"] = epoch
+      try:
+        return epoch_end(s, epoch)
+      finally:
+        del now["search_epoch"]
+
+    return real_train(state, t, phase=phase, epoch_end=ee, **kw)
+
+  def accuracy(state, t, *, split="test", current, data=None):
+    if split == "val" and "search_epoch" in now:
+      return script[now["search_epoch"]]
+    return real_accuracy(state, t, split=split, current=current, data=data)
+
+  trainer.train, trainer.accuracy = spy, accuracy
+  trainer.begin_task(0)
+  state = trainer.method.run_task(trainer, trainer.init_state(), 0)
+  rows = trainer.method.report(trainer.ctx, state)["rounds"]
+  assert [len(snaps[r]) for r in range(3)] == [4, 4, 4]
+  data = trainer.task_data(0)
+  n = int(np.asarray(trainer.ctx.stream.n_train)[0])
+
+  def classes(params, bs):
+    """A model's classes on the unaugmented training rows (its own weights, no mask)."""
+    probe = state._replace(params=trainer.put(params), batch_stats=trainer.put(bs),
+                           method={**state.method, "mask": masks.ones(params)})
+    logits = trainer.outputs(probe, data, view_task=0, current=0)["logits"]
+    return np.argmax(np.asarray(logits), -1)[:n]
+
+  best = [classes(*snaps[r][1]) for r in range(3)]
+  last = [classes(*snaps[r][-1]) for r in range(3)]
+  # The construction tells the models apart: round 0's best and last models disagree somewhere,
+  # and so would the sets built from the last epochs.
+  assert np.any(best[0] != last[0])
+  np.testing.assert_array_equal(np.asarray(state.method["dense_pred"])[:n], best[0])
+  assert rows[0]["critical_pruning"] == 0
+  for r in (1, 2):
+    cep = best[0] != best[r]
+    assert not np.array_equal(cep, last[0] != last[r])
+    if r == 2:  # nor is it round 1's model that round 2 is compared with
+      assert not np.array_equal(cep, best[1] != best[2])
+    assert rows[r]["critical_pruning"] == int(cep.sum()), (r, rows[r])
+  # Round 2 trains on round 1's critical examples for training (forgotten at least once, or never
+  # learned: threshold 0) united with its critical examples for pruning.
+  ids = np.asarray(data.ids)[:n]
+  seen, ever, count = (np.asarray(fs_of_round[1][k])[ids] for k in ("seen", "ever", "count"))
+  cet = seen & (~ever | (count > 0))
+  assert rows[1]["critical_training"] == int(cet.sum())
+  np.testing.assert_array_equal(np.asarray(state.method["members"])[2, :n],
+                                cet | (best[0] != best[1]))
+
+
 def run_direct(config):
   """The method's search and report without the experiment loop (no checkpoints, no files)."""
   trainer = experiment.build(config)
@@ -331,7 +541,7 @@ def run_direct(config):
 
 
 def members_of(results):
-  return prac.decode_members(results["prac_sets"])
+  return prac_sets.decode_members(results["prac_sets"])
 
 
 def test_transfer_of_prac_sets_to_another_architecture(reference):
@@ -356,7 +566,7 @@ def test_random_subset_and_random_reinit_follow_the_prac_record(reference):
   assert not np.array_equal(members_of(rs)[1], members_of(ref)[1])
   ri = run_direct(tiny(mode="random_reinit", subset_from=workdir))
   assert ri["steps_total"] == 0
-  got, want = prac.decode_pruned_at(ri["prac_sets"]), prac.decode_pruned_at(ref["prac_sets"])
+  got, want = prac_sets.decode_pruned_at(ri["prac_sets"]), prac_sets.decode_pruned_at(ref["prac_sets"])
   assert got.keys() == want.keys()
   for k in got:
     np.testing.assert_array_equal(got[k], want[k])
