@@ -56,6 +56,14 @@ Every decision uses validation data (never test). Everything a resumed run needs
 results, stored logits, masks, rewinding weights, the BU reference) lives in the method state, so
 a run resumed inside a task ends with identical results.
 
+
+The module reads top-down: :func:`make` wires the phases; :class:`Setup` is what it resolves once
+from the config; then the method state, the training of a task on its sources (the step's loss
+is :mod:`llt_step`), what runs after each task's training (memory and lottery teaching's query,
+:mod:`llt_teaching`), the three task loops (:func:`run_dense`, :func:`run_td` = Alg. 1,
+:func:`run_bu` = Alg. 2) with their state operations, the pure pruning pieces, the report and the
+config checks.
+
 Example::
 
   python experiments/main.py --config=configs/llt.py --workdir=/tmp/llt
@@ -65,21 +73,22 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sparse_cl_jax import config as config_lib
-from sparse_cl_jax import data as data_lib
 from sparse_cl_jax import masks
 from sparse_cl_jax import models
 from sparse_cl_jax import topk
 from sparse_cl_jax import transforms
 from sparse_cl_jax.methods import base
+from sparse_cl_jax.methods import llt_step
+from sparse_cl_jax.methods import llt_teaching
 
 DEFAULT_NORM = "batch"  # class-IL, one shared head: plain BatchNorm (PreAct-ResNet18 as coded)
 OUTPUT_COPIES = 2  # main head = first K logits, auxiliary head = next K
@@ -97,110 +106,622 @@ _ACTIVE_ARG = "llt_active"
 
 
 # --------------------------------------------------------------------------------------------------
-# Pure pieces (each tested on its own).
+# The method: make() only wires the phases below.
 
 
-def sub_batch_sizes(batch_size: int, t: int) -> tuple[int, int, int]:
-  """(sub, new rows, old rows) of the balanced main-head sub-batches at task ``t`` (0-based).
+def make(config, ctx: base.Context) -> base.Method:
+  """Lifelong Lottery Tickets with ``config.llt.*`` (module docstring; configs/llt.py)."""
+  setup = build_setup(config, ctx)
+  penalty = None
+  if setup.l1 > 0:
+    penalty = functools.partial(l1_penalty, spec=setup.spec, l1=setup.l1)
+  step = functools.partial(llt_step.step_loss, forward_params=forward_params,
+                           num_outputs=setup.num_outputs, sub=setup.sub,
+                           seen=jnp.asarray(setup.seen), gamma1=setup.gamma1, gamma2=setup.gamma2,
+                           temperature=setup.temperature)
+  return base.Method(name="llt", run_task=functools.partial(run_task, setup),
+                     init_state=functools.partial(init_state, setup),
+                     forward_params=forward_params, wrap_tx=wrap_tx, tx_args=tx_args,
+                     penalty=penalty, report=functools.partial(report, setup), step_loss=step,
+                     eval_logits=functools.partial(eval_logits, num_outputs=setup.num_outputs))
 
-  As coded (``dataloader.setup_dataset``): ``sub = batch_size // 4``; the new-class loader draws
-  ``int(sub / (1 + t))`` rows and the exemplar loader ``int(sub * t / (1 + t))``.
+
+def run_task(setup: Setup, trainer, state, t: int):
+  """Task ``t`` (0-based) of the mode's system."""
+  if setup.mode == "dense":
+    return run_dense(setup, trainer, state, t)
+  if setup.mode in ("td", "imp"):
+    return run_td(setup, trainer, state, t)
+  return run_bu(setup, trainer, state, t)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Setup:
+  """What :func:`make` resolves once from the config and the context (static for the run)."""
+  # The system.
+  mode: str
+  rounds: tuple[int, ...]  # TD / IMP rounds after each task (0 for dense and BU)
+  rewind_kind: str  # resolved: none | init | random | task | late
+  teach: bool  # lottery teaching on
+  # The stream and the model.
+  stream: Any
+  model: Any
+  key: jax.Array  # the method's own key (typed)
+  num_tasks: int
+  num_outputs: int  # K: one head's logits
+  seen: np.ndarray  # int32 [T]: classes seen up to task t
+  input_shape: tuple[int, ...]
+  spec: Any  # maskable leaves
+  total: int  # maskable weights
+  # Training.
+  epochs: int
+  batch_size: int
+  sub: int  # rows of each of the four sub-batches
+  gamma1: float
+  gamma2: float
+  temperature: float
+  l1: float
+  retrain_epochs: int
+  retrain_lr: float
+  late_epoch: int
+  # Memory and lottery teaching.
+  per_class: int
+  selection: str
+  mem_cap: int
+  pool: np.ndarray  # uint8 [P, ...] (empty without lottery teaching)
+  knn: int
+  knn_memory_mb: float
+  unl_cap: int  # rows of the stored query
+  # Pruning.
+  frac: float  # of the remaining weights per round
+  bu_max_drop: float
+  bu_base_sparsity: float
+  bu_accept: float
+  bu_regrow: float
+  bu_max_rounds: int
+  cache: dict  # the pool on the device, put there once
+
+  @property
+  def keep_late(self) -> bool:
+    return self.rewind_kind == "late"
+
+
+def build_setup(config, ctx: base.Context) -> Setup:
+  """Checks the config and resolves the run's :class:`Setup` (loads the pool)."""
+  _check(config)
+  lc = config.llt
+  settings = resolved(config)
+  stream = ctx.stream
+  spec = ctx.spec
+  total = int(sum(int(np.size(p)) for p, s in zip(jax.tree.leaves(ctx.params),
+                                                  jax.tree.leaves(spec)) if s))
+  if total == 0:
+    raise ValueError("Lifelong Lottery Tickets: the model has no maskable weights (config."
+                     "mask_include / mask_exclude)")
+  input_shape = tuple(stream.input_shape)
+  teach = settings["teach"]
+  mem_cap = int(lc.exemplars_per_class) * int(stream.num_classes_total)
+  pool = (llt_teaching.load_pool(config, stream) if teach
+          else np.zeros((0,) + input_shape, np.uint8))
+  P = int(pool.shape[0])
+  if teach and P == 0:
+    raise ValueError(f"config.llt.pool={lc.pool!r} holds no images (with pool='auto', cap the "
+                     "labeled stream: --config.max_train_per_task=...)")
+  return Setup(
+      mode=lc.mode, rounds=settings["rounds"], rewind_kind=settings["rewind"], teach=teach,
+      stream=stream, model=ctx.model, key=jax.random.wrap_key_data(ctx.key),
+      num_tasks=ctx.num_tasks, num_outputs=int(stream.num_outputs),
+      seen=np.asarray(stream.head_mask).sum(axis=1).astype(np.int32), input_shape=input_shape,
+      spec=spec, total=total, epochs=config.epochs, batch_size=config.batch_size,
+      sub=int(config.batch_size) // 4, gamma1=float(lc.gamma1), gamma2=float(lc.gamma2),
+      temperature=float(lc.temperature), l1=float(lc.l1), retrain_epochs=int(lc.retrain_epochs),
+      retrain_lr=float(lc.retrain_lr), late_epoch=int(lc.late_epoch),
+      per_class=int(lc.exemplars_per_class), selection=lc.exemplar_selection, mem_cap=mem_cap,
+      pool=pool, knn=int(lc.knn), knn_memory_mb=float(lc.knn_memory_mb),
+      unl_cap=max(1, min(mem_cap * int(lc.knn), P)), frac=float(lc.prune_fraction),
+      bu_max_drop=float(lc.bu_max_drop), bu_base_sparsity=float(lc.bu_base_sparsity),
+      bu_accept=float(lc.bu_accept), bu_regrow=float(lc.bu_regrow),
+      bu_max_rounds=int(lc.bu_max_rounds), cache={})
+
+
+# --------------------------------------------------------------------------------------------------
+# The method state: the mask the model computes with, the memory, the stored query, per-task
+# records, and (for pruning) the snapshot, the ticket's start and the BU reference.
+
+
+def init_state(setup: Setup, ctx: base.Context) -> dict:
+  """The method state for the whole stream (shapes never change between tasks)."""
+  params = ctx.params
+  bs = ctx.variables.get("batch_stats", {})
+  T = setup.num_tasks
+  m = {
+      "mask": masks.ones(params),
+      "use_mask": jnp.asarray(setup.mode != "dense"),
+      "mem": {"x": jnp.zeros((setup.mem_cap,) + setup.input_shape, jnp.uint8),
+              "y": jnp.zeros((setup.mem_cap,), jnp.int32)},
+      "mem_end": jnp.zeros((T + 1,), jnp.int32),  # memory rows of tasks < t, at index t
+      "unl": empty_query(setup), "unl_next": empty_query(setup),
+      "remaining": jnp.zeros((T,), jnp.float32),
+      "rewind": jnp.zeros((T,), jnp.int32),
+      "rounds": jnp.zeros((T,), jnp.int32),
+      "selected": jnp.zeros((T,), jnp.int32),
+      "ref_acc": jnp.full((T,), -1.0, jnp.float32),  # -1: not measured (BU only)
+      "ticket_acc": jnp.full((T,), -1.0, jnp.float32),
+      "final_acc": jnp.full((T,), -1.0, jnp.float32),
+      "regrown": jnp.zeros((T,), jnp.int32),
+      "count_start": jnp.zeros((T,), jnp.int32),  # BU: mask count when task t began
+  }
+  if setup.mode in ("td", "imp", "bu"):
+    m.update(snap=_zeros_like(params), snap_bs=_zeros_like(bs), snap_mask=masks.ones(params),
+             start=_zeros_like(params), start_bs=_zeros_like(bs), next_mask=masks.ones(params))
+  if setup.mode == "bu":
+    m.update(ref=_zeros_like(params), ref_bs=_zeros_like(bs), base_mask=masks.ones(params))
+  if setup.keep_late:
+    m["late"] = _zeros_like(params)
+  return m
+
+
+def empty_query(setup: Setup) -> dict:
+  """A stored lottery-teaching query with no rows (pool rows, teacher logits, count, classes)."""
+  return {"idx": jnp.zeros((setup.unl_cap,), jnp.int32),
+          "logits": jnp.zeros((setup.unl_cap, OUTPUT_COPIES * setup.num_outputs), jnp.float32),
+          "n": jnp.int32(0), "cols": jnp.int32(0)}
+
+
+def active(m):
+  """The mask the model computes with: the ticket's, or all-True while ``use_mask`` is off."""
+  off = ~m["use_mask"]
+  return jax.tree.map(lambda k: k | off, m["mask"])
+
+
+def forward_params(params, aux, m, task, current):
+  del aux, task, current
+  return masks.apply(params, active(m))
+
+
+def wrap_tx(tx):
+  return optax.chain(tx, transforms.keep_sparse(mask_arg=_ACTIVE_ARG))
+
+
+def tx_args(m, task):
+  del task
+  return {_ACTIVE_ARG: active(m)}
+
+
+def l1_penalty(params, aux, m, task, *, spec, l1: float):
+  """The l1 BU variant's penalty: ``l1`` times the summed |w| of the active kernels."""
+  del aux, task
+  fp = masks.apply(params, active(m))
+  return l1 * sum(jnp.sum(jnp.abs(p)) for p, s in zip(jax.tree.leaves(fp),
+                                                      jax.tree.leaves(spec)) if s)
+
+
+def eval_logits(logits, *, num_outputs: int):
+  """Predictions read the main head (the first K logits)."""
+  return logits[:, :num_outputs]
+
+
+# --------------------------------------------------------------------------------------------------
+# Training a task (App. A2.2): its sources; every step's loss is llt_step.step_loss.
+
+
+def sources(setup: Setup, trainer, state, t: int) -> dict:
+  """The sources of task t's training (``t`` 0-based; task 1 has one).
+
+  Later tasks: ``random`` (the task's data and the memory of tasks < t), ``new`` and ``old`` (the
+  balanced halves) and, with lottery teaching, ``unlabeled``: the pool rows of the task's stored
+  query (``unl``) with their stored teacher logits.
   """
-  sub = batch_size // 4
-  return sub, sub // (1 + t), (sub * t) // (1 + t)
+  d = trainer.task_data(t)
+  if t == 0:
+    return {"random": _source({"x": d.x, "y": d.y, "n": d.n}, setup.batch_size, "epoch")}
+  # Copies: the train step donates the state, so a source must not share its buffers.
+  m = _copy({"mem": state.method["mem"], "mem_end": state.method["mem_end"],
+             "unl": state.method["unl"]})
+  n_old = m["mem_end"][t]
+  x, y, n = random_rows(d.x, d.y, d.n, m["mem"]["x"], m["mem"]["y"], n_old)
+  sub = setup.sub
+  out = {"random": _source({"x": x, "y": y, "n": n}, sub, "epoch"),
+         "new": _source({"x": d.x, "y": d.y, "n": d.n}, sub, "cycle"),
+         "old": _source({"x": m["mem"]["x"], "y": m["mem"]["y"], "n": n_old}, sub, "cycle")}
+  if setup.teach:
+    u = m["unl"]
+    pool = llt_teaching.pool_device(trainer, setup.pool, setup.cache)
+    out["unlabeled"] = _source({"x": jnp.take(pool, u["idx"], axis=0), "logits": u["logits"],
+                                "n": u["n"]}, sub, "cycle", augment=False)
+  return out
 
 
-def balanced_counts(sub: int, task):
-  """:func:`sub_batch_sizes`'s new and old counts for a traced task (int32 scalars)."""
-  t = jnp.asarray(task, jnp.int32)
-  return jnp.int32(sub) // (1 + t), (jnp.int32(sub) * t) // (1 + t)
+@jax.jit
+def random_rows(task_x, task_y, n_new, mem_x, mem_y, n_old):
+  """The task's ``n_new`` rows followed by the memory's ``n_old`` (the ``random`` source)."""
+  n_rows = task_x.shape[0] + mem_x.shape[0]
+  i = jnp.arange(n_rows, dtype=jnp.int32)
+  src = jnp.clip(jnp.where(i < n_new, i, task_x.shape[0] + i - n_new), 0, n_rows - 1)
+  x = jnp.take(jnp.concatenate([task_x, mem_x]), src, axis=0)
+  y = jnp.take(jnp.concatenate([task_y, mem_y]), src, axis=0)
+  return x, y, (n_new + n_old).astype(jnp.int32)
 
 
-def kd_loss(student, teacher, num_cols, temperature: float, valid) -> jax.Array:
-  """Soft cross-entropy at temperature T times T^2, over the first ``num_cols`` columns.
+def train_phase(setup: Setup, trainer, state, t: int, *, epochs, phase: str, retrain=False,
+                epoch_end=None):
+  """Trains task t on its :func:`sources`; a pruning retrain at ``llt.retrain_lr``, flat."""
+  if retrain:
+    return trainer.train(state, t, epochs=epochs, phase=phase, lr=setup.retrain_lr,
+                         lr_milestones=(), sources=sources(setup, trainer, state, t),
+                         epoch_end=epoch_end)
+  return trainer.train(state, t, epochs=epochs, phase=phase,
+                       sources=sources(setup, trainer, state, t), epoch_end=epoch_end)
 
-  ``loss_fn_kd`` of the authors' code (Hinton et al. 2015; Li & Hoiem 2017): with
-  ``p = softmax(teacher / T)`` and ``log q = log_softmax(student / T)`` over the previous model's
-  classes (columns ``< num_cols``), ``T^2 * mean_rows(-sum_j p_j log q_j)`` over the valid rows.
 
-  Args:
-    student: f32 [B, K] logits of the model being trained.
-    teacher: f32 [B, K] stored logits of the previous model.
-    num_cols: int (may be traced): the previous model's number of classes.
-    temperature: T.
-    valid: bool [B].
+def first_training(setup: Setup, trainer, state, t: int, phase: str = "train"):
+  """Task t's full training (task 1 keeps the late-rewinding weights when asked to)."""
+  keep_late = t == 0 and setup.keep_late
+  hook = functools.partial(save_late_weights, late_epoch=setup.late_epoch) if keep_late else None
+  if keep_late and setup.late_epoch == 0:
+    state = trainer.apply(state, lambda s: _with_m(s, late=_copy(trainer.initial_params())))
+  return train_phase(setup, trainer, state, t, epochs=setup.epochs, phase=phase, epoch_end=hook)
+
+
+def save_late_weights(state, epoch: int, *, late_epoch: int):
+  """``epoch_end`` hook: the weights after epoch ``late_epoch`` (1-based) as ``late``."""
+  if epoch + 1 == late_epoch:
+    state = _with_m(state, late=_copy(state.params))
+  return state, False
+
+
+# --------------------------------------------------------------------------------------------------
+# After each task's training: the memory and lottery teaching's query (Sec. 4.3).
+
+
+def after_training(setup: Setup, trainer, state, t: int):
+  """Memory and (for every task but the last) the lottery-teaching query."""
+  state = trainer.apply(state, lambda s: store_exemplars(setup, trainer, s, t))
+  if setup.teach and t < setup.num_tasks - 1:
+    state = trainer.apply(state, lambda s: store_query(setup, trainer, s, t))
+  return state
+
+
+def store_exemplars(setup: Setup, trainer, s, t: int):
+  """Task t's exemplars appended to the memory (:func:`llt_teaching.add_exemplars`)."""
+  return _with_m(s, **llt_teaching.add_exemplars(
+      trainer, s, t, stream=setup.stream, per_class=setup.per_class, selection=setup.selection,
+      key=setup.key))
+
+
+def store_query(setup: Setup, trainer, s, t: int):
+  """The query with the current model as the teacher, kept as the next task's ``unl_next``."""
+  nxt = llt_teaching.query(trainer, s, t,
+                           pool=llt_teaching.pool_device(trainer, setup.pool, setup.cache),
+                           k=setup.knn, memory_mb=setup.knn_memory_mb, mem_cap=setup.mem_cap,
+                           capacity=setup.unl_cap, cols=setup.seen[t])
+  return _with_m(s, unl_next=trainer.put(nxt), selected=s.method["selected"].at[t].set(nxt["n"]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Dense: the class-IL model without pruning.
+
+
+def run_dense(setup: Setup, trainer, state, t: int):
+  """Task t trains the dense model (distilling from the last query); nothing is pruned."""
+  if t > 0:
+    state = trainer.apply(state, lambda s: _with_m(s, unl=_copy(s.method["unl_next"])))
+  state = first_training(setup, trainer, state, t)
+  state = after_training(setup, trainer, state, t)
+  return trainer.apply(state, lambda s: record_task(s, t, remaining=1.0))
+
+
+# --------------------------------------------------------------------------------------------------
+# Top-down pruning (Sec. 4.1, Alg. 1; plain IMP is the same loop without rewinding).
+
+
+def run_td(setup: Setup, trainer, state, t: int):
+  """Train the ticket of the rounds before t; prune ``rounds[t]`` rounds; stash the next ticket.
+
+  The model evaluated after task t is the trained one (restored from the snapshot); the ticket
+  the next task trains is kept as ``start`` / ``next_mask``. After the last task's rounds the last
+  task is trained again on the final ticket (as coded).
+  """
+  if t > 0:
+    state = trainer.apply(state, start_td_ticket)
+  state = first_training(setup, trainer, state, t)
+  state = after_training(setup, trainer, state, t)
+  n_rounds = setup.rounds[t]
+  state = trainer.apply(state, save_snapshot)
+  state = td_prune_rounds(setup, trainer, state, t)
+  code = _REWIND_CODES[setup.rewind_kind] if n_rounds > 0 else _NO_REWIND
+  state = trainer.apply(state, lambda s: stash_ticket(setup, trainer, s, t, code, n_rounds))
+  if t == setup.num_tasks - 1 and n_rounds > 0:  # as coded: the last task retrains the ticket
+    state = trainer.apply(state, lambda s: start_final_ticket(setup, s, t))
+    state = train_phase(setup, trainer, state, t, epochs=setup.epochs, phase="ticket retrain")
+  return state
+
+
+def td_prune_rounds(setup: Setup, trainer, state, t: int):
+  """Task t's IMP rounds, each keeping ``kept_after`` of every round so far, retraining between.
+
+  The count is a host mirror (decisions never read the state: it may be a later one on replay);
+  before the rounds of task t the mask holds the rounds of tasks < t.
+  """
+  n_rounds = setup.rounds[t]
+  done = sum(setup.rounds[:t])
+  for r in range(n_rounds):
+    keep = kept_after(setup.total, setup.frac, done + r + 1)
+    state = trainer.apply(state, lambda s, keep=keep: prune_round(s, setup.spec, keep))
+    if r < n_rounds - 1 and setup.retrain_epochs > 0:
+      state = train_phase(setup, trainer, state, t, epochs=setup.retrain_epochs,
+                          phase=f"prune round {r + 1}", retrain=True)
+  return state
+
+
+def start_td_ticket(s):
+  """Task t > 0 begins on the stashed ticket, and its distillation targets are the last query."""
+  m = s.method
+  nxt = {"mask": _copy(m["next_mask"]), "unl": _copy(m["unl_next"])}
+  return s._replace(params=_copy(m["start"]), batch_stats=_copy(m["start_bs"]),
+                    method={**m, **nxt})
+
+
+def stash_ticket(setup: Setup, trainer, s, t: int, code: int, n_rounds: int):
+  """The pruned ticket, rewound (``code``), kept for the next task; the trained model restored."""
+  m = s.method
+  src = rewind_source(setup, trainer, s, t, m["snap"]) if code != _NO_REWIND else None
+  start = rewind(s.params, m["mask"], src, setup.spec) if src is not None else masks.apply(
+      s.params, m["mask"])
+  m = {**m, "start": _copy(start), "start_bs": _copy(s.batch_stats),
+       "next_mask": _copy(m["mask"]), "mask": _copy(m["snap_mask"])}
+  s = s._replace(params=_copy(m["snap"]), batch_stats=_copy(m["snap_bs"]), method=m)
+  return record_task(s, t, remaining=density(m, setup.spec, setup.total), rewind=code,
+                     rounds=n_rounds)
+
+
+def start_final_ticket(setup: Setup, s, t: int):
+  """The last task's retrain starts from the final ticket (its density is the one reported)."""
+  m = s.method
+  s = s._replace(params=_copy(m["start"]), batch_stats=_copy(m["start_bs"]),
+                 method={**m, "mask": _copy(m["next_mask"])})
+  return record_task(s, t, remaining=density(s.method, setup.spec, setup.total))
+
+
+def rewind_source(setup: Setup, trainer, state, t: int, snap_params):
+  """The weights a ticket's kernels are rewound to (None: no rewinding)."""
+  kind = setup.rewind_kind
+  if kind == "init":
+    return trainer.initial_params()
+  if kind == "random":
+    fresh = models.init(setup.model, jax.random.fold_in(setup.key, 1000 + t),
+                        (1,) + setup.input_shape)
+    return fresh["params"]
+  if kind == "task":
+    return snap_params
+  if kind == "late":
+    return state.method["late"]
+  return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Bottom-up pruning (Sec. 4.2, Alg. 2).
+
+
+def run_bu(setup: Setup, trainer, state, t: int):
+  """Task 1 finds the base ticket; every later task may re-grow it from a dense reference."""
+  if t == 0:
+    return bu_first_task(setup, trainer, state)
+  return bu_later_task(setup, trainer, state, t)
+
+
+def bu_first_task(setup: Setup, trainer, state):
+  """Task 1: train dense (the first reference), then prune down to the base sparsity."""
+  t = 0
+  state = trainer.apply(state, lambda s: _with_m(s, use_mask=jnp.asarray(False)))
+  state = first_training(setup, trainer, state, t)
+  state = after_training(setup, trainer, state, t)
+  state = trainer.apply(state, save_reference)
+  ref_acc = val_acc(trainer, state, t)
+  state = trainer.apply(state, lambda s: save_snapshot(_with_m(s, use_mask=jnp.asarray(True))))
+  state, acc, kept_rounds = bu_base_rounds(setup, trainer, state, ref_acc)
+  state = trainer.apply(state, restore_snapshot)
+  return trainer.apply(state, lambda s: record_task(
+      s, t, remaining=density(s.method, setup.spec, setup.total), rewind=_NO_REWIND,
+      ref_acc=ref_acc, ticket_acc=acc, final_acc=acc, rounds=kept_rounds))
+
+
+def bu_base_rounds(setup: Setup, trainer, state, ref_acc: float):
+  """Task 1's IMP rounds while :func:`keep_pruning` holds; the last accepted one is snapshotted.
 
   Returns:
-    The scalar loss (0 when no row is valid).
+    (state, the accepted ticket's validation accuracy, accepted rounds).
   """
-  cols = jnp.arange(student.shape[-1], dtype=jnp.int32)[None, :] < num_cols
-  low = jnp.finfo(jnp.float32).min
-  s = jnp.where(cols, student / temperature, low)
-  tt = jnp.where(cols, teacher / temperature, low)
-  p = jax.nn.softmax(tt, axis=-1)
-  logq = jax.nn.log_softmax(s, axis=-1)
-  per_row = -jnp.sum(jnp.where(cols, p * logq, 0.0), axis=-1)
-  w = valid.astype(jnp.float32)
-  return jnp.sum(jnp.where(valid, per_row, 0.0)) / jnp.maximum(jnp.sum(w), 1.0) * temperature ** 2
+  t = 0
+  acc = ref_acc
+  kept_rounds = 0
+  for r in range(setup.bu_max_rounds):
+    keep = kept_after(setup.total, setup.frac, r + 1)
+    state = trainer.apply(state, lambda s, keep=keep: prune_round(s, setup.spec, keep))
+    if setup.retrain_epochs > 0:
+      state = train_phase(setup, trainer, state, t, epochs=setup.retrain_epochs,
+                          phase=f"prune round {r + 1}", retrain=True)
+    acc_r = val_acc(trainer, state, t)
+    if not keep_pruning(ref_acc - acc_r, 1.0 - keep / setup.total, max_drop=setup.bu_max_drop,
+                        base_sparsity=setup.bu_base_sparsity):
+      break
+    acc = acc_r
+    kept_rounds = r + 1
+    state = trainer.apply(state, save_snapshot)
+  return state, acc, kept_rounds
 
 
-def knn_block_rows(pool_rows: int, memory_mb: float) -> int:
-  """Exemplar rows per block so that a [block, pool_rows] f32 distance block fits the budget."""
-  return max(1, int(memory_mb * 2 ** 20) // (4 * max(pool_rows, 1)))
+def bu_later_task(setup: Setup, trainer, state, t: int):
+  """Task t > 0: the dense reference continues; the ticket is accepted or re-grows capacity."""
+  state = trainer.apply(state, lambda s: start_reference(s, t, setup.spec))
+  state = first_training(setup, trainer, state, t, phase="reference")
+  state = after_training(setup, trainer, state, t)  # the reference is the teacher (as coded)
+  state = trainer.apply(state, save_reference)
+  ref_acc = val_acc(trainer, state, t)
+  code = _REWIND_CODES[setup.rewind_kind]
+  state = trainer.apply(state, lambda s: start_bu_ticket(setup, trainer, s, t, code))
+  state = train_phase(setup, trainer, state, t, epochs=setup.epochs, phase="ticket")
+  acc = val_acc(trainer, state, t)
+  ticket_acc = acc
+  regrown = kept_rounds = 0
+  if not bu_accepts(ref_acc, acc, setup.bu_accept):
+    regrown = 1
+    state, acc, kept_rounds = regrow_rounds(setup, trainer, state, t, ref_acc, acc)
+  return trainer.apply(state, lambda s: record_task(
+      s, t, remaining=density(s.method, setup.spec, setup.total), rewind=code, ref_acc=ref_acc,
+      ticket_acc=ticket_acc, final_acc=acc, regrown=regrown, rounds=kept_rounds))
 
 
-@functools.partial(jax.jit, static_argnames=("k", "block", "capacity"))
-def knn_select(pool_feat, pool_n, ex_feat, ex_n, *, k: int, block: int, capacity: int):
-  """Greedy k-nearest pool rows per exemplar, without duplicates (``select_knn`` as coded).
+def regrow_rounds(setup: Setup, trainer, state, t: int, ref_acc: float, acc: float):
+  """Re-grow ``bu_regrow`` of the pruned positions, then prune them back while the rule holds.
 
-  For each valid exemplar in order, its ``k`` nearest pool rows by squared L2 distance
-  (``|e|^2 + |p|^2 - 2 e.p``) among the valid pool rows no earlier exemplar took (ties: the
-  lower pool index). Distances are computed on the device for ``block`` exemplars at a time (a
-  ``[block, P]`` matrix, never ``[M, P]``); a pool too small for every request is used up.
-
-  Args:
-    pool_feat: f32 [P, D]; rows ``>= pool_n`` are ignored.
-    pool_n: int32 scalar.
-    ex_feat: f32 [M, D]; rows ``>= ex_n`` are ignored.
-    ex_n: int32 scalar.
-    k: neighbours per exemplar (static).
-    block: exemplar rows per distance block (static; :func:`knn_block_rows`).
-    capacity: length of the result (static; at least ``min(M * k, P)`` to hold every pick).
+  The mask count comes from the state, written by this task's first operation (a replayed run
+  that resumes later in the task reads the same value).
 
   Returns:
-    (indices int32 [capacity] in selection order, 0 past the count; count int32).
+    (state, the accepted ticket's validation accuracy, pruning-back rounds behind it).
   """
-  pool_feat = jnp.asarray(pool_feat, jnp.float32)
-  ex_feat = jnp.asarray(ex_feat, jnp.float32)
-  P, D = pool_feat.shape
-  M = ex_feat.shape[0]
-  kk = min(int(k), P)
-  nb = -(-M // block)
-  ex = jnp.pad(ex_feat, ((0, nb * block - M), (0, 0)))
-  pool_sq = jnp.sum(pool_feat * pool_feat, axis=-1)
-  pool_ok = jnp.arange(P, dtype=jnp.int32) < pool_n
-  inf = jnp.float32(jnp.inf)
+  count = int(jax.device_get(state.method["count_start"])[t])
+  grow = int(round(setup.bu_regrow * (setup.total - count)))
+  state = trainer.apply(state, lambda s: expand_ticket(s, setup.spec, grow))
+  count += grow
+  grown = grow
+  kept_rounds = 0
+  for r in range(setup.bu_max_rounds):
+    if setup.retrain_epochs > 0:
+      state = train_phase(setup, trainer, state, t, epochs=setup.retrain_epochs,
+                          phase=f"regrow round {r + 1}", retrain=True)
+    acc_r = val_acc(trainer, state, t)
+    if r > 0 and not keep_pruning(ref_acc - acc_r, 1.0 - count / setup.total,
+                                  max_drop=setup.bu_max_drop,
+                                  base_sparsity=setup.bu_base_sparsity):
+      state = trainer.apply(state, restore_snapshot)
+      break
+    acc = acc_r
+    kept_rounds = r  # pruning-back rounds behind the accepted model
+    state = trainer.apply(state, save_snapshot)
+    if r == setup.bu_max_rounds - 1 or grown == 0:
+      break
+    keep_grown = kept_after(grow, setup.frac, r + 1)
+    state = trainer.apply(
+        state, lambda s, keep_grown=keep_grown: prune_back_round(s, setup.spec, keep_grown))
+    count -= grown - keep_grown
+    grown = keep_grown
+  return state, acc, kept_rounds
 
-  def block_body(b, carry):
-    rows = jax.lax.dynamic_slice(ex, (b * block, 0), (block, D))
-    dist = (jnp.sum(rows * rows, axis=-1)[:, None] + pool_sq[None, :]
-            - 2.0 * jnp.matmul(rows, pool_feat.T, precision=jax.lax.Precision.HIGHEST))
 
-    def row_body(i, carry):
-      taken, out, count = carry
-      d = jnp.where(taken | ~pool_ok, inf, dist[i])
-      neg, idx = jax.lax.top_k(-d, kk)
-      ok = jnp.isfinite(neg) & (b * block + i < ex_n)
-      out = jax.lax.dynamic_update_slice(out, jnp.where(ok, idx, -1).astype(jnp.int32), (count,))
-      taken = taken.at[idx].max(ok)
-      return taken, out, count + jnp.sum(ok, dtype=jnp.int32)
+def bu_accepts(ref_acc: float, acc: float, accept: float) -> bool:
+  """A ticket is kept when its accuracy is within ``accept`` of the reference's (``main_BU``)."""
+  return not ref_acc - acc > accept
 
-    return jax.lax.fori_loop(0, block, row_body, carry)
 
-  init = (jnp.zeros((P,), jnp.bool_), jnp.full((capacity + kk,), -1, jnp.int32), jnp.int32(0))
-  _, out, count = jax.lax.fori_loop(0, nb, block_body, init)
-  out = out[:capacity]
-  return jnp.where(out < 0, 0, out), count
+def keep_pruning(drop: float, sparsity: float, *, max_drop: float, base_sparsity: float) -> bool:
+  """As coded (main_BU.py): go on while the drop is within ``max_drop`` or the sparsity is below
+  ``base_sparsity``."""
+  return drop <= max_drop or sparsity < base_sparsity
+
+
+def val_acc(trainer, state, t: int) -> float:
+  """Mean validation accuracy over the tasks seen (recorded evaluations)."""
+  return float(np.mean([trainer.evaluate(state, j, split="val", current=t)
+                        for j in range(t + 1)]))
+
+
+def start_reference(s, t: int, spec):
+  """Task t > 0's dense reference continues from the previous reference (also the ticket's TR
+  point, kept as ``start``); the mask count the task begins with is recorded."""
+  m = s.method
+  m = {**m, "unl": _copy(m["unl_next"]), "start": _copy(m["ref"]),
+       "start_bs": _copy(m["ref_bs"]), "use_mask": jnp.asarray(False),
+       "count_start": m["count_start"].at[t].set(masks.count(m["mask"], spec))}
+  return s._replace(params=_copy(m["ref"]), batch_stats=_copy(m["ref_bs"]), method=m)
+
+
+def start_bu_ticket(setup: Setup, trainer, s, t: int, code: int):
+  """The ticket starts from the previous reference (TR) or another rewinding point, masked."""
+  m = s.method
+  src = rewind_source(setup, trainer, s, t, m["start"]) if code != _NO_REWIND else m["start"]
+  params = rewind(m["start"], m["mask"], src, setup.spec)
+  return s._replace(params=_copy(params), batch_stats=_copy(m["start_bs"]),
+                    method={**m, "use_mask": jnp.asarray(True)})
+
+
+def expand_ticket(s, spec, grow: int):
+  """Re-growth from the reference: its weights under the grown mask; the old mask kept as base."""
+  m = s.method
+  new = regrow(m["mask"], m["ref"], spec, jnp.int32(grow))
+  m = {**m, "base_mask": _copy(m["mask"]), "mask": new}
+  return s._replace(params=masks.apply(m["ref"], new), batch_stats=_copy(m["ref_bs"]), method=m)
+
+
+def prune_back_round(s, spec, keep_grown: int):
+  """One pruning-back round: ``keep_grown`` of the re-grown positions stay."""
+  m = s.method
+  new = prune_back(m["base_mask"], m["mask"], s.params, spec, jnp.int32(keep_grown))
+  return s._replace(params=masks.apply(s.params, new), method={**m, "mask": new})
+
+
+def save_reference(s):
+  return _with_m(s, ref=_copy(s.params), ref_bs=_copy(s.batch_stats))
+
+
+# --------------------------------------------------------------------------------------------------
+# State operations shared by TD and BU.
+
+
+def prune_round(s, spec, keep: int):
+  """One IMP round on the state: the mask keeps ``keep`` weights and the params are masked."""
+  new = prune_keep(s.method["mask"], s.params, spec, jnp.int32(keep))
+  return s._replace(params=masks.apply(s.params, new), method={**s.method, "mask": new})
+
+
+def save_snapshot(s):
+  """The trained (TD) / last accepted (BU) model and its mask, kept as ``snap``."""
+  return _with_m(s, snap=_copy(s.params), snap_bs=_copy(s.batch_stats),
+                 snap_mask=_copy(s.method["mask"]))
+
+
+def restore_snapshot(s):
+  m = s.method
+  return s._replace(params=_copy(m["snap"]), batch_stats=_copy(m["snap_bs"]),
+                    method={**m, "mask": _copy(m["snap_mask"])})
+
+
+def record_task(state, t: int, **values):
+  """Per-task records (``remaining``, ``rewind``, ``rounds``, BU accuracies) at index t."""
+  m = state.method
+  upd = {}
+  for k, v in values.items():
+    upd[k] = m[k].at[t].set(jnp.asarray(v, m[k].dtype))
+  return _with_m(state, **upd)
+
+
+def density(m, spec, total: int):
+  """Fraction of the maskable weights the mask keeps."""
+  return masks.count(m["mask"], spec).astype(jnp.float32) / jnp.float32(total)
+
+
+def _copy(tree):
+  return jax.tree.map(lambda a: jnp.array(a, copy=True), tree)
+
+
+def _with_m(state, **fields):
+  m = dict(state.method)
+  m.update(fields)
+  return state._replace(method=m)
+
+
+def _zeros_like(tree):
+  return jax.tree.map(jnp.zeros_like, tree)
+
+
+def _source(data, batch_size, order, augment=True):
+  from sparse_cl_jax import train  # pylint: disable=g-import-not-at-top  (train imports methods)
+  return train.Source(data=data, batch_size=int(batch_size), order=order, augment=augment)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure pruning pieces (each tested on its own).
 
 
 def kept_after(n: int, fraction: float, rounds: int) -> int:
@@ -208,6 +729,17 @@ def kept_after(n: int, fraction: float, rounds: int) -> int:
   fraction) ** rounds)``, the nearest weight to exactly 0.8^r for the default 20% (as coded,
   PyTorch's pruning container rounds every round, which drifts by a few weights)."""
   return int(round(int(n) * (1.0 - float(fraction)) ** int(rounds)))
+
+
+def expected_counts(total: int, rounds, fraction: float) -> list[int]:
+  """TD/IMP: maskable weights of the model evaluated after each task (exact counts).
+
+  The model of task t carries the rounds of tasks before t; the last task is retrained on the
+  ticket of every round (as coded), so its count has them all.
+  """
+  before = np.cumsum((0,) + tuple(rounds))
+  return [kept_after(total, fraction, int(r)) for r in before[:len(rounds) - 1]] + [
+      kept_after(total, fraction, int(before[-1]))]
 
 
 def prune_keep(mask, params, spec, keep) -> masks.types.Masks:
@@ -250,6 +782,53 @@ def rewind(params, mask, source, spec):
       params, mask, source, spec)
 
 
+
+
+# --------------------------------------------------------------------------------------------------
+# results.json.
+
+
+def report(setup: Setup, ctx: base.Context, state) -> dict:
+  """``remaining_weights``, ``rewind_points`` and the ``llt`` block of results.json."""
+  del ctx
+  m = jax.device_get(state.method)
+  mode, T = setup.mode, setup.num_tasks
+  names = {v: k for k, v in _REWIND_CODES.items()}
+  rem = [float(v) for v in np.asarray(m["remaining"])]
+  points = []
+  for t in range(T):
+    code = int(m["rewind"][t])
+    if code == _LATE:
+      points.append(f"late: after epoch {setup.late_epoch} of task 1")
+    elif code == _TASK:
+      points.append(f"task: weights after task {t + 1}" if mode != "bu"
+                    else f"task: reference weights after task {t}")
+    else:
+      points.append(names[code])
+  out = {"remaining_weights": rem, "density_per_task": rem, "rewind_points": points,
+         "llt": {"mode": mode, "curriculum": list(setup.rounds), "rewind": setup.rewind_kind,
+                 "lottery_teaching": setup.teach, "pool_size": int(setup.pool.shape[0]),
+                 "unlabeled_selected": [int(v) for v in np.asarray(m["selected"])],
+                 "exemplars": int(np.asarray(m["mem_end"])[-1]),
+                 "prune_rounds": [int(v) for v in np.asarray(m["rounds"])]}}
+  if mode == "bu":
+    out["llt"].update(
+        reference_val_accuracy=[float(v) for v in np.asarray(m["ref_acc"])],
+        ticket_val_accuracy=[float(v) for v in np.asarray(m["ticket_acc"])],
+        final_ticket_val_accuracy=[float(v) for v in np.asarray(m["final_acc"])],
+        regrown=[bool(v) for v in np.asarray(m["regrown"])])
+  if mode in ("td", "imp"):
+    out["expected_density_per_task"] = [
+        c / setup.total for c in expected_counts(setup.total, setup.rounds, setup.frac)]
+  if mode == "dense":
+    out["expected_density_per_task"] = [1.0] * T
+  return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Config checks and the settings a mode implies.
+
+
 def parse_curriculum(value, num_tasks: int, mode: str) -> tuple[int, ...]:
   """IMP rounds after each task: ``llt.curriculum`` ('auto' or 'n1,n2,...')."""
   if value in ("auto", "", None):
@@ -276,90 +855,6 @@ def parse_curriculum(value, num_tasks: int, mode: str) -> tuple[int, ...]:
                      "comma-separated non-negative round counts (one per task)")
   return rounds
 
-
-def expected_counts(total: int, rounds, fraction: float) -> list[int]:
-  """TD/IMP: maskable weights of the model evaluated after each task (exact counts).
-
-  The model of task t carries the rounds of tasks before t; the last task is retrained on the
-  ticket of every round (as coded), so its count has them all.
-  """
-  before = np.cumsum((0,) + tuple(rounds))
-  return [kept_after(total, fraction, int(r)) for r in before[:len(rounds) - 1]] + [
-      kept_after(total, fraction, int(before[-1]))]
-
-
-# --------------------------------------------------------------------------------------------------
-# The unlabeled pool.
-
-
-def load_pool(config, stream) -> np.ndarray:
-  """The unlabeled pool images (uint8 [P, H, W, C]) that ``config.llt.pool`` names.
-
-  * ``'auto'``: the training images of ``config.dataset`` that the labeled stream uses neither for
-    training nor for validation (:func:`data.unused_train_rows`), labels discarded; cap the
-    stream (``max_train_per_task``) so that some remain.
-  * ``'npz:<path>'``: array ``x`` (or ``images``) of an ``.npz`` file.
-  * a dataset name of :func:`data.load_source` (e.g. ``'mnist'``, ``'tfds:...'``): its training
-    images, from ``llt.pool_data_dir``.
-  * ``'none'``: no pool (lottery teaching off).
-
-  ``llt.pool_max > 0`` keeps a random subset of that many (from ``config.seed``).
-  """
-  lc = config.llt
-  name = str(lc.pool)
-  shape = tuple(stream.input_shape)
-  if name == "none":
-    return np.zeros((0,) + shape, np.uint8)
-  if name == "auto":
-    if config.dataset == "arrays":
-      raise ValueError("config.llt.pool='auto' needs a named dataset to find the unused training "
-                       "images; with dataset='arrays' write the pool to an .npz and pass "
-                       "--config.llt.pool=npz:<path>")
-    source = data_lib.load_source(config.dataset, data_dir=config.data_dir or None,
-                                  seed=config.seed)
-    rows = data_lib.unused_train_rows(
-        source, scenario=config.scenario, num_tasks=config.num_tasks,
-        class_order=config_lib.class_order(config), val_fraction=config.val_fraction,
-        seed=config.seed, max_train_per_task=config.max_train_per_task or None,
-        max_eval_per_task=config.max_eval_per_task or None)
-    x = source.x_train[rows]
-  elif name.startswith("npz:"):
-    path = name[4:]
-    if not os.path.isfile(path):
-      raise ValueError(f"config.llt.pool={name!r}: no file {path}")
-    with np.load(path) as f:
-      key = "x" if "x" in f else ("images" if "images" in f else None)
-      if key is None:
-        raise ValueError(f"config.llt.pool={name!r}: the file has no array 'x' or 'images' "
-                         f"(it has {sorted(f.keys())})")
-      x = np.asarray(f[key])
-  else:
-    try:
-      source = data_lib.load_source(name, data_dir=lc.pool_data_dir or None, seed=config.seed)
-    except (ValueError, FileNotFoundError) as e:
-      raise ValueError(f"config.llt.pool={name!r}: {e}") from None
-    x = source.x_train
-  if x.ndim == 3:
-    x = x[..., None]
-  if x.dtype != np.uint8 or x.ndim != 4:
-    raise ValueError(f"config.llt.pool={name!r}: images must be uint8 [N, H, W, C], got "
-                     f"{x.dtype} {x.shape}")
-  if config.get("image_size", 0) and tuple(x.shape[1:3]) != shape[:2]:
-    src = data_lib.from_arrays(x, np.zeros(len(x), np.int32), x[:1], np.zeros(1, np.int32),
-                               name="pool")
-    x = data_lib.resize_source(src, int(config.image_size)).x_train
-  if tuple(x.shape[1:]) != shape:
-    raise ValueError(f"config.llt.pool={name!r}: pool images are {tuple(x.shape[1:])}, the "
-                     f"stream's are {shape}")
-  cap = int(lc.pool_max)
-  if cap and len(x) > cap:
-    rng = np.random.default_rng((config.seed, 0x11f))
-    x = x[np.sort(rng.choice(len(x), cap, replace=False))]
-  return np.ascontiguousarray(x)
-
-
-# --------------------------------------------------------------------------------------------------
-# Config checks.
 
 
 def _check(config) -> None:
@@ -422,535 +917,4 @@ def resolved(config) -> dict:
     raise ValueError("config.llt.pool='none' leaves lottery teaching without images; set "
                      "--config.llt.lottery_teaching=False or name a pool")
   return {"rounds": rounds, "rewind": rw, "teach": teach}
-
-
-# --------------------------------------------------------------------------------------------------
-# The method.
-
-
-def make(config, ctx: base.Context) -> base.Method:
-  """Lifelong Lottery Tickets with ``config.llt.*`` (see the module docstring and configs/llt.py)."""
-  _check(config)
-  lc = config.llt
-  settings = resolved(config)
-  mode, rounds, rewind_kind, teach = (lc.mode, settings["rounds"], settings["rewind"],
-                                      settings["teach"])
-  stream = ctx.stream
-  T = ctx.num_tasks
-  K = int(stream.num_outputs)
-  spec = ctx.spec
-  total = int(sum(int(np.size(p)) for p, s in zip(jax.tree.leaves(ctx.params),
-                                                  jax.tree.leaves(spec)) if s))
-  if total == 0:
-    raise ValueError("Lifelong Lottery Tickets: the model has no maskable weights (config."
-                     "mask_include / mask_exclude)")
-  sub = int(config.batch_size) // 4
-  frac = float(lc.prune_fraction)
-  seen = np.asarray(stream.head_mask).sum(axis=1).astype(np.int32)  # classes seen up to task t
-  seen_dev = jnp.asarray(seen)
-  input_shape = tuple(stream.input_shape)
-  mem_cap = int(lc.exemplars_per_class) * int(stream.num_classes_total)
-  pool_np = load_pool(config, stream) if teach else np.zeros((0,) + input_shape, np.uint8)
-  P = int(pool_np.shape[0])
-  if teach and P == 0:
-    raise ValueError(f"config.llt.pool={lc.pool!r} holds no images (with pool='auto', cap the "
-                     "labeled stream: --config.max_train_per_task=...)")
-  unl_cap = max(1, min(mem_cap * int(lc.knn), P))
-  gamma1, gamma2, temp = float(lc.gamma1), float(lc.gamma2), float(lc.temperature)
-  keep_late = rewind_kind == "late"
-  needs_snap = mode in ("td", "imp", "bu")
-  key = jax.random.wrap_key_data(ctx.key)
-  cache: dict = {}
-
-  def zeros_like_params(tree):
-    return jax.tree.map(jnp.zeros_like, tree)
-
-  def empty_unl():
-    return {"idx": jnp.zeros((unl_cap,), jnp.int32),
-            "logits": jnp.zeros((unl_cap, OUTPUT_COPIES * K), jnp.float32),
-            "n": jnp.int32(0), "cols": jnp.int32(0)}
-
-  def init_state(ctx):
-    params = ctx.params
-    bs = ctx.variables.get("batch_stats", {})
-    m = {
-        "mask": masks.ones(params),
-        "use_mask": jnp.asarray(mode != "dense"),
-        "mem": {"x": jnp.zeros((mem_cap,) + input_shape, jnp.uint8),
-                "y": jnp.zeros((mem_cap,), jnp.int32)},
-        "mem_end": jnp.zeros((T + 1,), jnp.int32),  # memory rows of tasks < t, at index t
-        "unl": empty_unl(), "unl_next": empty_unl(),
-        "remaining": jnp.zeros((T,), jnp.float32),
-        "rewind": jnp.zeros((T,), jnp.int32),
-        "rounds": jnp.zeros((T,), jnp.int32),
-        "selected": jnp.zeros((T,), jnp.int32),
-        "ref_acc": jnp.full((T,), -1.0, jnp.float32),  # -1: not measured (BU only)
-        "ticket_acc": jnp.full((T,), -1.0, jnp.float32),
-        "final_acc": jnp.full((T,), -1.0, jnp.float32),
-        "regrown": jnp.zeros((T,), jnp.int32),
-        "count_start": jnp.zeros((T,), jnp.int32),  # BU: mask count when task t began
-    }
-    if needs_snap:
-      m.update(snap=zeros_like_params(params), snap_bs=zeros_like_params(bs),
-               snap_mask=masks.ones(params), start=zeros_like_params(params),
-               start_bs=zeros_like_params(bs), next_mask=masks.ones(params))
-    if mode == "bu":
-      m.update(ref=zeros_like_params(params), ref_bs=zeros_like_params(bs),
-               base_mask=masks.ones(params))
-    if keep_late:
-      m["late"] = zeros_like_params(params)
-    return m
-
-  def active(m):
-    off = ~m["use_mask"]
-    return jax.tree.map(lambda k: k | off, m["mask"])
-
-  def forward_params(params, aux, m, task, current):
-    del aux, task, current
-    return masks.apply(params, active(m))
-
-  def wrap_tx(tx):
-    return optax.chain(tx, transforms.keep_sparse(mask_arg=_ACTIVE_ARG))
-
-  def tx_args(m, task):
-    del task
-    return {_ACTIVE_ARG: active(m)}
-
-  penalty = None
-  if float(lc.l1) > 0:
-    l1 = float(lc.l1)
-
-    def penalty(params, aux, m, task):
-      del aux, task
-      fp = masks.apply(params, active(m))
-      return l1 * sum(jnp.sum(jnp.abs(p)) for p, s in zip(jax.tree.leaves(fp),
-                                                          jax.tree.leaves(spec)) if s)
-
-  def eval_logits(logits):
-    return logits[:, :K]
-
-  def masked_ce(logits, y, task):
-    cols = jnp.arange(K, dtype=jnp.int32)[None, :] < seen_dev[task]
-    return optax.softmax_cross_entropy_with_integer_labels(
-        jnp.where(cols, logits, jnp.finfo(jnp.float32).min), y)
-
-  def step_loss(fwd, params, aux, m, batch_stats, batches, task):
-    fp = forward_params(params, aux, m, task, task)
-    if "new" not in batches:  # task 1 (as coded train()): both heads on the same batch
-      b = batches["random"]
-      logits, new_bs = fwd(fp, batch_stats, b["x"], b["valid"], task)
-      v = b["valid"]
-      w = jnp.maximum(jnp.sum(v.astype(jnp.float32)), 1.0)
-      main = jnp.sum(jnp.where(v, masked_ce(logits[:, :K], b["y"], task), 0.0)) / w
-      aux_l = jnp.sum(jnp.where(v, masked_ce(logits[:, K:], b["y"], task), 0.0)) / w
-      loss = main + aux_l
-      pred_logits, y, count_rows = logits[:, :K], b["y"], v
-    else:
-      n_new, n_old = balanced_counts(sub, task)
-      rows = jnp.arange(sub, dtype=jnp.int32)
-      parts = [("random", batches["random"]["valid"]),
-               ("new", batches["new"]["valid"] & (rows < n_new)),
-               ("old", batches["old"]["valid"] & (rows < n_old))]
-      if "unlabeled" in batches:
-        parts.append(("unlabeled", batches["unlabeled"]["valid"]))
-      x = jnp.concatenate([batches[n]["x"] for n, _ in parts])
-      valid = jnp.concatenate([v for _, v in parts])
-      logits, new_bs = fwd(fp, batch_stats, x, valid, task)
-      out = dict(zip([n for n, _ in parts], jnp.split(logits, len(parts))))
-      vr = parts[0][1]
-      w = jnp.maximum(jnp.sum(vr.astype(jnp.float32)), 1.0)
-      aux_ce = jnp.sum(jnp.where(vr, masked_ce(out["random"][:, K:], batches["random"]["y"],
-                                               task), 0.0)) / w
-      main_ce = (jnp.sum(jnp.where(parts[1][1], masked_ce(out["new"][:, :K],
-                                                          batches["new"]["y"], task), 0.0))
-                 + jnp.sum(jnp.where(parts[2][1], masked_ce(out["old"][:, :K],
-                                                            batches["old"]["y"], task), 0.0))
-                 ) / sub
-      kd_main = kd_aux = jnp.float32(0.0)
-      if "unlabeled" in batches:
-        u = batches["unlabeled"]
-        cols = m["unl"]["cols"]
-        kd_main = kd_loss(out["unlabeled"][:, :K], u["logits"][:, :K], cols, temp, u["valid"])
-        kd_aux = kd_loss(out["unlabeled"][:, K:], u["logits"][:, K:], cols, temp, u["valid"])
-      loss = aux_ce + gamma1 * kd_aux + gamma2 * (main_ce + gamma1 * kd_main)
-      pred_logits, y, count_rows = out["random"][:, :K], batches["random"]["y"], vr
-    cols = jnp.arange(K, dtype=jnp.int32)[None, :] < seen_dev[task]
-    pred = jnp.argmax(jnp.where(cols, pred_logits, jnp.finfo(jnp.float32).min), -1)
-    n = jnp.sum(count_rows.astype(jnp.float32))
-    correct = jnp.sum(jnp.where(count_rows, pred == y, False).astype(jnp.float32))
-    return loss, (new_bs, jnp.stack([loss * n, correct, n]), {})
-
-  # ------------------------------------------------------------------------------------------------
-  # Host-side plumbing (each runs inside a recorded trainer.apply, or builds sources).
-
-  def copy(tree):
-    return jax.tree.map(lambda a: jnp.array(a, copy=True), tree)
-
-  def with_m(state, **fields):
-    m = dict(state.method)
-    m.update(fields)
-    return state._replace(method=m)
-
-  @jax.jit
-  def random_rows(task_x, task_y, n_new, mem_x, mem_y, n_old):
-    n_rows = task_x.shape[0] + mem_x.shape[0]
-    i = jnp.arange(n_rows, dtype=jnp.int32)
-    src = jnp.clip(jnp.where(i < n_new, i, task_x.shape[0] + i - n_new), 0, n_rows - 1)
-    x = jnp.take(jnp.concatenate([task_x, mem_x]), src, axis=0)
-    y = jnp.take(jnp.concatenate([task_y, mem_y]), src, axis=0)
-    return x, y, (n_new + n_old).astype(jnp.int32)
-
-  def pool_device(trainer):
-    if "pool" not in cache:
-      cache["pool"] = trainer.put(jnp.asarray(pool_np))
-    return cache["pool"]
-
-  def sources(trainer, state, t):
-    """The sources of task t's training (``t`` 0-based; task 1 has one)."""
-    d = trainer.task_data(t)
-    if t == 0:
-      return {"random": _source({"x": d.x, "y": d.y, "n": d.n}, config.batch_size, "epoch")}
-    # Copies: the train step donates the state, so a source must not share its buffers.
-    m = copy({"mem": state.method["mem"], "mem_end": state.method["mem_end"],
-              "unl": state.method["unl"]})
-    n_old = m["mem_end"][t]
-    x, y, n = random_rows(d.x, d.y, d.n, m["mem"]["x"], m["mem"]["y"], n_old)
-    out = {"random": _source({"x": x, "y": y, "n": n}, sub, "epoch"),
-           "new": _source({"x": d.x, "y": d.y, "n": d.n}, sub, "cycle"),
-           "old": _source({"x": m["mem"]["x"], "y": m["mem"]["y"], "n": n_old}, sub, "cycle")}
-    if teach:
-      u = m["unl"]
-      out["unlabeled"] = _source({"x": jnp.take(pool_device(trainer), u["idx"], axis=0),
-                                  "logits": u["logits"], "n": u["n"]}, sub, "cycle",
-                                 augment=False)
-    return out
-
-  def train_phase(trainer, state, t, *, epochs, phase, retrain=False, epoch_end=None):
-    if retrain:
-      return trainer.train(state, t, epochs=epochs, phase=phase, lr=float(lc.retrain_lr),
-                           lr_milestones=(), sources=sources(trainer, state, t),
-                           epoch_end=epoch_end)
-    return trainer.train(state, t, epochs=epochs, phase=phase, sources=sources(trainer, state, t),
-                         epoch_end=epoch_end)
-
-  def late_hook(state, epoch):
-    if keep_late and epoch + 1 == int(lc.late_epoch):
-      state = with_m(state, late=copy(state.params))
-    return state, False
-
-  def first_training(trainer, state, t, phase="train"):
-    hook = late_hook if (t == 0 and keep_late) else None
-    if t == 0 and keep_late and int(lc.late_epoch) == 0:
-      state = trainer.apply(state, lambda s: with_m(s, late=copy(trainer.initial_params())))
-    return train_phase(trainer, state, t, epochs=config.epochs, phase=phase, epoch_end=hook)
-
-  def add_exemplars(trainer, state, t):
-    """Task t's exemplars appended to the memory (rows mem_end[t]..mem_end[t+1])."""
-    task = stream.task(t)
-    feats = None
-    if lc.exemplar_selection == "herding":
-      out = trainer.outputs(state, trainer.task_data(t), view_task=t, features=True)
-      feats = np.asarray(out["features"])[:len(task.y_train)]
-    pick = data_lib.select_exemplars(
-        task.y_train, int(lc.exemplars_per_class), method=lc.exemplar_selection,
-        features=feats, key_or_seed=jax.random.fold_in(key, 100 + t))
-    m = state.method
-    start = int(m["mem_end"][t])
-    mem_x = np.array(jax.device_get(m["mem"]["x"]))
-    mem_y = np.array(jax.device_get(m["mem"]["y"]))
-    mem_x[start:start + len(pick)] = task.x_train[pick]
-    mem_y[start:start + len(pick)] = task.y_train[pick]
-    ends = np.array(jax.device_get(m["mem_end"]))
-    ends[t + 1:] = start + len(pick)
-    return with_m(state, mem=trainer.put({"x": jnp.asarray(mem_x), "y": jnp.asarray(mem_y)}),
-                  mem_end=trainer.put(jnp.asarray(ends)))
-
-  def query(trainer, state, t):
-    """Lottery teaching's query with the current model as the teacher (into unl_next)."""
-    m = state.method
-    pool = {"x": pool_device(trainer), "n": jnp.int32(P)}
-    po = trainer.outputs(state, pool, view_task=t, features=True)
-    mem = {"x": m["mem"]["x"], "n": m["mem_end"][t + 1]}
-    eo = trainer.outputs(state, mem, view_task=t, features=True)
-    block = knn_block_rows(P, float(lc.knn_memory_mb))
-    idx, n = knn_select(po["features"], jnp.int32(P), eo["features"], m["mem_end"][t + 1],
-                        k=int(lc.knn), block=min(block, mem_cap), capacity=unl_cap)
-    nxt = {"idx": idx, "logits": jnp.take(po["logits"], idx, axis=0), "n": n,
-           "cols": jnp.int32(seen[t])}
-    return with_m(state, unl_next=trainer.put(nxt),
-                  selected=m["selected"].at[t].set(n))
-
-  def after_training(trainer, state, t):
-    """Memory and (for every task but the last) the lottery-teaching query."""
-    state = trainer.apply(state, lambda s: add_exemplars(trainer, s, t))
-    if teach and t < T - 1:
-      state = trainer.apply(state, lambda s: query(trainer, s, t))
-    return state
-
-  def record(state, t, **values):
-    m = state.method
-    upd = {}
-    for k, v in values.items():
-      upd[k] = m[k].at[t].set(jnp.asarray(v, m[k].dtype))
-    return with_m(state, **upd)
-
-  def density(m):
-    return masks.count(m["mask"], spec).astype(jnp.float32) / jnp.float32(total)
-
-  def rewind_source(trainer, state, t, snap_params):
-    if rewind_kind == "init":
-      return trainer.initial_params()
-    if rewind_kind == "random":
-      fresh = models.init(ctx.model, jax.random.fold_in(key, 1000 + t), (1,) + input_shape)
-      return fresh["params"]
-    if rewind_kind == "task":
-      return snap_params
-    if rewind_kind == "late":
-      return state.method["late"]
-    return None
-
-  # ------------------------------------------------------------------------------------------------
-  # Dense and top-down (TD / plain IMP).
-
-  def run_td(trainer, state, t):
-    if t > 0:
-      def begin(s):
-        m = s.method
-        nxt = {"mask": copy(m["next_mask"]), "unl": copy(m["unl_next"])}
-        return s._replace(params=copy(m["start"]), batch_stats=copy(m["start_bs"]),
-                          method={**m, **nxt})
-      state = trainer.apply(state, begin)
-    state = first_training(trainer, state, t)
-    state = after_training(trainer, state, t)
-    n_rounds = rounds[t]
-
-    def snapshot(s):
-      return with_m(s, snap=copy(s.params), snap_bs=copy(s.batch_stats),
-                    snap_mask=copy(s.method["mask"]))
-
-    state = trainer.apply(state, snapshot)
-    # Host mirror of the mask count (decisions never read the state: it may be a later one on
-    # replay); before the rounds of task t the mask holds the rounds of tasks < t.
-    done = sum(rounds[:t])
-    for r in range(n_rounds):
-      keep = kept_after(total, frac, done + r + 1)
-
-      def prune(s, keep=keep):
-        new = prune_keep(s.method["mask"], s.params, spec, jnp.int32(keep))
-        return s._replace(params=masks.apply(s.params, new), method={**s.method, "mask": new})
-
-      state = trainer.apply(state, prune)
-      if r < n_rounds - 1 and int(lc.retrain_epochs) > 0:
-        state = train_phase(trainer, state, t, epochs=int(lc.retrain_epochs),
-                            phase=f"prune round {r + 1}", retrain=True)
-    code = _REWIND_CODES[rewind_kind] if n_rounds > 0 else _NO_REWIND
-
-    def stash(s):
-      m = s.method
-      src = rewind_source(trainer, s, t, m["snap"]) if code != _NO_REWIND else None
-      start = rewind(s.params, m["mask"], src, spec) if src is not None else masks.apply(
-          s.params, m["mask"])
-      m = {**m, "start": copy(start), "start_bs": copy(s.batch_stats),
-           "next_mask": copy(m["mask"]), "mask": copy(m["snap_mask"])}
-      s = s._replace(params=copy(m["snap"]), batch_stats=copy(m["snap_bs"]), method=m)
-      return record(s, t, remaining=density(m), rewind=code, rounds=n_rounds)
-
-    state = trainer.apply(state, stash)
-    if t == T - 1 and n_rounds > 0:  # as coded: the last task is retrained on the final ticket
-      def final(s):
-        m = s.method
-        s = s._replace(params=copy(m["start"]), batch_stats=copy(m["start_bs"]),
-                       method={**m, "mask": copy(m["next_mask"])})
-        return record(s, t, remaining=density(s.method))
-
-      state = trainer.apply(state, final)
-      state = train_phase(trainer, state, t, epochs=config.epochs, phase="ticket retrain")
-    return state
-
-  def run_dense(trainer, state, t):
-    if t > 0:
-      state = trainer.apply(state, lambda s: with_m(s, unl=copy(s.method["unl_next"])))
-    state = first_training(trainer, state, t)
-    state = after_training(trainer, state, t)
-    return trainer.apply(state, lambda s: record(s, t, remaining=1.0))
-
-  # ------------------------------------------------------------------------------------------------
-  # Bottom-up (BU).
-
-  def val_acc(trainer, state, t) -> float:
-    return float(np.mean([trainer.evaluate(state, j, split="val", current=t)
-                          for j in range(t + 1)]))
-
-  def keep_pruning(drop: float, sparsity: float) -> bool:
-    # As coded (main_BU.py): go on while the drop is within the threshold or the base sparsity
-    # is not reached yet.
-    return drop <= float(lc.bu_max_drop) or sparsity < float(lc.bu_base_sparsity)
-
-  def save_accepted(s):
-    return with_m(s, snap=copy(s.params), snap_bs=copy(s.batch_stats),
-                  snap_mask=copy(s.method["mask"]))
-
-  def restore_accepted(s):
-    m = s.method
-    return s._replace(params=copy(m["snap"]), batch_stats=copy(m["snap_bs"]),
-                      method={**m, "mask": copy(m["snap_mask"])})
-
-  def run_bu(trainer, state, t):
-    if t == 0:
-      state = trainer.apply(state, lambda s: with_m(s, use_mask=jnp.asarray(False)))
-      state = first_training(trainer, state, t)
-      state = after_training(trainer, state, t)
-      state = trainer.apply(state, lambda s: with_m(s, ref=copy(s.params),
-                                                    ref_bs=copy(s.batch_stats)))
-      ref_acc = val_acc(trainer, state, t)
-      state = trainer.apply(state, lambda s: save_accepted(with_m(s, use_mask=jnp.asarray(True))))
-      acc = ref_acc
-      kept_rounds = 0
-      for r in range(int(lc.bu_max_rounds)):
-        keep = kept_after(total, frac, r + 1)
-
-        def prune(s, keep=keep):
-          new = prune_keep(s.method["mask"], s.params, spec, jnp.int32(keep))
-          return s._replace(params=masks.apply(s.params, new), method={**s.method, "mask": new})
-
-        state = trainer.apply(state, prune)
-        if int(lc.retrain_epochs) > 0:
-          state = train_phase(trainer, state, t, epochs=int(lc.retrain_epochs),
-                              phase=f"prune round {r + 1}", retrain=True)
-        acc_r = val_acc(trainer, state, t)
-        if not keep_pruning(ref_acc - acc_r, 1.0 - keep / total):
-          break
-        acc = acc_r
-        kept_rounds = r + 1
-        state = trainer.apply(state, save_accepted)
-      state = trainer.apply(state, restore_accepted)
-      return trainer.apply(state, lambda s: record(s, t, remaining=density(s.method),
-                                                   rewind=_NO_REWIND, ref_acc=ref_acc,
-                                                   ticket_acc=acc, final_acc=acc,
-                                                   rounds=kept_rounds))
-
-    # Later tasks: the dense reference continues from the previous reference ...
-    def begin(s):
-      m = s.method
-      m = {**m, "unl": copy(m["unl_next"]), "start": copy(m["ref"]),
-           "start_bs": copy(m["ref_bs"]), "use_mask": jnp.asarray(False),
-           "count_start": m["count_start"].at[t].set(masks.count(m["mask"], spec))}
-      return s._replace(params=copy(m["ref"]), batch_stats=copy(m["ref_bs"]), method=m)
-
-    state = trainer.apply(state, begin)
-    state = first_training(trainer, state, t, phase="reference")
-    state = after_training(trainer, state, t)  # the reference is the teacher (as coded)
-    state = trainer.apply(state, lambda s: with_m(s, ref=copy(s.params),
-                                                  ref_bs=copy(s.batch_stats)))
-    ref_acc = val_acc(trainer, state, t)
-    code = _REWIND_CODES[rewind_kind]
-
-    # ... and the ticket starts from the previous reference (TR) or another rewinding point.
-    def ticket_start(s):
-      m = s.method
-      src = rewind_source(trainer, s, t, m["start"]) if code != _NO_REWIND else m["start"]
-      params = rewind(m["start"], m["mask"], src, spec)
-      return s._replace(params=copy(params), batch_stats=copy(m["start_bs"]),
-                        method={**m, "use_mask": jnp.asarray(True)})
-
-    state = trainer.apply(state, ticket_start)
-    state = train_phase(trainer, state, t, epochs=config.epochs, phase="ticket")
-    acc = val_acc(trainer, state, t)
-    ticket_acc = acc
-    regrown = kept_rounds = 0
-    if ref_acc - acc > float(lc.bu_accept):
-      regrown = 1
-      # Read from the state, written by this task's first operation (a replayed run that
-      # resumes later in the task reads the same value).
-      count = int(jax.device_get(state.method["count_start"])[t])
-      pruned = total - count
-      grow = int(round(float(lc.bu_regrow) * pruned))
-
-      def expand(s, grow=grow):
-        m = s.method
-        new = regrow(m["mask"], m["ref"], spec, jnp.int32(grow))
-        m = {**m, "base_mask": copy(m["mask"]), "mask": new}
-        return s._replace(params=masks.apply(m["ref"], new), batch_stats=copy(m["ref_bs"]),
-                          method=m)
-
-      state = trainer.apply(state, expand)
-      count += grow
-      grown = grow
-      for r in range(int(lc.bu_max_rounds)):
-        if int(lc.retrain_epochs) > 0:
-          state = train_phase(trainer, state, t, epochs=int(lc.retrain_epochs),
-                              phase=f"regrow round {r + 1}", retrain=True)
-        acc_r = val_acc(trainer, state, t)
-        if r > 0 and not keep_pruning(ref_acc - acc_r, 1.0 - count / total):
-          state = trainer.apply(state, restore_accepted)
-          break
-        acc = acc_r
-        kept_rounds = r  # pruning-back rounds behind the accepted model
-        state = trainer.apply(state, save_accepted)
-        if r == int(lc.bu_max_rounds) - 1 or grown == 0:
-          break
-        keep_grown = kept_after(grow, frac, r + 1)
-
-        def shrink(s, keep_grown=keep_grown):
-          m = s.method
-          new = prune_back(m["base_mask"], m["mask"], s.params, spec, jnp.int32(keep_grown))
-          return s._replace(params=masks.apply(s.params, new), method={**m, "mask": new})
-
-        state = trainer.apply(state, shrink)
-        count -= grown - keep_grown
-        grown = keep_grown
-    return trainer.apply(state, lambda s: record(s, t, remaining=density(s.method), rewind=code,
-                                                 ref_acc=ref_acc, ticket_acc=ticket_acc,
-                                                 final_acc=acc, regrown=regrown,
-                                                 rounds=kept_rounds))
-
-  def run_task(trainer, state, t):
-    if mode == "dense":
-      return run_dense(trainer, state, t)
-    if mode in ("td", "imp"):
-      return run_td(trainer, state, t)
-    return run_bu(trainer, state, t)
-
-  def report(ctx, state):
-    m = jax.device_get(state.method)
-    names = {v: k for k, v in _REWIND_CODES.items()}
-    rem = [float(v) for v in np.asarray(m["remaining"])]
-    points = []
-    for t in range(T):
-      code = int(m["rewind"][t])
-      if code == _LATE:
-        points.append(f"late: after epoch {int(lc.late_epoch)} of task 1")
-      elif code == _TASK:
-        points.append(f"task: weights after task {t + 1}" if mode != "bu"
-                      else f"task: reference weights after task {t}")
-      else:
-        points.append(names[code])
-    out = {"remaining_weights": rem, "density_per_task": rem, "rewind_points": points,
-           "llt": {"mode": mode, "curriculum": list(rounds), "rewind": rewind_kind,
-                   "lottery_teaching": teach, "pool_size": P,
-                   "unlabeled_selected": [int(v) for v in np.asarray(m["selected"])],
-                   "exemplars": int(np.asarray(m["mem_end"])[-1]),
-                   "prune_rounds": [int(v) for v in np.asarray(m["rounds"])]}}
-    if mode == "bu":
-      out["llt"].update(
-          reference_val_accuracy=[float(v) for v in np.asarray(m["ref_acc"])],
-          ticket_val_accuracy=[float(v) for v in np.asarray(m["ticket_acc"])],
-          final_ticket_val_accuracy=[float(v) for v in np.asarray(m["final_acc"])],
-          regrown=[bool(v) for v in np.asarray(m["regrown"])])
-    if mode in ("td", "imp"):
-      out["expected_density_per_task"] = [c / total for c in expected_counts(total, rounds, frac)]
-    if mode == "dense":
-      out["expected_density_per_task"] = [1.0] * T
-    return out
-
-  method = base.Method(name="llt", run_task=run_task, init_state=init_state,
-                       forward_params=forward_params, wrap_tx=wrap_tx, tx_args=tx_args,
-                       penalty=penalty, report=report, step_loss=step_loss,
-                       eval_logits=eval_logits)
-  return method
-
-
-def _source(data, batch_size, order, augment=True):
-  from sparse_cl_jax import train  # pylint: disable=g-import-not-at-top  (train imports methods)
-  return train.Source(data=data, batch_size=int(batch_size), order=order, augment=augment)
 
