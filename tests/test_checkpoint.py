@@ -1,5 +1,6 @@
 """Tests for sparse_cl_jax.checkpoint: round trips, refusals, atomicity."""
 
+import hashlib
 import json
 import os
 
@@ -197,7 +198,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(TypeError, match="bad"):
       ckpt.save(1, {"bad": np.array(["a", "b"])}, {})
     # Fails inside orbax, mid-save, after its temporary directory was created.
-    monkeypatch.setattr(checkpoint, "_host_leaf", lambda path, x: x)
+    monkeypatch.setattr(checkpoint.trees, "host_leaf", lambda path, x: x)
     with pytest.raises(ValueError):  # Raised by tensorstore through orbax.
       ckpt.save(1, {"bad": np.array([object(), object()], dtype=object)}, {})
     monkeypatch.undo()
@@ -356,16 +357,17 @@ def test_no_valid_checkpoint_refused_in_one_line(tmp_path):
 # When TensorStore fails a read, orbax's per-call asyncio loop is closed before a pending callback
 # of TensorStore's fires ("Event loop is closed", ignored in a thread): orbax's noise, not ours.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_unverified_step_reports_orbax_errors_in_one_line(tmp_path):
-  # A process killed between orbax's commit and the checksums leaves a step without them; it is
-  # restored unverified, and read errors still name the step and the file.
+def test_orbax_read_errors_name_step_and_file_in_one_line(tmp_path):
+  # Files that pass their checksums but that orbax / TensorStore cannot read (here: rewritten, and
+  # their checksums recomputed, as if they had been written that way): the error still names the
+  # step and the file, and the step is set aside like any corrupt one.
   with checkpoint.Checkpointer(tmp_path, fingerprint=FINGERPRINT) as ckpt:
     for step in range(3):
       ckpt.save(step, make_state(step), {"task": step})
-  for step in (1, 2):
-    (tmp_path / "checkpoints" / str(step) / "checksums.json").unlink()
   (tmp_path / "checkpoints" / "2" / "meta" / "metadata").write_text('{"task": ')
   flip_bytes(tmp_path / "checkpoints" / "1" / "state" / "manifest.ocdbt")
+  for step in (1, 2):
+    checkpoint.checksums.write(tmp_path / "checkpoints" / str(step), ("state", "meta"))
   with checkpoint.Checkpointer(tmp_path, fingerprint=FINGERPRINT) as ckpt:
     with pytest.raises(checkpoint.reliability.CorruptCheckpointError) as info:
       ckpt.restore(2, like=make_state(0))
@@ -403,14 +405,14 @@ def test_corrupt_run_json_refused_in_one_line(tmp_path):
 
 def test_atomic_json_write_keeps_old_file_when_interrupted(tmp_path, monkeypatch):
   path = tmp_path / "results.json"
-  checkpoint._write_json_atomic(path, {"acc": 0.5})
+  checkpoint.jsonfiles.write_json_atomic(path, {"acc": 0.5})
 
   def killed(fd):
     raise KeyboardInterrupt("killed while writing")
 
-  monkeypatch.setattr(checkpoint.os, "fsync", killed)
+  monkeypatch.setattr(os, "fsync", killed)
   with pytest.raises(KeyboardInterrupt):
-    checkpoint._write_json_atomic(path, {"acc": 0.75})
+    checkpoint.jsonfiles.write_json_atomic(path, {"acc": 0.75})
   monkeypatch.undo()
   assert json.loads(path.read_text()) == {"acc": 0.5}
   assert os.listdir(tmp_path) == ["results.json"]  # No partial temporary file left.
@@ -452,3 +454,284 @@ def test_dropped_checkpointer_releases_the_lock(tmp_path):
   ckpt._manager.close()
   del ckpt  # Never closed: the lock goes with the object.
   checkpoint.Checkpointer(tmp_path, fingerprint=FINGERPRINT).close()
+
+
+# --------------------------------------------------------------------------------------------------
+# An unreadable or missing checksums.json is never restored unchecked.
+
+
+def two_steps(path):
+  with checkpoint.Checkpointer(path, fingerprint=FINGERPRINT) as ckpt:
+    for step in range(2):
+      ckpt.save(step, make_state(step), {"task": step})
+  return path / "checkpoints" / "1"
+
+
+def only_meta_listed(step_dir):
+  sums = json.loads((step_dir / "checksums.json").read_text())
+  sums["files"] = {k: v for k, v in sums["files"].items() if k.startswith("meta/")}
+  return json.dumps(sums)
+
+
+BAD_CHECKSUMS = {  # name: the new text of checksums.json, from the step directory
+    "corrupt JSON": lambda d: '{"algorithm": "sha256", "files": {"meta/metadata": "ab',
+    "truncated": lambda d: (d / "checksums.json").read_text()[:40],
+    "empty file": lambda d: "",
+    "not UTF-8": lambda d: "\udcff",
+    "a list": lambda d: "[]",
+    "null": lambda d: "null",
+    "files a list": lambda d: '{"algorithm": "sha256", "files": []}',
+    "files empty": lambda d: '{"algorithm": "sha256", "files": {}}',
+    "no algorithm": lambda d: json.dumps({"files": json.loads(
+        (d / "checksums.json").read_text())["files"]}),
+    "digest a number": lambda d: '{"algorithm": "sha256", "files": {"meta/metadata": 5}}',
+    "only meta listed": only_meta_listed,
+    "a directory": None,
+}
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_CHECKSUMS))
+def test_unreadable_checksums_set_aside_and_older_restored(bad, tmp_path, caplog):
+  step_dir = two_steps(tmp_path)
+  path = step_dir / "checksums.json"
+  if BAD_CHECKSUMS[bad] is None:
+    path.unlink()
+    path.mkdir()
+  else:
+    text = BAD_CHECKSUMS[bad](step_dir)
+    path.write_bytes(text.encode("utf-8", "surrogateescape"))
+  corrupted = snapshot(step_dir)
+  with checkpoint.Checkpointer(tmp_path, fingerprint=FINGERPRINT) as ckpt:
+    with pytest.raises(checkpoint.reliability.CorruptCheckpointError) as info:
+      ckpt.restore(1, like=make_state(0))
+    file = info.value.file
+    assert info.value.step == 1 and (file.startswith("state/") if bad == "only meta listed"
+                                     else file == "checksums.json")
+    with caplog.at_level("WARNING"):
+      step, state, meta = ckpt.restore_newest_valid(like=make_state(0))
+  assert step == 0 and meta == {"task": 0}
+  assert_bit_identical(state, make_state(0))
+  lines = [r.getMessage() for r in caplog.records if "checkpoint step" in r.getMessage()]
+  assert len(lines) == 1 and "\n" not in lines[0]
+  assert lines[0].startswith(f"checkpoint step 1 in {tmp_path / 'checkpoints'} is corrupt: {file}: ")
+  assert "trying step 0" in lines[0]
+  [moved] = os.listdir(tmp_path / "corrupt-checkpoints")
+  assert moved.startswith("step-1-") and snapshot(tmp_path / "corrupt-checkpoints" / moved) == corrupted
+
+
+def test_step_without_checksums_is_incomplete_and_older_restored(tmp_path, caplog):
+  # Killed between orbax's commit and the checksums: the step never finished its save.
+  step_dir = two_steps(tmp_path)
+  (step_dir / "checksums.json").unlink()
+  left = snapshot(step_dir)
+  with checkpoint.Checkpointer(tmp_path, fingerprint=FINGERPRINT) as ckpt:
+    with pytest.raises(checkpoint.reliability.CorruptCheckpointError) as info:
+      ckpt.restore(1, like=make_state(0))
+    assert isinstance(info.value, checkpoint.IncompleteCheckpointError)
+    assert info.value.step == 1 and info.value.file == "checksums.json"
+    with caplog.at_level("WARNING"):
+      step, state, meta = ckpt.restore_newest_valid(like=make_state(0))
+    assert step == 0 and meta == {"task": 0} and ckpt.all_steps() == [0]
+    assert_bit_identical(state, make_state(0))
+    ckpt.save(1, make_state(1), {"task": 1})  # Its step number is free again.
+  lines = [r.getMessage() for r in caplog.records if "checkpoint step" in r.getMessage()]
+  assert lines == [f"checkpoint step 1 in {tmp_path / 'checkpoints'} is incomplete: checksums.json: "
+                   "missing (the save stopped between orbax's commit and the checksums); moved it "
+                   f"to {tmp_path / 'corrupt-checkpoints' / os.listdir(tmp_path / 'corrupt-checkpoints')[0]}"
+                   "; trying step 0"]
+  [moved] = os.listdir(tmp_path / "corrupt-checkpoints")
+  assert moved.startswith("incomplete-step-1-")
+  assert snapshot(tmp_path / "corrupt-checkpoints" / moved) == left
+
+
+def test_only_incomplete_steps_start_afresh_corrupt_ones_refuse(tmp_path):
+  # A kill between the first commit and its checksums leaves nothing to resume from: a fresh
+  # start, as after a kill inside orbax's own write (not NoValidCheckpointError).
+  with checkpoint.Checkpointer(tmp_path, fingerprint=FINGERPRINT) as ckpt:
+    ckpt.save(0, make_state(0), {"task": 0})
+  (tmp_path / "checkpoints" / "0" / "checksums.json").unlink()
+  for _ in range(2):  # Also on a later open, with the incomplete step set aside.
+    with checkpoint.Checkpointer(tmp_path, fingerprint=FINGERPRINT) as ckpt:
+      assert ckpt.restore_newest_valid(like=make_state(0)) is None
+  with checkpoint.Checkpointer(tmp_path, fingerprint=FINGERPRINT) as ckpt:
+    ckpt.save(0, make_state(0), {"task": 0})
+  (tmp_path / "checkpoints" / "0" / "checksums.json").write_text("{")
+  with checkpoint.Checkpointer(tmp_path, fingerprint=FINGERPRINT) as ckpt, \
+       pytest.raises(checkpoint.reliability.NoValidCheckpointError):
+    ckpt.restore_newest_valid(like=make_state(0))
+
+
+# --------------------------------------------------------------------------------------------------
+# The parts of the checkpointer, each alone.
+
+
+def hand_made_step(root):
+  """A step directory with files in and outside its items; returns {file of the items: bytes}."""
+  files = {"state/a": b"alpha", "state/d/x/1": os.urandom(3 << 20), "meta/metadata": b"{}",
+           "state/empty": b""}
+  for name, data in {**files, "_CHECKPOINT_METADATA": b"m", "other/y": b"y"}.items():
+    (root / name).parent.mkdir(parents=True, exist_ok=True)
+    (root / name).write_bytes(data)
+  (root / "state" / "emptydir").mkdir()
+  return files
+
+
+def test_checksums_file_sha256_and_step_files(tmp_path):
+  files = hand_made_step(tmp_path)
+  assert checkpoint.checksums.step_files(tmp_path, ("state", "meta")) == [
+      "meta/metadata", "state/a", "state/d/x/1", "state/empty"]
+  assert checkpoint.checksums.step_files(tmp_path, ("meta", "absent")) == ["meta/metadata"]
+  for name, data in files.items():  # 3 MiB spans several blocks; an empty file none.
+    assert checkpoint.checksums.file_sha256(tmp_path / name) == hashlib.sha256(data).hexdigest()
+
+
+def test_checksums_write_read_verify(tmp_path):
+  files = hand_made_step(tmp_path)
+  checkpoint.checksums.write(tmp_path, ("state", "meta"))
+  expected = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+  assert json.loads((tmp_path / "checksums.json").read_text()) == {"algorithm": "sha256",
+                                                                    "files": expected}
+  assert checkpoint.checksums.read(tmp_path) == expected
+  checkpoint.checksums.verify(tmp_path, ("state", "meta"))
+  (tmp_path / "other" / "y").write_bytes(b"changed")  # Outside the items: not checked.
+  checkpoint.checksums.verify(tmp_path, ("state", "meta"))
+
+  def problem():
+    with pytest.raises(checkpoint.checksums.ChecksumError) as info:
+      checkpoint.checksums.verify(tmp_path, ("state", "meta"))
+    return info.value.file, info.value.reason
+
+  flip_bytes(tmp_path / "state" / "d" / "x" / "1", at=0.9, n=1)
+  assert problem() == ("state/d/x/1", "checksum mismatch (changed after it was written)")
+  (tmp_path / "state" / "d" / "x" / "1").write_bytes(files["state/d/x/1"])
+  (tmp_path / "state" / "a").unlink()
+  assert problem() == ("state/a", "missing")
+  (tmp_path / "state" / "a").write_bytes(b"alpha")
+  (tmp_path / "state" / "b").write_bytes(b"")
+  assert problem() == ("state/b", "not in checksums.json (added after it was written)")
+  (tmp_path / "state" / "b").unlink()
+  (tmp_path / "checksums.json").unlink()
+  with pytest.raises(checkpoint.checksums.MissingChecksumsError) as info:
+    checkpoint.checksums.read(tmp_path)
+  assert info.value.file == "checksums.json" and info.value.reason.startswith("missing")
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("{", "unreadable (JSONDecodeError)"),
+    ("[1]", "unreadable (a JSON list, not an object)"),
+    ('{"algorithm": "md5", "files": {"a": "b"}}', "unreadable (algorithm 'md5', not 'sha256')"),
+    ('{"algorithm": "sha256", "files": "a"}', "unreadable ('files' is a JSON str, not an object)"),
+    ('{"algorithm": "sha256", "files": {}}', "unreadable ('files' lists no file)"),
+    ('{"algorithm": "sha256", "files": {"a": null}}',
+     "unreadable (the digest of a is a JSON NoneType, not a string)"),
+])
+def test_checksums_read_refuses_unusable_records(text, reason, tmp_path):
+  (tmp_path / "checksums.json").write_text(text)
+  with pytest.raises(checkpoint.checksums.ChecksumError) as info:
+    checkpoint.checksums.read(tmp_path)
+  assert (info.value.file, info.value.reason) == ("checksums.json", reason)
+  assert not isinstance(info.value, checkpoint.checksums.MissingChecksumsError)
+
+
+def test_quarantine_set_aside_and_holds_corrupt(tmp_path):
+  corrupt = tmp_path / "corrupt-checkpoints"
+  assert not checkpoint.quarantine.holds_corrupt(corrupt)  # Absent.
+  for step, incomplete in ((3, True), (4, False)):
+    step_dir = tmp_path / "checkpoints" / str(step)
+    files = hand_made_step(step_dir)
+    dest = checkpoint.quarantine.set_aside(step_dir, corrupt, step, incomplete=incomplete)
+    assert not step_dir.exists() and dest.parent == corrupt
+    assert dest.name.startswith("incomplete-step-3-" if incomplete else "step-4-")
+    assert {k: v for k, v in snapshot(dest).items() if k in files} == files
+    # Only a corrupt step (not an incomplete one) counts.
+    assert checkpoint.quarantine.holds_corrupt(corrupt) == (not incomplete)
+  again = tmp_path / "checkpoints" / "4"
+  again.mkdir()
+  second = checkpoint.quarantine.set_aside(again, corrupt, 4)  # Same second: a fresh name.
+  assert second != dest and second.is_dir() and dest.is_dir()
+
+
+def test_workdir_fingerprint_diff():
+  stored = {"lr": 0.1, "model": {"width": 8, "depth": 2}, "gone": 1, "bar": True}
+  given = {"lr": 0.2, "model": {"width": 8, "depth": 3}, "new": "x", "bar": False}
+  assert checkpoint.workdir.flat_keys(stored) == {"lr": 0.1, "model.width": 8, "model.depth": 2,
+                                                  "gone": 1, "bar": True}
+  assert checkpoint.workdir.fingerprint_diff(stored, given, ("bar",)) == [
+      "gone 1 != (absent)", "lr 0.1 != 0.2", "model.depth 2 != 3", 'new (absent) != "x"']
+  assert checkpoint.workdir.fingerprint_diff(stored, given, ("bar", "model", "lr", "gone",
+                                                             "new")) == []
+
+
+def test_workdir_open_run_binds_and_moves_aside(tmp_path):
+  assert checkpoint.workdir.open_run(tmp_path, FINGERPRINT, (), False) == (None, False)
+  checkpoint.workdir.bind(tmp_path, FINGERPRINT)
+  assert checkpoint.workdir.read_fingerprint(tmp_path) == FINGERPRINT
+  assert checkpoint.workdir.open_run(tmp_path, {}, (), False) == (None, False)  # nothing saved
+  (tmp_path / "checkpoints" / "0").mkdir(parents=True)
+  assert checkpoint.workdir.open_run(tmp_path, FINGERPRINT, (), False) == (None, True)
+  with pytest.raises(ValueError, match="lr 0.1 != 0.2"):
+    checkpoint.workdir.open_run(tmp_path, {**FINGERPRINT, "lr": 0.2}, (), False)
+  (tmp_path / "run.lock").write_text("")
+  previous, bound = checkpoint.workdir.open_run(tmp_path, {"other": 1}, (), True)
+  assert not bound and sorted(os.listdir(previous)) == ["checkpoints", "run.json"]
+  assert sorted(os.listdir(tmp_path)) == [previous.name, "run.lock"]
+
+
+def test_trees_nest_lookup_and_mismatches():
+  state = {"a.b": np.ones(2, np.float32), "a": {"b": np.zeros(3, np.int32)},
+           "t": (np.int32(1), {"x/y": np.ones((), bool)})}
+  pairs, _ = checkpoint.trees.leaves(state)
+  nested = checkpoint.trees.nest(pairs)
+  assert set(nested) == {"a%2Eb", "a", "t"} and set(nested["t"]) == {"0", "1"}
+  assert nested["t"]["1"]["x%2Fy"] is state["t"][1]["x/y"]
+  back = [checkpoint.trees.lookup(nested, parts) for parts, _ in pairs]
+  assert all(x is y for x, y in zip(back, jax.tree.leaves(state)))
+  # Escaping is one-to-one: a key that looks escaped stays apart from the one it looks like.
+  assert set(checkpoint.trees.nest(checkpoint.trees.leaves({"a%2Eb": 1, "a.b": 2})[0])) == {
+      "a%252Eb", "a%2Eb"}
+  abstract, _ = checkpoint.trees.abstract_like({"a": np.ones((2, 3)), "b": jnp.zeros(4, jnp.int32),
+                                                "c": jnp.zeros(1)})
+  stored = {"a": jax.ShapeDtypeStruct((2, 3), np.float32), "b": jax.ShapeDtypeStruct((5,), np.int32),
+            "d": jax.ShapeDtypeStruct((1,), np.float32)}
+  assert checkpoint.trees.mismatches(stored, abstract) == [
+      "c: in `like` but not in the checkpoint", "d: in the checkpoint but not in `like`",
+      "b: shape (5,) in the checkpoint, (4,) in `like`"]
+  stored["b"] = jax.ShapeDtypeStruct((4,), np.uint8)
+  stored["c"] = stored.pop("d")
+  assert checkpoint.trees.mismatches(stored, abstract) == [
+      "b: dtype uint8 in the checkpoint, int32 in `like`"]
+
+
+def test_jsonfiles_jsonable_and_first_line():
+  obj = {"a": (1, np.float32(0.5)), 2: np.arange(3), "n": [float("nan"), float("inf")]}
+  assert checkpoint.jsonfiles.jsonable(obj, what="x", strict=True) == {
+      "a": [1, 0.5], "2": [0, 1, 2], "n": [None, None]}
+  loose = checkpoint.jsonfiles.jsonable(obj, what="x")["n"]
+  assert np.isnan(loose[0]) and loose[1] == float("inf")
+  with pytest.raises(TypeError, match=r"x: a\[1\] is a object"):
+    checkpoint.jsonfiles.jsonable({"a": [1, object()]}, what="x")
+  assert checkpoint.jsonfiles.first_line(ValueError("a\n  b\tc")) == "a b c"
+  assert checkpoint.jsonfiles.first_line(ValueError("x" * 200), limit=10) == "xxxxxxx..."
+  assert checkpoint.jsonfiles.first_line(KeyError()) == "KeyError"
+
+
+def test_checkpointer_step_helpers(tmp_path):
+  cp = checkpoint.checkpointer
+  assert cp.check_new_step(np.int64(3), 2, tmp_path) == 3
+  assert cp.check_new_step(0, None, tmp_path) == 0
+  for step, latest in ((2, 2), (1, 2), (-1, None)):
+    with pytest.raises(ValueError, match=f"step {step} must be > the latest step {latest}"):
+      cp.check_new_step(step, latest, tmp_path)
+  assert cp.step_to_restore([1, 4], None, tmp_path) == 4
+  assert cp.step_to_restore([1, 4], 1, tmp_path) == 1
+  with pytest.raises(FileNotFoundError, match=r"available: \[1, 4\]"):
+    cp.step_to_restore([1, 4], 2, tmp_path)
+  with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+    cp.step_to_restore([], None, tmp_path)
+  step_dir = tmp_path / "checkpoints" / "3"
+  error = ValueError(f'NOT_FOUND: Error reading "{step_dir}/state/d/abc": local file '
+                     f'"{step_dir}/state/manifest.ocdbt" is bad')
+  assert cp.file_in_error(error, step_dir, "state") == "state/manifest.ocdbt"
+  assert cp.file_in_error(ValueError('Error reading "elsewhere"'), step_dir,
+                          "state") == "state (elsewhere)"
+  assert cp.file_in_error(ValueError("no name"), step_dir, "meta/metadata") == "meta/metadata"

@@ -1,0 +1,386 @@
+"""The orbax side of the checkpoint package: one run's steps saved, verified, restored, set aside.
+
+The only module of the package (and of ``sparse_cl_jax``) that imports orbax. The top-level
+functions are the phases of a save (:func:`save_args`, :func:`commit`, then the checksums) and of a
+restore (:func:`verify_step`, then :func:`restore_step`); :class:`Checkpointer` holds the workdir's
+lock and orbax's manager and wires them together (see the package docstring for the conventions).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+from collections import abc
+from typing import Any
+
+from absl import logging as absl_logging
+import jax
+import orbax.checkpoint as ocp
+
+from sparse_cl_jax import reliability
+from sparse_cl_jax.checkpoint import checksums as checksums_lib
+from sparse_cl_jax.checkpoint import jsonfiles
+from sparse_cl_jax.checkpoint import quarantine
+from sparse_cl_jax.checkpoint import trees
+from sparse_cl_jax.checkpoint import workdir as workdir_lib
+
+PyTree = Any
+ITEMS = ("state", "meta")  # The orbax items of a step; their files are checksummed.
+
+
+class _QuietOrbax:
+  """Drops orbax's INFO/DEBUG records (several per save) from the absl logger; keeps warnings."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or "/orbax/" not in record.pathname
+
+
+_QUIET = _QuietOrbax()
+absl_logging.get_absl_logger().addFilter(_QUIET)
+
+
+class IncompleteCheckpointError(reliability.CorruptCheckpointError):
+  """A step orbax committed whose ``checksums.json`` was never written: its save did not finish."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Save.
+
+
+def new_manager(checkpoint_dir: pathlib.Path, max_to_keep: int | None) -> ocp.CheckpointManager:
+  """Orbax's synchronous manager of ``checkpoint_dir``, keeping the ``max_to_keep`` latest steps."""
+  registry = ocp.handlers.create_default_handler_registry(
+      state=ocp.StandardCheckpointHandler(), meta=ocp.JsonCheckpointHandler())
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=ocp.checkpoint_managers.LatestN(max_to_keep),
+      enable_async_checkpointing=False,
+      cleanup_tmp_directories=True,  # Leftovers of interrupted saves, never committed steps.
+      create=True,
+  )
+  return ocp.CheckpointManager(checkpoint_dir, options=options, handler_registry=registry)
+
+
+def check_new_step(step: int, latest: int | None, checkpoint_dir: pathlib.Path) -> int:
+  """``int(step)``, refused (ValueError) unless it is >= 0 and after the ``latest`` step."""
+  step = int(step)
+  if step < 0 or (latest is not None and step <= latest):
+    raise ValueError(f"checkpoint step {step} must be > the latest step {latest} in "
+                     f"{checkpoint_dir}")
+  return step
+
+
+def save_args(state: PyTree, meta: abc.Mapping[str, Any]) -> ocp.args.Composite:
+  """What orbax writes for one step: ``state`` as arrays, ``meta`` as JSON; validates both.
+
+  Raises:
+    ValueError: the state has no array leaves, is a single array, or two leaves share a name.
+    TypeError: a leaf cannot be checkpointed or ``meta`` is not JSON-able.
+  """
+  meta = jsonfiles.jsonable(dict(meta), what="meta")
+  pairs, _ = trees.leaves(state)
+  if not pairs:
+    raise ValueError("state has no array leaves to checkpoint")
+  pairs = [(parts, trees.host_leaf("/".join(parts), x)) for parts, x in pairs]
+  return ocp.args.Composite(state=ocp.args.StandardSave(trees.nest(pairs)),
+                            meta=ocp.args.JsonSave(meta))
+
+
+def commit(manager: ocp.CheckpointManager, step: int, args: ocp.args.Composite) -> None:
+  """Saves ``args`` as ``step`` and waits until orbax has renamed it into place."""
+  try:
+    manager.save(step, args=args, force=True)
+    manager.wait_until_finished()
+  except BaseException:
+    # The step directory was never renamed into place; re-read the committed steps from disk so
+    # that the manager's cached step list cannot claim the failed step.
+    manager.reload()
+    raise
+
+
+# --------------------------------------------------------------------------------------------------
+# Restore.
+
+def step_to_restore(steps: list[int], step: int | None, checkpoint_dir: pathlib.Path) -> int:
+  """``step``, or the latest of ``steps`` when None; FileNotFoundError if it is not in ``steps``."""
+  if step is None:
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}")
+    return steps[-1]
+  if step not in steps:
+    raise FileNotFoundError(f"no checkpoint for step {step} in {checkpoint_dir}; "
+                            f"available: {steps}")
+  return step
+
+
+# TensorStore errors name the file or the OCDBT key they failed on.
+_FILE_IN_ERROR = re.compile(r'(?:local file|Error reading) "([^"]+)"')
+
+
+def file_in_error(e: BaseException, step_dir: pathlib.Path, default: str) -> str:
+  """The step file an orbax / TensorStore error names (relative to ``step_dir``), or ``default``."""
+  names = _FILE_IN_ERROR.findall(str(e))
+  for name in reversed(names):  # The innermost (last) name is the most specific.
+    prefix = str(step_dir) + os.sep
+    if name.startswith(prefix):
+      return name[len(prefix):]
+  return f"{default} ({names[-1]})" if names else default
+
+
+def corrupt_error(checkpoint_dir: pathlib.Path, step: int, file: str,
+                  reason: str) -> reliability.CorruptCheckpointError:
+  """The one-line error for a step that cannot be read back as written, naming step and file."""
+  return reliability.CorruptCheckpointError(
+      f"checkpoint step {step} in {checkpoint_dir} is corrupt: {file}: {reason}",
+      step=step, file=file)
+
+
+def verify_step(checkpoint_dir: pathlib.Path, step: int) -> None:
+  """Verifies the step's files against its ``checksums.json``.
+
+  Raises:
+    IncompleteCheckpointError: the step has no ``checksums.json`` (its save did not finish).
+    reliability.CorruptCheckpointError: ``checksums.json`` is unreadable, or a file is missing,
+      unlisted or changed; names the step and the file.
+  """
+  try:
+    checksums_lib.verify(checkpoint_dir / str(step), ITEMS)
+  except checksums_lib.MissingChecksumsError as e:
+    raise IncompleteCheckpointError(
+        f"checkpoint step {step} in {checkpoint_dir} is incomplete: {e.file}: {e.reason}",
+        step=step, file=e.file) from None
+  except checksums_lib.ChecksumError as e:
+    raise corrupt_error(checkpoint_dir, step, e.file, e.reason) from None
+
+
+def check_matches(checkpoint_dir: pathlib.Path, step: int, stored: Any,
+                  abstract: trees.Leaves) -> None:
+  """Raises ValueError listing every path where the stored tree and ``like`` differ."""
+  problems = trees.mismatches(stored, abstract)
+  if problems:
+    limit = workdir_lib.MAX_LISTED
+    more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
+    raise ValueError(f"checkpoint step {step} in {checkpoint_dir} does not match `like`:\n  "
+                     + "\n  ".join(problems[:limit]) + more)
+
+
+def restore_step(manager: ocp.CheckpointManager, checkpoint_dir: pathlib.Path, step: int,
+                 abstract: trees.Leaves, treedef: Any) -> tuple[PyTree, dict[str, Any]]:
+  """Reads step ``step``'s meta, checks its tree against ``abstract``, then reads its arrays.
+
+  Raises:
+    reliability.CorruptCheckpointError: orbax / TensorStore fails to read a file (named).
+    ValueError: the stored tree does not match ``abstract`` (see :func:`check_matches`).
+  """
+  step_dir = checkpoint_dir / str(step)
+  try:
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  except Exception as e:  # pylint: disable=broad-except
+    raise corrupt_error(checkpoint_dir, step, file_in_error(e, step_dir, "meta/metadata"),
+                        jsonfiles.first_line(e)) from e
+  if not isinstance(meta, dict):
+    raise corrupt_error(checkpoint_dir, step, "meta/metadata",
+                        f"holds a {type(meta).__name__}, not a dict")
+  try:
+    stored = manager.item_metadata(step)["state"]
+  except Exception as e:  # pylint: disable=broad-except
+    raise corrupt_error(checkpoint_dir, step, file_in_error(e, step_dir, "state/_METADATA"),
+                        jsonfiles.first_line(e)) from e
+  stored = getattr(stored, "tree", stored)
+  check_matches(checkpoint_dir, step, stored, abstract)  # A different structure is not corruption.
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(trees.nest(abstract))))
+  except Exception as e:  # pylint: disable=broad-except
+    raise corrupt_error(checkpoint_dir, step, file_in_error(e, step_dir, "state"),
+                        jsonfiles.first_line(e)) from e
+  state = jax.tree_util.tree_unflatten(
+      treedef, [trees.lookup(restored["state"], parts) for parts, _ in abstract])
+  return state, dict(meta)
+
+
+# --------------------------------------------------------------------------------------------------
+# The checkpointer.
+
+
+class Checkpointer:
+  """Saves and restores one run's state, stream position and final results in ``workdir``.
+
+  Args:
+    workdir: the run's directory (created if missing).
+    fingerprint: JSON-able dict identifying the run (config plus method name). Stored in
+      ``workdir/run.json`` with the first checkpoint and compared on every later open while the
+      workdir holds a checkpoint.
+    max_to_keep: how many most recent checkpoints to keep (``None``: all).
+    ignore_keys: fingerprint keys (dotted for nested dicts) that are not compared, e.g. flags that
+      do not change results.
+    overwrite: if the workdir already holds a run (finished or not), move all of it into
+      ``workdir/previous-<timestamp>/`` and start afresh. Nothing is ever deleted.
+
+  Raises:
+    reliability.WorkdirInUseError: another process has the workdir open (names it).
+    RunFinishedError: the workdir holds a finished run and ``overwrite`` is False.
+    ValueError: the workdir holds checkpoints of a different fingerprint (the message names the
+      keys), or checkpoints without a ``run.json``.
+    reliability.CorruptCheckpointError: ``run.json`` cannot be read.
+    TypeError: the fingerprint is not JSON-able.
+  """
+
+  def __init__(self, workdir: str | os.PathLike, *, fingerprint: abc.Mapping[str, Any],
+               max_to_keep: int | None = 3, ignore_keys: abc.Iterable[str] = (),
+               overwrite: bool = False):
+    self.workdir = pathlib.Path(workdir).absolute()
+    self.fingerprint = jsonfiles.jsonable(dict(fingerprint), what="fingerprint")
+    self.max_to_keep = max_to_keep
+    self.ignore_keys = tuple(ignore_keys)
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    self.checkpoint_dir = self.workdir / workdir_lib.CHECKPOINT_DIR  # orbax's step directories
+    self.corrupt_dir = self.workdir / workdir_lib.CORRUPT_DIR  # steps set aside, never deleted
+    self.results_path = self.workdir / workdir_lib.RESULTS_FILE  # written by finish()
+    self._manager = None
+    # First of all: nothing in the workdir is touched (not even orbax's cleanup of temporary
+    # directories, which could be another process's save in progress) without the lock.
+    self._lock = reliability.WorkdirLock(self.workdir)
+    self._lock.acquire()
+    try:
+      # _bound: whether run.json holds this fingerprint.
+      self.previous_dir, self._bound = workdir_lib.open_run(
+          self.workdir, self.fingerprint, self.ignore_keys, overwrite)
+      self._manager = new_manager(self.checkpoint_dir, max_to_keep)
+    except BaseException:
+      self._lock.release()
+      raise
+
+  def is_finished(self) -> bool:
+    """Whether :meth:`finish` has written ``results.json``."""
+    return workdir_lib.is_finished(self.workdir)
+
+  def latest_step(self) -> int | None:
+    """The most recent committed step, or None if there is none."""
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    """All committed steps still kept, ascending."""
+    return sorted(self._manager.all_steps())
+
+  def save(self, step: int, state: PyTree, meta: abc.Mapping[str, Any]) -> None:
+    """Saves ``state`` and ``meta`` as checkpoint ``step``, then its checksums.
+
+    Args:
+      step: an int greater than :meth:`latest_step`.
+      state: pytree of arrays (see the package docstring).
+      meta: small JSON-able dict (stream position, metrics so far).
+
+    Raises:
+      ValueError, TypeError: ``step`` is not after the latest step, or see :func:`save_args`.
+      Exception: whatever orbax raised while writing; the previous checkpoints are left intact and
+        this object stays usable.
+    """
+    step = check_new_step(step, self.latest_step(), self.checkpoint_dir)
+    args = save_args(state, meta)
+    self._bind()
+    commit(self._manager, step, args)
+    self._write_checksums(step)
+
+  def _write_checksums(self, step: int) -> None:
+    """Records the SHA-256 of every file of committed ``step`` in its ``checksums.json``."""
+    checksums_lib.write(self.checkpoint_dir / str(step), ITEMS)
+
+  def restore(self, step: int | None = None, *, like: PyTree) -> tuple[PyTree, dict[str, Any]]:
+    """Restores checkpoint ``step`` (default: the latest) into the structure of ``like``.
+
+    Args:
+      step: the step to restore; None for :meth:`latest_step`.
+      like: a pytree with the state's structure, shapes and dtypes: concrete arrays or
+        ``jax.ShapeDtypeStruct`` (e.g. from ``jax.eval_shape``). Leaves carrying a sharding are
+        restored with it; others go to the default device.
+
+    Returns:
+      ``(state, meta)``: ``state`` has ``like``'s tree structure with ``jax.Array`` leaves, ``meta``
+      is the dict passed to :meth:`save`.
+
+    Raises:
+      FileNotFoundError: no such checkpoint.
+      reliability.CorruptCheckpointError: the step cannot be read back as it was written, or
+        (:class:`IncompleteCheckpointError`) has no checksums; names the step and the file.
+      ValueError: the stored tree does not match ``like``; the message names the paths.
+    """
+    step = step_to_restore(self.all_steps(), step, self.checkpoint_dir)
+    abstract, treedef = trees.abstract_like(like)
+    verify_step(self.checkpoint_dir, step)
+    return restore_step(self._manager, self.checkpoint_dir, step, abstract, treedef)
+
+  def restore_newest_valid(self, *, like: PyTree) -> tuple[int, PyTree, dict[str, Any]] | None:
+    """Restores the newest checkpoint that reads back intact; sets the others aside.
+
+    Every newer step that raises :class:`reliability.CorruptCheckpointError` is moved, as it is,
+    to ``workdir/corrupt-checkpoints/`` (:meth:`set_aside`) with a one-line warning that names the
+    step and the file, and the next older step is tried.
+
+    Returns:
+      ``(step, state, meta)``, or None when the run has no checkpoint (a fresh start; also when
+      only incomplete steps were set aside).
+
+    Raises:
+      reliability.NoValidCheckpointError: the run had checkpoints but none restores (the corrupt
+        ones are in ``corrupt-checkpoints/`` now, or were set aside by an earlier attempt).
+      ValueError: a step does not match ``like`` (not corruption: nothing is moved).
+    """
+    while steps := self.all_steps():
+      step = steps[-1]
+      try:
+        state, meta = self.restore(step, like=like)
+      except reliability.CorruptCheckpointError as e:
+        dest = self.set_aside(step, incomplete=isinstance(e, IncompleteCheckpointError))
+        older = f"trying step {steps[-2]}" if len(steps) > 1 else "no older checkpoint"
+        absl_logging.warning("%s; moved it to %s; %s", e, dest, older)
+        continue
+      return step, state, meta
+    if quarantine.holds_corrupt(self.corrupt_dir):
+      raise reliability.NoValidCheckpointError(
+          f"no valid checkpoint to resume the run in {self.workdir}: the corrupt ones are in "
+          f"{self.corrupt_dir}; use --overwrite to move the run aside and start again (nothing "
+          "is deleted), or another --workdir")
+    return None
+
+  def set_aside(self, step: int, *, incomplete: bool = False) -> pathlib.Path:
+    """Moves step ``step`` to ``corrupt-checkpoints/[incomplete-]step-<step>-<timestamp>``."""
+    dest = quarantine.set_aside(self.checkpoint_dir / str(step), self.corrupt_dir, step,
+                                incomplete=incomplete)
+    self._manager.reload()
+    return dest
+
+  def finish(self, results: abc.Mapping[str, Any]) -> pathlib.Path:
+    """Writes ``results.json`` atomically, which marks the run finished; returns its path.
+
+    NaN and infinities become ``null`` (strict JSON); ``np.asarray(R, float)`` turns them back into
+    NaN. Checkpoints are kept. ``results``: JSON-able dict (NumPy arrays and scalars converted).
+    """
+    results = jsonfiles.jsonable(dict(results), what="results", strict=True)
+    self._bind()
+    jsonfiles.write_json_atomic(self.results_path, results, strict=True)
+    return self.results_path
+
+  def _bind(self) -> None:
+    """Writes ``run.json`` with this fingerprint (before the first checkpoint is written)."""
+    if not self._bound:
+      workdir_lib.bind(self.workdir, self.fingerprint)
+      self._bound = True
+
+  def wait(self) -> None:
+    """Blocks until pending checkpoint operations are done (saves are already synchronous)."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Finishes pending operations, releases orbax's resources and the workdir's lock."""
+    try:
+      if self._manager is not None:
+        self._manager.close()
+    finally:
+      self._lock.release()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
