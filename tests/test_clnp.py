@@ -1,5 +1,6 @@
 """Tests for CLNP (sparse_cl_jax.methods.clnp): statistics, partition, exactness, selection."""
 
+import collections
 import importlib.util
 import os
 import types
@@ -310,6 +311,157 @@ def test_select_keeps_the_sparsest_within_margin():
   assert clnp.select(unpruned, pruned, [40, 40, -1], [True, True, False]) == 0  # tie: earlier
   assert clnp.select(unpruned, pruned, [40, 30, 10], [True, False, False]) == 0
   assert clnp.select(unpruned, pruned, [40, 30, 10], [False, False, False]) == 1  # fallback
+
+
+def _settings(theta_grid=(0.05, 0.1, 0.2, 0.3, 0.4), theta_scale=(1.0, 1.0), margin=0.03,
+              mode="shared"):
+  return clnp.Settings(l1=np.zeros(3, np.float32), finetune_l1=np.zeros(3, np.float32),
+                       theta_scale=np.asarray(theta_scale, np.float32),
+                       theta_grid=np.asarray(theta_grid, np.float32), margin=margin,
+                       theta_search=mode, grid=[(1.0, 0.1)] * 3, epochs=1, finetune_epochs=0,
+                       finetune_lr=0.0)
+
+
+# Three candidates of a net with hidden layers a (4 units) and b (3 units); unit 0 of a is owned by
+# an earlier task. Validation accuracy of each pruned at a shared threshold value (by hand).
+_MEANS = [{"a": np.array([9.0, 0.2, 0.25, 0.05], np.float32),
+           "b": np.array([0.3, 0.1, 0.5], np.float32)},
+          {"a": np.array([9.0, 0.35, 0.4, 0.31], np.float32),
+           "b": np.array([0.6, 0.7, 0.05], np.float32)},
+          {"a": np.ones(4, np.float32), "b": np.ones(3, np.float32)}]
+_UNPRUNED = [0.90, 0.91, 0.80]
+_PRUNED_ACC = [{0.05: 0.90, 0.1: 0.89, 0.2: 0.885, 0.3: 0.87, 0.4: 0.86},
+               {0.05: 0.91, 0.1: 0.90, 0.2: 0.89, 0.3: 0.885, 0.4: 0.80}]
+
+
+def _hand_accuracy(calls, table=None):
+  def accuracy(g, theta_vec):
+    calls.append(g)
+    return (table or _PRUNED_ACC)[g][round(float(theta_vec[0]), 6)]
+  return accuracy
+
+
+def test_graceful_forgetting_keeps_the_sparsest_candidate_within_the_margin():
+  """Steps 3-4 on hand-made activations and accuracies (margin 0.03: floor 0.91 - 0.03 = 0.88)."""
+  owner = {"a": np.array([1, 0, 0, 0]), "b": np.zeros(3, int)}
+  calls = []
+  c = clnp.graceful_forgetting(_hand_accuracy(calls), _UNPRUNED, _MEANS, owner, names=("a", "b"),
+                               settings=_settings(), prev_theta=np.zeros(2), task=0)
+  # Candidate 2 (0.80) is below the floor: never evaluated pruned.
+  assert 2 not in calls and c.pruned[2] == -1 and c.units[2] == -1 and not c.eligible[2]
+  # Candidate 0: 0.2 is the largest value with accuracy >= 0.88 (0.885). Kept free units (mean
+  # strictly above 0.2): a: 0.25 (0.2 itself is not above); b: 0.3, 0.5 -> 1 owned + 3 = 4 units.
+  # Candidate 1: 0.3 (0.885); kept: a: 0.35, 0.4, 0.31; b: 0.6, 0.7 -> 1 + 5 = 6 units.
+  np.testing.assert_allclose(c.thetas, [[0.2, 0.2], [0.3, 0.3], [0.0, 0.0]], rtol=1e-6)
+  np.testing.assert_array_equal(c.units, [4, 6, -1])
+  np.testing.assert_allclose(c.pruned, [0.885, 0.885, -1.0])
+  np.testing.assert_array_equal(c.eligible, [True, True, False])
+  assert c.index == 0  # the sparsest, though candidate 1 was better before pruning
+  recs = jax.device_get(clnp.choice_records(c))
+  np.testing.assert_array_equal(recs["choice"], [0, 1])
+  np.testing.assert_array_equal(recs["grid_units"], [4, 6, -1])
+  np.testing.assert_allclose(recs["grid_val"][:, 0], _UNPRUNED, rtol=1e-6)
+
+
+def test_graceful_forgetting_layer_without_free_units_and_fallback():
+  # Task 1; layer b has no free unit left: it keeps the previous task's threshold 0.6, and its
+  # owned units all count: candidate 0 keeps a's 0.25 -> 4 + 1 = 5 units, candidate 1 -> 4 + 3.
+  owner = {"a": np.array([1, 0, 0, 0]), "b": np.array([1, 1, 1])}
+  c = clnp.graceful_forgetting(_hand_accuracy([]), _UNPRUNED, _MEANS, owner, names=("a", "b"),
+                               settings=_settings(), prev_theta=np.array([0.7, 0.6]), task=1)
+  np.testing.assert_array_equal(c.units, [5, 7, -1])
+  assert c.index == 0
+  np.testing.assert_allclose(c.thetas[0], [0.2, 0.6], rtol=1e-6)
+  np.testing.assert_allclose(c.thetas[1], [0.3, 0.3], rtol=1e-6)  # not chosen: as searched
+  # Nothing stays within the margin after pruning: the best unpruned candidate (1) at the lowest
+  # thresholds (0.05 x per-layer scale 1, 2), flagged.
+  low = [{v: 0.5 for v in (0.05, 0.1, 0.2, 0.3, 0.4)}] * 2
+  owner = {"a": np.array([1, 0, 0, 0]), "b": np.zeros(3, int)}
+  c = clnp.graceful_forgetting(_hand_accuracy([], low), _UNPRUNED, _MEANS, owner,
+                               names=("a", "b"), settings=_settings(theta_scale=(1.0, 2.0)),
+                               prev_theta=np.zeros(2), task=0)
+  assert c.index == 1 and not c.eligible.any()
+  np.testing.assert_allclose(c.thetas[1], [0.05, 0.1], rtol=1e-6)
+  np.testing.assert_array_equal(jax.device_get(clnp.choice_records(c))["choice"], [1, 0])
+
+
+_State = collections.namedtuple("_State", "params method")
+
+
+def _head(num_heads):
+  return {"kernel": np.arange(1, 1 + num_heads * 4, dtype=np.float32).reshape(num_heads, 2, 2),
+          "bias": np.zeros((num_heads, 2), np.float32)}
+
+
+def test_commit_keeps_units_above_threshold_zeroes_interference_and_freezes_them():
+  """Step 5 on the tiny multi-head MLP: which units are kept, what is zeroed, what is frozen."""
+  model, params = _tiny_mlp(2)
+  params["head"] = _head(2)
+  lay = _layout(model, params, (1, 1, 2, 1))
+  m = clnp.init_state(lay, np.zeros(3, np.float32), num_tasks=2, num_grid=1)
+  state = _State(jax.tree.map(jnp.asarray, params), m)
+  # Unit 1 of dense_0 sits exactly at the threshold: not kept (strictly above only).
+  means = {"dense_0": jnp.array([0.9, 0.8, 2.0]), "dense_1": jnp.array([0.81, 0.1])}
+  records = {"choice": jnp.array([0, 1], jnp.int32)}
+  out = jax.device_get(jax.jit(lambda s, mn, th: clnp.commit(lay, s, mn, th, 0, records))(
+      state, means, jnp.array([0.8, 0.8], jnp.float32)))
+  np.testing.assert_array_equal(out.method["owner"]["dense_0"], [1, 0, 1])
+  np.testing.assert_array_equal(out.method["owner"]["dense_1"], [1, 0])
+  assert int(out.method["phase"]) == clnp.PRUNED
+  np.testing.assert_allclose(out.method["theta"], [[0.8, 0.8], [0.0, 0.0]])
+  np.testing.assert_array_equal(out.method["choice"], [[0, 1], [-1, -1]])
+  # Interference set to 0.0: dense_1 from the inactive unit 1 into the kept unit 0, and head row
+  # 0 from the inactive final unit 1. Everything else, the free unit's inputs included, is kept.
+  k1 = _MLP_PARAMS["dense_1"]["kernel"]
+  np.testing.assert_array_equal(out.params["dense_1"]["kernel"],
+                                [[k1[0, 0], k1[0, 1]], [0.0, k1[1, 1]], [k1[2, 0], k1[2, 1]]])
+  np.testing.assert_array_equal(out.params["head"]["kernel"], [[[1, 2], [0, 0]], [[5, 6], [7, 8]]])
+  np.testing.assert_array_equal(out.params["dense_0"]["kernel"], _MLP_PARAMS["dense_0"]["kernel"])
+  # Frozen for task 0 after pruning: all but its own weights (kept units, from kept units).
+  T, F = True, False
+  frozen0 = jax.device_get(clnp.frozen_tx_args(lay, params, out.method, 0))[base.FROZEN_ARG]
+  np.testing.assert_array_equal(frozen0["dense_0"]["kernel"], [[F, T, F], [F, T, F]])
+  np.testing.assert_array_equal(frozen0["dense_1"]["kernel"], [[F, T], [T, T], [F, T]])
+  np.testing.assert_array_equal(frozen0["dense_0"]["bias"], [F, T, F])
+  np.testing.assert_array_equal(frozen0["head"]["kernel"], [[[F, F], [T, T]], [[T, T], [T, T]]])
+  # Task 1 trains (phase TRAIN): task 0's weights and the zeroed interference stay frozen.
+  m1 = dict(out.method, phase=jnp.int32(clnp.TRAIN))
+  frozen1 = jax.device_get(clnp.frozen_tx_args(lay, params, m1, 1))[base.FROZEN_ARG]
+  np.testing.assert_array_equal(frozen1["dense_0"]["kernel"], [[T, F, T], [T, F, T]])
+  np.testing.assert_array_equal(frozen1["dense_1"]["kernel"], [[T, F], [T, F], [T, F]])
+  np.testing.assert_array_equal(frozen1["dense_1"]["bias"], [T, F])
+  np.testing.assert_array_equal(frozen1["head"]["kernel"], [[[T, T], [T, T]], [[F, F], [F, F]]])
+
+
+def test_l1_penalty_on_the_trainable_weights_by_hand():
+  """Sec. 2.2: per-layer L1 on the kernels the task trains; biases never penalised."""
+  model, params = _tiny_mlp(2)
+  params["head"] = _head(2)
+  lay = _layout(model, params, (1, 1, 2, 1))
+  idx = clnp.l1_layers(lay)
+  m = clnp.init_state(lay, np.array([1.0, 2.0, 3.0], np.float32), num_tasks=2, num_grid=1)
+  pen = jax.jit(lambda p, m, t: clnp.l1_penalty(lay, idx, p, m, t))
+  # Task 0, all free: |W0| = 5, |W1| = 4, head row 0: 1 + 2 + 3 + 4 = 10.
+  np.testing.assert_allclose(pen(params, m, 0), 1 * 5 + 2 * 4 + 3 * 10, rtol=1e-6)
+  # Task 1 after task 0 owns units 0, 2 and 0: only the free unit's inputs and head row 1
+  # (5 + 6 + 7 + 8 = 26): |W0[:, 1]| = 2, |W1[:, 1]| = 2.
+  m["owner"] = {"dense_0": jnp.array([1, 0, 1]), "dense_1": jnp.array([1, 0])}
+  np.testing.assert_allclose(pen(params, m, 1), 1 * 2 + 2 * 2 + 3 * 26, rtol=1e-6)
+
+
+@pytest.mark.parametrize("num_heads", [1, 2])
+def test_record_reuse_counts_earlier_units_active_on_the_task(num_heads):
+  """Step 6: task 1 reuses earlier units whose mean activation is above its threshold."""
+  model, params = _tiny_mlp(num_heads)
+  lay = _layout(model, params, (1, 1, 2, 1))
+  m = clnp.init_state(lay, np.zeros(3, np.float32), num_tasks=2, num_grid=1)
+  m["owner"] = {"dense_0": jnp.array([1, 2, 1]), "dense_1": jnp.array([1, 2])}
+  m["theta"] = jnp.array([[0.0, 0.0], [0.5, 0.5]], jnp.float32)
+  # dense_0: unit 0 (task 0's, 0.6 > 0.5) counts, unit 2 (0.5) does not, unit 1 is task 1's own.
+  means = {"dense_0": jnp.array([0.6, 0.9, 0.5]), "dense_1": jnp.array([0.7, 0.9])}
+  out = jax.jit(lambda s, mn: clnp.record_reuse(lay, s, mn, 1))(_State(params, m), means)
+  # A single head masks task 0's final units out: nothing reused there.
+  np.testing.assert_array_equal(out.method["reused"], [[0, 0], [1, 1 if num_heads > 1 else 0]])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -217,6 +217,46 @@ def test_unfired_growth_fills_the_shortfall_at_random():
   assert picks == {6, 7}
 
 
+def test_drop_count_is_floor_of_scheduled_fraction_times_trainable_active():
+  """The drop count by hand: ``floor(f(step) * n)`` with ``n`` the task's own active weights and
+  ``f`` the cosine from 0.5 to 0.005 over ``T_end`` steps (not the authors' ``ceil(f * n_mask)``).
+  """
+  # One layer of 30: 10 own active weights (|w| = 0.1 .. 1.0), 4 reused frozen ones in the mask
+  # (n_mask = 14), 16 free inactive positions to grow into.
+  spec = {"k": {"kernel": True}}
+  mask = {"k": {"kernel": jnp.arange(30) < 14}}
+  own = {"k": {"kernel": jnp.where((jnp.arange(30) >= 10) & (jnp.arange(30) < 14), 1, 0)}}
+  w = np.zeros(30, np.float32)
+  w[:10] = np.arange(10, 0, -1) / 10  # position 9 is the smallest
+  w[10:14] = 0.01
+  params = {"k": {"kernel": jnp.asarray(w)}}
+  m = {"mask": mask, "own": own, "used": mask}
+
+  def dropped(sched, step):
+    _, res = dst.topology_update(m, params, fraction=sched(step), growth="random", spec=spec,
+                                 key=jax.random.key(step))
+    d = np.asarray(res.dropped["k"]["kernel"])
+    assert int(np.asarray(res.grown["k"]["kernel"]).sum()) == d.sum()
+    assert not d[10:].any()  # never a frozen weight
+    np.testing.assert_array_equal(np.flatnonzero(d), np.arange(10 - d.sum(), 10))  # smallest |w|
+    return int(d.sum())
+
+  kwargs = {"drop_fraction": 0.5, "drop_fraction_final": 0.005}
+  end, sched = dst.drop_schedule(100, t_end=1.0, **kwargs)
+  assert end == 100
+  assert dropped(sched, 0) == 5  # f = 0.5: 5.0
+  # f(25) = 0.005 + 0.2475 (1 + cos(pi / 4)) = 0.42751: 4.275 -> 4 (ceil / round: 5 / 4).
+  assert dropped(sched, 25) == 4
+  # f(50) = 0.005 + 0.2475 = 0.2525: 2.525 -> 2 (round: 3; the authors' ceil(0.2525 * 14) = 4).
+  assert dropped(sched, 50) == 2
+  # T_end = 75 steps: the cosine ends there. f(50) = 0.005 + 0.2475 (1 + cos(2 pi / 3)) = 0.12875:
+  # 1.2875 -> 1; from step 75 on f = 0.005: 0.05 -> 0.
+  end, sched = dst.drop_schedule(100, t_end=0.75, **kwargs)
+  assert end == 75
+  assert dropped(sched, 50) == 1
+  assert dropped(sched, 75) == 0
+
+
 def test_update_end_leaves_training_after_the_last_update():
   assert dst.update_end(100, 1.0) == 100  # as coded: an update may follow the last batch
   assert dst.update_end(100, 0.75) == 75

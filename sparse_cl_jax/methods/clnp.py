@@ -13,29 +13,33 @@ are expanded from these vectors inside the jitted steps (Sec. 2.1, Fig. 1 of the
 * free weights ``W(N -> N_inact)``: into a free unit from any unit; trainable by the next task and
   re-initialised (fresh draw of the model's initialisers) at the start of every task.
 
-Per task ``t`` (Alg. 1 with graceful forgetting, Sec. 2.2):
+Per task ``t`` (Alg. 1 with graceful forgetting, Sec. 2.2; :func:`run_task`):
 
-1. ``begin``: re-initialise the free weights, zero the interference weights into owned hidden
-   units (the new task's head row keeps its initial values: it is cut from inactive final units
-   only at step 5).
-2. For every grid point (L1 scale x learning rate, ``clnp.grid_l1_scale`` x ``clnp.grid_lr``)
-   train a candidate from the same start with a per-layer L1 penalty on the trainable weights
-   (``clnp.l1``: one coefficient per weight layer, the hidden layers then the output layer).
+1. ``begin`` (:func:`begin_task`): re-initialise the free weights, zero the interference weights
+   into owned hidden units (the new task's head row keeps its initial values: it is cut from
+   inactive final units only at step 5).
+2. For every grid point (:func:`train_candidates`; L1 scale x learning rate,
+   ``clnp.grid_l1_scale`` x ``clnp.grid_lr``) train a candidate from the same start with a
+   per-layer L1 penalty on the trainable weights (:func:`l1_penalty`; ``clnp.l1``: one coefficient
+   per weight layer, the hidden layers then the output layer).
 3. Per candidate: the mean post-ReLU activation of every unit / channel over the task's training
-   data (``E_S(N_l)``), then for every threshold ``theta`` of ``clnp.theta_grid`` (per-layer
-   thresholds ``theta * clnp.theta_scale[l]``) the validation accuracy of the network pruned at
-   ``theta``: free units with mean activation ``> theta`` become task ``t``'s units, the others
-   stay free and their outgoing weights into active units are cut.
-4. Graceful forgetting (:func:`search_thresholds`, :func:`select`): among candidates whose
-   unpruned validation accuracy lies within ``clnp.margin`` of the best candidate's, raise the
-   threshold as far as the pruned accuracy stays within the margin (one shared value, or layer by
-   layer with ``clnp.theta_search='per_layer'``); keep the sparsest (fewest active units).
-5. Commit the choice (owners assigned, interference weights set to 0.0) and optionally fine-tune
-   the task's weights (``clnp.finetune_epochs`` at ``clnp.finetune_lr`` with ``clnp.finetune_l1``:
-   the paper's "CLNP m = 4% + FT" uses 20 epochs, 1e-4, 5e-5).
-6. Diagnostics (Fig. 3, 4b, 5b): per layer, units used after the task, units newly activated by
-   it and earlier units it reuses (those active on its data and in its view, i.e. mean activation
-   above the layer's threshold; a layer without free units keeps its previous threshold).
+   data (``E_S(N_l)``, :func:`make_unit_means`), then for every threshold ``theta`` of
+   ``clnp.theta_grid`` (per-layer thresholds ``theta * clnp.theta_scale[l]``) the validation
+   accuracy of the network pruned at ``theta``: free units with mean activation ``> theta`` become
+   task ``t``'s units, the others stay free and their outgoing weights into active units are cut.
+4. Graceful forgetting (:func:`graceful_forgetting`: :func:`search_thresholds`, :func:`select`):
+   among candidates whose unpruned validation accuracy lies within ``clnp.margin`` of the best
+   candidate's, raise the threshold as far as the pruned accuracy stays within the margin (one
+   shared value, or layer by layer with ``clnp.theta_search='per_layer'``); keep the sparsest
+   (fewest active units).
+5. Commit the choice (:func:`commit`: owners assigned, interference weights set to 0.0) and
+   optionally fine-tune the task's weights (:func:`finetune`; ``clnp.finetune_epochs`` at
+   ``clnp.finetune_lr`` with ``clnp.finetune_l1``: the paper's "CLNP m = 4% + FT" uses 20 epochs,
+   1e-4, 5e-5).
+6. Diagnostics (Fig. 3, 4b, 5b; :func:`record_reuse`, :func:`report`): per layer, units used
+   after the task, units newly activated by it and earlier units it reuses (those active on its
+   data and in its view, i.e. mean activation above the layer's threshold; a layer without free
+   units keeps its previous threshold).
 
 Output structures (Sec. 2.1, Fig. 2): multi-head (one pre-allocated head row per task; a head row
 sees the final hidden units active at its task) or single-head (``config.multi_head=False``: one
@@ -59,9 +63,11 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 from absl import logging
 import jax
@@ -476,7 +482,7 @@ def make_unit_means(model, normalize, layout: Layout, forward, *, batch_size: in
 
 
 # --------------------------------------------------------------------------------------------------
-# Config helpers.
+# Configuration.
 
 
 def _per_layer(value, n: int, what: str) -> np.ndarray:
@@ -499,13 +505,8 @@ def grid_points(config) -> list[tuple[float, float]]:
   return [(float(s), float(lr)) for s, lr in itertools.product(scales, lrs)]
 
 
-# --------------------------------------------------------------------------------------------------
-# The method.
-
-
-def make(config, ctx: base.Context) -> base.Method:
-  """CLNP with the ``config.clnp`` fields described in ``configs/clnp.py``."""
-  cc = config.clnp
+def check_setting(config, ctx: base.Context) -> None:
+  """Refuses a model, stream or normalisation with which CLNP could not forget nothing."""
   if config.model not in CHAIN_MODELS:
     raise ValueError(f"CLNP needs a chain network (one of {CHAIN_MODELS}); config.model="
                      f"{config.model!r} has residual connections or is unknown")
@@ -516,9 +517,40 @@ def make(config, ctx: base.Context) -> base.Method:
   if norm not in ("none", "task_batch", "batch_stats_only"):
     raise ValueError(f"CLNP with norm={norm!r} would change earlier tasks' outputs (shared "
                      "running statistics); use norm='task_batch' or 'none'")
-  input_shape = (1,) + tuple(ctx.stream.input_shape)
-  layout = make_layout(ctx.model, ctx.params, input_shape, ctx.task_rows)
-  L, T = len(layout.names), ctx.num_tasks
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """``config.clnp`` read for a network of ``L`` hidden layers (see ``configs/clnp.py``).
+
+  Attributes:
+    l1: ``[L + 1]`` L1 coefficients of the training phase (hidden layers, then the output layer).
+    finetune_l1: ``[L + 1]`` the same for fine-tuning.
+    theta_scale: ``[L]`` per-layer multipliers of the thresholds.
+    theta_grid: ``[K]`` ascending threshold values.
+    margin: accepted loss of validation accuracy (graceful forgetting's ``m``).
+    theta_search: ``'shared'`` or ``'per_layer'`` (:func:`search_thresholds`).
+    grid: ``(L1 scale, learning rate)`` candidates (:func:`grid_points`).
+    epochs: training epochs of every candidate.
+    finetune_epochs: fine-tuning epochs after pruning (0: none).
+    finetune_lr: fine-tuning learning rate.
+  """
+  l1: np.ndarray
+  finetune_l1: np.ndarray
+  theta_scale: np.ndarray
+  theta_grid: np.ndarray
+  margin: float
+  theta_search: str
+  grid: list
+  epochs: int
+  finetune_epochs: int
+  finetune_lr: float
+
+
+def read_settings(config, num_layers: int) -> Settings:
+  """Checks and reads ``config.clnp`` for ``num_layers`` hidden layers."""
+  cc = config.clnp
+  L = num_layers
   l1 = _per_layer(cc.l1, L + 1, "l1")
   ft_l1 = _per_layer(cc.finetune_l1, L + 1, "finetune_l1")
   theta_scale = _per_layer(cc.theta_scale, L, "theta_scale")
@@ -529,233 +561,379 @@ def make(config, ctx: base.Context) -> base.Method:
   margin = float(cc.margin)
   if margin < 0:
     raise ValueError(f"config.clnp.margin={margin} must be >= 0")
-  grid = grid_points(config)
-  G = len(grid)
-  has_bs = "batch_stats" in ctx.variables
-  names = layout.names
-  l1_index = {p: (r[1] if r[0] == "kernel" else L) for p, r in layout.roles.items()
-              if r[0] in ("kernel", "head_kernel")}
+  return Settings(l1=l1, finetune_l1=ft_l1, theta_scale=theta_scale, theta_grid=theta_grid,
+                  margin=margin, theta_search=str(cc.theta_search), grid=grid_points(config),
+                  epochs=int(config.epochs), finetune_epochs=int(cc.finetune_epochs),
+                  finetune_lr=float(cc.finetune_lr))
 
-  def init_state(ctx):
-    del ctx
-    return {
-        "owner": {n: jnp.zeros((u,), jnp.int32) for n, u in zip(names, layout.units)},
-        "phase": jnp.asarray(TRAIN, jnp.int32),
-        "l1": jnp.asarray(l1),
-        "theta": jnp.zeros((T, L), jnp.float32),  # chosen per-layer thresholds
-        "reused": jnp.zeros((T, L), jnp.int32),  # earlier units each task uses
-        # Per task and grid point: validation accuracy unpruned and pruned (-1: not searched),
-        # active units after pruning (-1: not searched), its thresholds.
-        "grid_val": jnp.zeros((T, G, 2), jnp.float32),
-        "grid_units": jnp.zeros((T, G), jnp.int32),
-        "grid_theta": jnp.zeros((T, G, L), jnp.float32),
-        "choice": jnp.full((T, 2), -1, jnp.int32),  # (grid point, 1 if within the margin)
+
+# --------------------------------------------------------------------------------------------------
+# The method's state and its view of the network.
+
+
+def init_state(layout: Layout, l1: np.ndarray, num_tasks: int, num_grid: int) -> dict:
+  """Every unit free, phase TRAIN, and the per-task records of the selection (all empty)."""
+  L, T, G = len(layout.names), num_tasks, num_grid
+  return {
+      "owner": {n: jnp.zeros((u,), jnp.int32) for n, u in zip(layout.names, layout.units)},
+      "phase": jnp.asarray(TRAIN, jnp.int32),
+      "l1": jnp.asarray(l1),
+      "theta": jnp.zeros((T, L), jnp.float32),  # chosen per-layer thresholds
+      "reused": jnp.zeros((T, L), jnp.int32),  # earlier units each task uses
+      # Per task and grid point: validation accuracy unpruned and pruned (-1: not searched),
+      # active units after pruning (-1: not searched), its thresholds.
+      "grid_val": jnp.zeros((T, G, 2), jnp.float32),
+      "grid_units": jnp.zeros((T, G), jnp.int32),
+      "grid_theta": jnp.zeros((T, G, L), jnp.float32),
+      "choice": jnp.full((T, 2), -1, jnp.int32),  # (grid point, 1 if within the margin)
+  }
+
+
+def view_params(layout: Layout, params, mstate, task, current):
+  """``forward_params``: the params masked to what task ``task`` computes with (:func:`view_masks`);
+  the current task before pruning also sees the free units."""
+  training = (jnp.asarray(task, jnp.int32) == jnp.asarray(current, jnp.int32)) & (
+      mstate["phase"] == TRAIN)
+  return masks.apply(params, view_masks(layout, mstate["owner"], params, task, training))
+
+
+def frozen_tx_args(layout: Layout, params_like, mstate, task) -> dict:
+  """``tx_args``: everything but :func:`trainable_masks` is frozen."""
+  return base.frozen_args(trainable_masks(layout, mstate["owner"], params_like, task,
+                                          mstate["phase"]))
+
+
+def l1_layers(layout: Layout) -> dict:
+  """``{kernel path: index into the per-layer L1 coefficients}`` (hidden kernels, then the head)."""
+  L = len(layout.names)
+  return {p: (r[1] if r[0] == "kernel" else L) for p, r in layout.roles.items()
+          if r[0] in ("kernel", "head_kernel")}
+
+
+def l1_penalty(layout: Layout, l1_index: dict, params, mstate, task):
+  """``penalty``: per-layer L1 on the weights the task trains (Sec. 2.2), coefficients
+  ``mstate['l1']``."""
+  tr = trainable_masks(layout, mstate["owner"], params, task, mstate["phase"])
+  total = jnp.zeros((), jnp.float32)
+  for path, p, t in zip(masks.paths(params), jax.tree.leaves(params), jax.tree.leaves(tr)):
+    if path in l1_index:
+      total = total + mstate["l1"][l1_index[path]] * jnp.sum(jnp.where(t, jnp.abs(p), 0.0))
+  return total
+
+
+# --------------------------------------------------------------------------------------------------
+# The phases of a task (each jitted one maps a train state to a train state).
+
+
+def begin_task(state, t, *, model, key, input_shape, layout: Layout):
+  """Step 1: free weights re-drawn (key folded with ``t``), interference zeroed, phase TRAIN."""
+  m = dict(state.method)
+  fresh = model.init(jax.random.fold_in(key, t), jnp.zeros(input_shape, jnp.float32), task=0,
+                     train=False)["params"]
+  params = begin_params(layout, m["owner"], state.params, fresh, t)
+  m["phase"] = jnp.asarray(TRAIN, jnp.int32)
+  return state._replace(params=params, method=m)
+
+
+def set_l1(state, coeffs):
+  """The per-layer L1 coefficients the penalty uses from now on."""
+  m = dict(state.method)
+  m["l1"] = coeffs
+  return state._replace(method=m)
+
+
+def pruned_view(names: Sequence[str], state, means, theta_vec, t):
+  """A candidate pruned at ``theta_vec`` (owners assigned, phase PRUNED; params untouched)."""
+  m = dict(state.method)
+  m["owner"] = activate(m["owner"], means, {n: theta_vec[i] for i, n in enumerate(names)}, t)
+  m["phase"] = jnp.asarray(PRUNED, jnp.int32)
+  return state._replace(method=m)
+
+
+def commit(layout: Layout, state, means, theta_vec, t, records):
+  """Step 5: prunes at ``theta_vec``: free units with mean activation above their layer's
+  threshold become task ``t``'s (frozen from now on), interference weights are set to exactly 0.0,
+  and the thresholds and ``records`` (``{method state field: row t}``) are stored."""
+  state = pruned_view(layout.names, state, means, theta_vec, t)
+  m = dict(state.method)
+  zero = interference_masks(layout, m["owner"], state.params, t)
+  params = jax.tree.map(lambda p, z: jnp.where(z, jnp.zeros_like(p), p), state.params, zero)
+  m["theta"] = m["theta"].at[t].set(theta_vec)
+  for name, value in records.items():
+    m[name] = m[name].at[t].set(value)
+  return state._replace(params=params, method=m)
+
+
+def record_reuse(layout: Layout, state, means, t):
+  """Step 6: how many earlier units task ``t`` reuses (active on its data, in its view)."""
+  m = dict(state.method)
+  theta = m["theta"][t]
+  counts = []
+  for i, n in enumerate(layout.names):
+    o = m["owner"][n]
+    used = (o >= 1) & (o <= t) & (means[n] > theta[i])
+    if i == len(layout.names) - 1 and not layout.multi_head:
+      used = jnp.zeros_like(used)  # a single head masks other tasks' final units
+    counts.append(jnp.sum(used, dtype=jnp.int32))
+  m["reused"] = m["reused"].at[t].set(jnp.stack(counts))
+  return state._replace(method=m)
+
+
+class Steps(NamedTuple):
+  """The jitted state maps of a task (see :func:`jit_steps`)."""
+  begin: Callable  # (state, t) -> state
+  set_l1: Callable  # (state, coeffs) -> state
+  pruned_view: Callable  # (state, means, theta_vec, t) -> state
+  commit: Callable  # (state, means, theta_vec, t, records) -> state
+  record_reuse: Callable  # (state, means, t) -> state
+  unit_means: Callable  # (params, batch_stats, mstate, data, task) -> {layer: [units]}
+
+
+def jit_steps(layout: Layout, model, key, input_shape, unit_means) -> Steps:
+  """Jits the phases above for one network (their static arguments bound)."""
+  return Steps(
+      begin=jax.jit(functools.partial(begin_task, model=model, key=key, input_shape=input_shape,
+                                      layout=layout)),
+      set_l1=jax.jit(set_l1),
+      pruned_view=jax.jit(functools.partial(pruned_view, layout.names)),
+      commit=jax.jit(functools.partial(commit, layout)),
+      record_reuse=jax.jit(functools.partial(record_reuse, layout)),
+      unit_means=unit_means)
+
+
+def task_unit_means(steps: Steps, trainer, state, t):
+  """``E_S(N_l)``: every unit's mean activation over task ``t``'s training data, in its view."""
+  return steps.unit_means(state.params, state.batch_stats, state.method,
+                          trainer.task_data(t, "train"), jnp.int32(t))
+
+
+def train_candidates(trainer, state, t: int, *, steps: Steps, settings: Settings):
+  """Step 2 (and 3's statistics): one candidate per grid point, all from the same start.
+
+  Returns:
+    ``(candidates, unpruned)``: ``[(state, unit means)]`` per grid point and ``[G]`` their
+    validation accuracies before pruning. ``state`` itself becomes the last candidate.
+  """
+  grid = settings.grid
+  G = len(grid)
+  cands = []
+  unpruned = np.zeros((G,))
+  for g, (scale, lr) in enumerate(grid):
+    s = state if g == G - 1 else jax.tree.map(jnp.copy, state)
+    coeffs = jnp.asarray(settings.l1 * np.float32(scale))
+    s = trainer.apply(s, lambda s, c=coeffs: steps.set_l1(s, c))
+    s = trainer.train(s, t, epochs=settings.epochs, lr=lr, phase=f"train {g + 1}/{G}")
+    unpruned[g] = trainer.evaluate(s, t, split="val")
+    cands.append((s, task_unit_means(steps, trainer, s, t)))
+  return cands, unpruned
+
+
+def count_units(owner: dict, means: dict, theta_vec, names: Sequence[str]) -> int:
+  """Active units after pruning at ``theta_vec``: the owned ones plus the free ones whose mean
+  activation exceeds their layer's threshold (NumPy)."""
+  old = sum(int(np.sum(v > 0)) for v in owner.values())
+  return old + sum(int(np.sum((owner[n] == 0) & (means[n] > theta_vec[i])))
+                   for i, n in enumerate(names))
+
+
+class Choice(NamedTuple):
+  """Graceful forgetting's outcome for one task (``G`` grid points, ``L`` hidden layers)."""
+  index: int  # the chosen grid point
+  thetas: np.ndarray  # [G, L] float32 thresholds of every candidate (the chosen one's adjusted)
+  unpruned: np.ndarray  # [G] validation accuracy before pruning
+  pruned: np.ndarray  # [G] after pruning at its thresholds (-1: not searched)
+  units: np.ndarray  # [G] active units after pruning (-1: not searched)
+  eligible: np.ndarray  # [G] bool: pruned accuracy within the margin of the best unpruned one
+
+
+def graceful_forgetting(accuracy, unpruned, means, owner: dict, *, names: Sequence[str],
+                        settings: Settings, prev_theta, task: int) -> Choice:
+  """Steps 3-4: per candidate the highest thresholds within the margin, then the sparsest.
+
+  Args:
+    accuracy: ``accuracy(g, theta_vec) -> float``, validation accuracy of candidate ``g`` pruned
+      at the per-layer thresholds ``theta_vec``.
+    unpruned: ``[G]`` validation accuracy of every candidate before pruning.
+    means: per candidate ``{layer: [units]}`` mean activations on the task's training data.
+    owner: ``{layer: int [units]}`` owners before the task (0 = free).
+    names: the hidden layers, forward order.
+    settings: thresholds (``theta_grid * theta_scale``), ``margin`` and ``theta_search``.
+    prev_theta: ``[L]`` the previous task's thresholds (kept by layers without free units).
+    task: the loop's task index (for the reuse diagnostic and the log).
+
+  Returns:
+    A :class:`Choice`. Candidates below ``best unpruned - margin`` are not searched. A layer
+    without free units keeps ``prev_theta`` (tasks after the first); if no candidate stays within
+    the margin, the best unpruned one is kept at the lowest thresholds.
+  """
+  G, L = len(unpruned), len(names)
+  unpruned = np.asarray(unpruned)
+  owner = {n: np.asarray(v) for n, v in owner.items()}
+  movable = np.asarray([bool(np.any(owner[n] == 0)) for n in names])
+  floor = float(unpruned.max()) - settings.margin - 1e-9
+  pruned = np.full((G,), -1.0)
+  units = np.full((G,), -1, np.int64)
+  thetas = np.zeros((G, L), np.float32)
+  eligible = np.zeros((G,), bool)
+  for g in range(G):
+    if unpruned[g] < floor:
+      continue
+    means_np = {n: np.asarray(v) for n, v in means[g].items()}
+
+    def evaluate(theta_vec, g=g, means_np=means_np):
+      return accuracy(g, theta_vec), count_units(owner, means_np, theta_vec, names)
+
+    thetas[g], pruned[g], units[g], eligible[g] = search_thresholds(
+        evaluate, settings.theta_grid, settings.theta_scale, floor, mode=settings.theta_search,
+        movable=movable)
+  g = select(unpruned, pruned, units, eligible)
+  if task > 0:  # a layer without free units keeps its last threshold (for the reuse diagnostic)
+    thetas[g] = np.where(movable, thetas[g], prev_theta)
+  if not eligible[g]:
+    logging.warning("CLNP task %d: no candidate stays within margin %g of the best validation "
+                    "accuracy %.4f after pruning; keeping the best one at the lowest thresholds",
+                    task + 1, settings.margin, unpruned.max())
+    thetas[g] = np.where(movable, settings.theta_grid[0] * settings.theta_scale, thetas[g])
+  return Choice(index=g, thetas=thetas, unpruned=unpruned, pruned=pruned, units=units,
+                eligible=eligible)
+
+
+def choice_records(choice: Choice) -> dict:
+  """The method state's per-task rows that record ``choice`` (written by :func:`commit`)."""
+  g = choice.index
+  return {"grid_val": jnp.asarray(np.stack([choice.unpruned, choice.pruned], 1), jnp.float32),
+          "grid_units": jnp.asarray(choice.units, jnp.int32),
+          "grid_theta": jnp.asarray(choice.thetas),
+          "choice": jnp.asarray([g, int(choice.eligible[g])], jnp.int32)}
+
+
+def finetune(trainer, state, t: int, *, steps: Steps, settings: Settings):
+  """Step 5's optional fine-tuning of the task's own weights (with the fine-tuning L1)."""
+  if not settings.finetune_epochs:
+    return state
+  state = trainer.apply(state, lambda s: steps.set_l1(s, jnp.asarray(settings.finetune_l1)))
+  return trainer.train(state, t, epochs=settings.finetune_epochs, lr=settings.finetune_lr,
+                       phase="finetune")
+
+
+def run_task(trainer, state, t: int, *, layout: Layout, steps: Steps, settings: Settings):
+  """One task of Alg. 1 with graceful forgetting (steps 1-6 of the module docstring)."""
+  tt = jnp.int32(t)
+  state = trainer.apply(state, lambda s: steps.begin(s, tt))
+  owner = {n: np.asarray(v) for n, v in state.method["owner"].items()}
+  prev_theta = np.asarray(state.method["theta"])[max(t - 1, 0)]
+  cands, unpruned = train_candidates(trainer, state, t, steps=steps, settings=settings)
+  del state
+
+  def accuracy(g, theta_vec):
+    s, means = cands[g]
+    return trainer.evaluate(steps.pruned_view(s, means, jnp.asarray(theta_vec), tt), t,
+                            split="val")
+
+  choice = graceful_forgetting(accuracy, unpruned, [means for _, means in cands], owner,
+                               names=layout.names, settings=settings, prev_theta=prev_theta,
+                               task=t)
+  g = choice.index
+  logging.info("CLNP task %d: grid point %s (l1 scale, lr), thresholds %s: val %.4f -> %.4f, "
+               "%d active units", t + 1, settings.grid[g], choice.thetas[g], unpruned[g],
+               choice.pruned[g], choice.units[g])
+  records = choice_records(choice)
+  chosen, means = cands[g]
+  cands.clear()  # the other candidates' states are no longer needed
+  state = trainer.apply(chosen, lambda s: steps.commit(s, means, jnp.asarray(choice.thetas[g]),
+                                                       tt, records))
+  del chosen
+  state = finetune(trainer, state, t, steps=steps, settings=settings)
+  final_means = task_unit_means(steps, trainer, state, t)
+  return trainer.apply(state, lambda s: steps.record_reuse(s, final_means, tt))
+
+
+# --------------------------------------------------------------------------------------------------
+# Report.
+
+
+def report(ctx, state, *, num_tasks: int, layout: Layout, settings: Settings) -> dict:
+  """Ownership fields, per-layer neuron usage (Fig. 3, 4b, 5b) and every task's selection."""
+  names, T, grid = layout.names, num_tasks, settings.grid
+  m = jax.device_get(state.method)
+  params = jax.device_get(state.params)
+  own = jax.device_get(weight_owner(layout, state.method["owner"], params))
+  out = base.ownership_report(ctx, own)
+  neurons = {}
+  for i, n in enumerate(names):
+    o = np.asarray(m["owner"][n])
+    u = int(o.size)
+    new = [int(np.sum(o == j + 1)) for j in range(T)]
+    used = [int(np.sum((o >= 1) & (o <= j + 1))) for j in range(T)]
+    reused = [int(x) for x in np.asarray(m["reused"])[:, i]]
+    neurons[n] = {
+        "units": u,
+        "used_fraction_after_task": [x / u for x in used],
+        "new_per_task": new,
+        "reused_per_task": reused,
+        "task_fraction": [(new[j] + reused[j]) / u for j in range(T)],
+        "free_after_last_task": (u - used[-1]) / u,
     }
+  selection = []
+  for j in range(T):
+    g, within = (int(x) for x in np.asarray(m["choice"][j]))
+    if g < 0:
+      selection.append(None)
+      continue
+    gv = np.asarray(m["grid_val"][j])
+    selection.append({
+        "grid_point": g, "l1_scale": grid[g][0], "learning_rate": grid[g][1],
+        "theta_per_layer": [float(x) for x in np.asarray(m["theta"][j])],
+        "val_unpruned": float(gv[g, 0]), "val_pruned": float(gv[g, 1]),
+        "best_val_unpruned": float(gv[:, 0].max()), "within_margin": bool(within),
+        "active_units": int(np.asarray(m["grid_units"][j])[g]),
+    })
+  out["neurons_per_layer"] = neurons
+  out["clnp"] = {
+      "layers": list(names), "multi_head": layout.multi_head, "margin": settings.margin,
+      "grid": [list(p) for p in grid], "theta_grid": [float(x) for x in settings.theta_grid],
+      "theta_search": settings.theta_search, "selection": selection,
+      "grid_val": np.asarray(m["grid_val"]).tolist(),
+      "grid_units": np.asarray(m["grid_units"]).tolist(),
+      "grid_theta": np.asarray(m["grid_theta"]).tolist(),
+  }
+  return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The method.
+
+
+def make(config, ctx: base.Context) -> base.Method:
+  """CLNP with the ``config.clnp`` fields described in ``configs/clnp.py``."""
+  check_setting(config, ctx)
+  input_shape = (1,) + tuple(ctx.stream.input_shape)
+  layout = make_layout(ctx.model, ctx.params, input_shape, ctx.task_rows)
+  settings = read_settings(config, len(layout.names))
+  l1_index = l1_layers(layout)
+  params_like, num_tasks = ctx.params, ctx.num_tasks
 
   def forward_params(params, aux, m, task, current):
     del aux
-    training = (jnp.asarray(task, jnp.int32) == jnp.asarray(current, jnp.int32)) & (
-        m["phase"] == TRAIN)
-    return masks.apply(params, view_masks(layout, m["owner"], params, task, training))
+    return view_params(layout, params, m, task, current)
 
-  params_like = ctx.params
-
-  def tx_args(m, task):
-    return base.frozen_args(trainable_masks(layout, m["owner"], params_like, task, m["phase"]))
-
-  wrap_tx = base.freezing_tx
-
-  def penalty(params, aux, m, task):
-    """Per-layer L1 on the weights the task trains (Sec. 2.2)."""
-    del aux
-    tr = trainable_masks(layout, m["owner"], params, task, m["phase"])
-    total = jnp.zeros((), jnp.float32)
-    for path, p, t in zip(masks.paths(params), jax.tree.leaves(params), jax.tree.leaves(tr)):
-      if path in l1_index:
-        total = total + m["l1"][l1_index[path]] * jnp.sum(jnp.where(t, jnp.abs(p), 0.0))
-    return total
-
-  key = jax.random.wrap_key_data(ctx.key)
-  model = ctx.model
-
-  @jax.jit
-  def begin(state, t):
-    m = dict(state.method)
-    fresh = model.init(jax.random.fold_in(key, t), jnp.zeros(input_shape, jnp.float32), task=0,
-                       train=False)["params"]
-    params = begin_params(layout, m["owner"], state.params, fresh, t)
-    m["phase"] = jnp.asarray(TRAIN, jnp.int32)
-    return state._replace(params=params, method=m)
-
-  @jax.jit
-  def set_l1(state, coeffs):
-    m = dict(state.method)
-    m["l1"] = coeffs
-    return state._replace(method=m)
-
-  def theta_dict(theta_vec):
-    return {n: theta_vec[i] for i, n in enumerate(names)}
-
-  @jax.jit
-  def pruned_view(state, means, theta_vec, t):
-    """Candidate pruned at ``theta_vec`` (owners assigned, phase PRUNED; params untouched)."""
-    m = dict(state.method)
-    m["owner"] = activate(m["owner"], means, theta_dict(theta_vec), t)
-    m["phase"] = jnp.asarray(PRUNED, jnp.int32)
-    return state._replace(method=m)
-
-  @jax.jit
-  def commit(state, means, theta_vec, t, records):
-    """Prunes at ``theta_vec``: owners assigned, interference weights set to exactly 0.0."""
-    state = pruned_view(state, means, theta_vec, t)
-    m = dict(state.method)
-    zero = interference_masks(layout, m["owner"], state.params, t)
-    params = jax.tree.map(lambda p, z: jnp.where(z, jnp.zeros_like(p), p), state.params, zero)
-    m["theta"] = m["theta"].at[t].set(theta_vec)
-    for name, value in records.items():
-      m[name] = m[name].at[t].set(value)
-    return state._replace(params=params, method=m)
-
-  @jax.jit
-  def finish(state, means, t):
-    """Records how many earlier units task ``t`` reuses (active on its data, in its view)."""
-    m = dict(state.method)
-    theta = m["theta"][t]
-    counts = []
-    for i, n in enumerate(names):
-      o = m["owner"][n]
-      used = (o >= 1) & (o <= t) & (means[n] > theta[i])
-      if i == L - 1 and not layout.multi_head:
-        used = jnp.zeros_like(used)  # a single head masks other tasks' final units
-      counts.append(jnp.sum(used, dtype=jnp.int32))
-    m["reused"] = m["reused"].at[t].set(jnp.stack(counts))
-    return state._replace(method=m)
-
-  unit_means = make_unit_means(model, ctx.stream.normalize, layout, forward_params,
-                               batch_size=int(config.eval_batch_size), has_batch_stats=has_bs)
-
-  def means_of(trainer, s, t):
-    return unit_means(s.params, s.batch_stats, s.method, trainer.task_data(t, "train"),
-                      jnp.int32(t))
-
-  def new_units(owner_np, means_np, theta_vec):
-    return sum(int(np.sum((owner_np[n] == 0) & (means_np[n] > theta_vec[i])))
-               for i, n in enumerate(names))
-
-  def run_task(trainer, state, t):
-    tt = jnp.int32(t)
-    state = trainer.apply(state, lambda s: begin(s, tt))
-    owner_np = {n: np.asarray(v) for n, v in state.method["owner"].items()}
-    old_units = sum(int(np.sum(v > 0)) for v in owner_np.values())
-    movable = np.asarray([bool(np.any(owner_np[n] == 0)) for n in names])
-    prev_theta = np.asarray(state.method["theta"])[max(t - 1, 0)]
-    # 1. One candidate per grid point, all from the same start.
-    cands = []
-    unpruned = np.zeros((G,))
-    for g, (scale, lr) in enumerate(grid):
-      s = state if g == G - 1 else jax.tree.map(jnp.copy, state)
-      coeffs = jnp.asarray(l1 * np.float32(scale))
-      s = trainer.apply(s, lambda s, c=coeffs: set_l1(s, c))
-      s = trainer.train(s, t, epochs=int(config.epochs), lr=lr, phase=f"train {g + 1}/{G}")
-      unpruned[g] = trainer.evaluate(s, t, split="val")
-      cands.append((s, means_of(trainer, s, t)))
-    del state, s
-    # 2. Graceful forgetting: thresholds as high as the margin allows, then the sparsest.
-    floor = float(unpruned.max()) - margin - 1e-9
-    pruned = np.full((G,), -1.0)
-    units = np.full((G,), -1, np.int64)
-    thetas = np.zeros((G, L), np.float32)
-    eligible = np.zeros((G,), bool)
-    for g, (s, means) in enumerate(cands):
-      if unpruned[g] < floor:
-        continue
-      means_np = {n: np.asarray(v) for n, v in means.items()}
-
-      def evaluate(theta_vec, s=s, means=means, means_np=means_np):
-        acc = trainer.evaluate(pruned_view(s, means, jnp.asarray(theta_vec), tt), t, split="val")
-        new = sum(int(np.sum((owner_np[n] == 0) & (means_np[n] > theta_vec[i])))
-                  for i, n in enumerate(names))
-        return acc, old_units + new
-
-      thetas[g], pruned[g], units[g], eligible[g] = search_thresholds(
-          evaluate, theta_grid, theta_scale, floor, mode=str(cc.theta_search), movable=movable)
-    g = select(unpruned, pruned, units, eligible)
-    if t > 0:  # a layer without free units keeps its last threshold (for the reuse diagnostic)
-      thetas[g] = np.where(movable, thetas[g], prev_theta)
-    if not eligible[g]:
-      logging.warning("CLNP task %d: no candidate stays within margin %g of the best validation "
-                      "accuracy %.4f after pruning; keeping the best one at the lowest thresholds",
-                      t + 1, margin, unpruned.max())
-      thetas[g] = np.where(movable, theta_grid[0] * theta_scale, thetas[g])
-    logging.info("CLNP task %d: grid point %s (l1 scale, lr), thresholds %s: val %.4f -> %.4f, "
-                 "%d active units", t + 1, grid[g], thetas[g], unpruned[g], pruned[g], units[g])
-    records = {"grid_val": jnp.asarray(np.stack([unpruned, pruned], 1), jnp.float32),
-               "grid_units": jnp.asarray(units, jnp.int32),
-               "grid_theta": jnp.asarray(thetas),
-               "choice": jnp.asarray([g, int(eligible[g])], jnp.int32)}
-    chosen, means = cands[g]
-    del cands
-    state = trainer.apply(chosen, lambda s: commit(s, means, jnp.asarray(thetas[g]), tt, records))
-    del chosen
-    # 3. Optional fine-tuning of the task's own weights.
-    if int(cc.finetune_epochs):
-      state = trainer.apply(state, lambda s: set_l1(s, jnp.asarray(ft_l1)))
-      state = trainer.train(state, t, epochs=int(cc.finetune_epochs),
-                            lr=float(cc.finetune_lr), phase="finetune")
-    final_means = means_of(trainer, state, t)
-    return trainer.apply(state, lambda s: finish(s, final_means, tt))
-
-  def report(ctx, state):
-    m = jax.device_get(state.method)
-    params = jax.device_get(state.params)
-    own = jax.device_get(weight_owner(layout, state.method["owner"], params))
-    out = base.ownership_report(ctx, own)
-    neurons = {}
-    for i, n in enumerate(names):
-      o = np.asarray(m["owner"][n])
-      u = int(o.size)
-      new = [int(np.sum(o == j + 1)) for j in range(T)]
-      used = [int(np.sum((o >= 1) & (o <= j + 1))) for j in range(T)]
-      reused = [int(x) for x in np.asarray(m["reused"])[:, i]]
-      neurons[n] = {
-          "units": u,
-          "used_fraction_after_task": [x / u for x in used],
-          "new_per_task": new,
-          "reused_per_task": reused,
-          "task_fraction": [(new[j] + reused[j]) / u for j in range(T)],
-          "free_after_last_task": (u - used[-1]) / u,
-      }
-    selection = []
-    for j in range(T):
-      g, within = (int(x) for x in np.asarray(m["choice"][j]))
-      if g < 0:
-        selection.append(None)
-        continue
-      gv = np.asarray(m["grid_val"][j])
-      selection.append({
-          "grid_point": g, "l1_scale": grid[g][0], "learning_rate": grid[g][1],
-          "theta_per_layer": [float(x) for x in np.asarray(m["theta"][j])],
-          "val_unpruned": float(gv[g, 0]), "val_pruned": float(gv[g, 1]),
-          "best_val_unpruned": float(gv[:, 0].max()), "within_margin": bool(within),
-          "active_units": int(np.asarray(m["grid_units"][j])[g]),
-      })
-    out["neurons_per_layer"] = neurons
-    out["clnp"] = {
-        "layers": list(names), "multi_head": layout.multi_head, "margin": margin,
-        "grid": [list(p) for p in grid], "theta_grid": [float(x) for x in theta_grid],
-        "theta_search": str(cc.theta_search), "selection": selection,
-        "grid_val": np.asarray(m["grid_val"]).tolist(),
-        "grid_units": np.asarray(m["grid_units"]).tolist(),
-        "grid_theta": np.asarray(m["grid_theta"]).tolist(),
-    }
-    return out
-
-  return base.Method(name="clnp", run_task=run_task, init_state=init_state,
-                     forward_params=forward_params, wrap_tx=wrap_tx, tx_args=tx_args,
-                     penalty=penalty, report=report, resumable_within_task=False)
+  unit_means = make_unit_means(ctx.model, ctx.stream.normalize, layout, forward_params,
+                               batch_size=int(config.eval_batch_size),
+                               has_batch_stats="batch_stats" in ctx.variables)
+  steps = jit_steps(layout, ctx.model, jax.random.wrap_key_data(ctx.key), input_shape,
+                    unit_means)
+  return base.Method(
+      name="clnp",
+      run_task=functools.partial(run_task, layout=layout, steps=steps, settings=settings),
+      init_state=lambda _: init_state(layout, settings.l1, num_tasks, len(settings.grid)),
+      forward_params=forward_params,
+      wrap_tx=base.freezing_tx,
+      tx_args=lambda m, task: frozen_tx_args(layout, params_like, m, task),
+      penalty=lambda params, aux, m, task: l1_penalty(layout, l1_index, params, m, task),
+      report=functools.partial(report, num_tasks=num_tasks, layout=layout, settings=settings),
+      resumable_within_task=False)
 
 
 def layout_of(ctx: base.Context) -> Layout:
   """The :class:`Layout` of a context's model (for tests and diagnostics)."""
   return make_layout(ctx.model, ctx.params, (1,) + tuple(ctx.stream.input_shape), ctx.task_rows)
-

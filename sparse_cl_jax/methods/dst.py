@@ -2,16 +2,17 @@
 
 "Continual Learning with Dynamic Sparse Training: Exploring Algorithms for Effective Model
 Updates", Sec. 3. Task-incremental; every task ``t`` (owner ``t + 1``) gets its own subnetwork at
-a fixed per-task sparsity ``s``:
+a fixed per-task sparsity ``s`` (:func:`run_task`):
 
-1. ``begin``: draw the task's mask, per layer exactly ``k_l`` positions
+1. ``begin`` (:func:`begin_task`): draw the task's mask, per layer exactly ``k_l`` positions
    (:func:`sparsity.target_counts`, ``init='uniform'`` or ``'erk'``), at random over *all*
    positions (as coded: the mask may include frozen weights of earlier tasks, which the task then
    computes with but never changes). Free positions in the mask are the task's trainable weights;
    they start at zero for tasks after the first (as coded; ``new_weights='init'``: fresh initial
    values). Task 0 starts from the model's initialisation.
-2. Train with the config's optimiser; every ``update_every`` steps the trainer's hook runs
-   :func:`topology_update` (jitted, separate from the train step, so the step never retraces):
+2. Train with the config's optimiser; every ``update_every`` steps the trainer's hook
+   (:func:`topology_hook`) runs :func:`topology_step`, i.e. :func:`topology_update` (jitted,
+   separate from the train step, so the step never retraces) at :func:`drop_schedule`'s fraction:
    drop by smallest magnitude ``floor(f * n)`` of the ``n`` trainable active weights of each layer,
    ``f`` cosine-annealed from ``drop_fraction`` (0.5) to ``drop_fraction_final`` (0.005) over the
    first ``t_end`` of the task's steps (the paper's ``f_decay(t, alpha, T_end)``), stepped per
@@ -24,9 +25,10 @@ a fixed per-task sparsity ``s``:
    at the masked weights, RigL) or ``momentum`` (largest ``|m|`` of the optimiser's first moment,
    SNFS). Grown weights start at zero (as coded; ``regrow='init'``: fresh values). The per-layer
    count is exact after every update.
-3. ``finish``: the task's trainable active weights become owned by the task (frozen for good);
-   its mask is stored as bit ``t`` of a per-weight ``uint32`` word (``bits``), the fixed-shape
-   equivalent of a ``[T, ...]`` stack of bool masks at 1/8 of the memory.
+3. ``finish`` (:func:`finish_task`): the task's trainable active weights become owned by the
+   task (frozen for good); its mask is stored as bit ``t`` of a per-weight ``uint32`` word
+   (``bits``), the fixed-shape equivalent of a ``[T, ...]`` stack of bool masks at 1/8 of the
+   memory.
 
 Evaluation of task ``j`` uses exactly ``mask_j`` (own + reused frozen weights), task ``j``'s head
 and per-task BN row, so with per-task BN (``norm='task_batch'``, the default) its outputs are
@@ -73,8 +75,9 @@ Example::
 from __future__ import annotations
 
 import collections
+import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import logging
 import jax
@@ -279,7 +282,7 @@ def view_masks(mstate, task, current) -> Any:
 
 
 # --------------------------------------------------------------------------------------------------
-# The method.
+# Configuration.
 
 
 def _check_config(dc, config) -> None:
@@ -299,6 +302,269 @@ def _check_config(dc, config) -> None:
                      "(0, 1] (1.0 = update until the end, as coded)")
 
 
+def _check_setting(config, ctx: base.Context, modes: list[str]) -> None:
+  """Refuses momentum growth without a first moment; warns about settings that forget."""
+  if "momentum" in modes and config.optimizer == "sgd" and not config.momentum:
+    raise ValueError("DST momentum growth needs a first moment: use Adam or SGD with momentum")
+  if ctx.stream.incremental != "task":
+    logging.warning("DST for CL is a task-incremental method; running it class-incremental")
+  if getattr(ctx.model, "norm", "none") == "batch":
+    logging.warning("DST with shared BatchNorm running statistics forgets: use norm='task_batch' "
+                    "(default) or 'batch_stats_only' (as coded)")
+
+
+class Budget(NamedTuple):
+  """Every task's mask size: ``counts`` per maskable leaf (a tree of ints), ``total`` maskable
+  weights, ``kept`` = the sum of the counts."""
+  counts: Any
+  total: int
+  kept: int
+
+
+def mask_budget(params, spec, sparsity: float, init: str) -> Budget:
+  """Per-layer counts of one task's mask at ``sparsity`` (``init``: 'uniform' or 'erk')."""
+  counts = sparsity_lib.target_counts(params, sparsity, distribution=init, spec=spec)
+  sizes = [int(np.size(p)) for p, f in zip(jax.tree.leaves(params), jax.tree.leaves(spec)) if f]
+  kept = sum(c for c, f in zip(jax.tree.leaves(counts), jax.tree.leaves(spec)) if f)
+  return Budget(counts=counts, total=max(sum(sizes), 1), kept=kept)
+
+
+# --------------------------------------------------------------------------------------------------
+# The method's state and its view of the network.
+
+
+def init_state(params, num_tasks: int) -> dict:
+  """Nothing owned, no stored masks; the mask is dense until the first task draws its own (the
+  random-init baseline sees the full model)."""
+  return {
+      "own": masks.new_ownership(params),
+      "mask": masks.ones(params),
+      "used": masks.zeros(params),
+      "bits": new_bits(params, num_tasks),
+      "num_updates": jnp.zeros((num_tasks,), jnp.int32),
+      "num_regrown": jnp.zeros((num_tasks,), jnp.int32),
+  }
+
+
+def view_params(params, mstate, task, current, *, spec, rows):
+  """``forward_params``: the weights masked by :func:`view_masks` (dense gradient); for a later
+  task ``task > current`` task ``current``'s head / BN row placed at row ``task``."""
+  sel = view_masks(mstate, task, current)
+  later = jnp.asarray(task, jnp.int32) > jnp.asarray(current, jnp.int32)
+  t = jnp.asarray(task, jnp.int32)
+  c = jnp.asarray(current, jnp.int32)
+
+  def one(p, mk, f, is_row):
+    if f:
+      p = mask_dense_grad(p, mk)
+    if is_row:  # task i's head / BN row at row j for the forward-transfer view (j > i)
+      p = jnp.where(later, p.at[t].set(p[c]), p)
+    return p
+
+  return jax.tree.map(one, params, sel, spec, rows)
+
+
+def frozen_tx_args(mstate, task, *, spec, rows) -> dict:
+  """``tx_args``: everything but :func:`trainable` is frozen."""
+  return base.frozen_args(trainable(mstate, spec, rows, task))
+
+
+def fresh_params(key, *, model, input_shape):
+  """A fresh draw of the model's initial params (``new_weights`` / ``regrow='init'``)."""
+  return model.init(key, jnp.zeros(input_shape, jnp.float32), task=0, train=False)["params"]
+
+
+# --------------------------------------------------------------------------------------------------
+# The phases of a task (each jitted one maps a train state to a train state).
+
+
+def _set_rows(tree, task, values):
+  """Row ``task`` of every leaf of ``tree`` set to row ``task`` of ``values``."""
+  return jax.tree.map(lambda a, v: a.at[task].set(v[task]), tree, values)
+
+
+def begin_task(state, t, key, *, counts, spec, overlap: bool, new_weights: str, fresh,
+               per_task_stats: bool, init_stats):
+  """Step 1: task ``t``'s sparse mask, exactly ``counts`` positions per layer at random.
+
+  Candidates are all positions (``overlap``, as coded) or the free ones. For tasks after the
+  first its free positions start at zero (``new_weights='zero'``) or a fresh draw ``fresh(key)``
+  (``'init'``). With per-task statistics the task's BN row is reset to ``init_stats``.
+  """
+  TRACE_COUNTS["begin"] += 1
+  m = dict(state.method)
+  own = m["own"]
+  cand = jax.tree.map(lambda o: jnp.ones(o.shape, jnp.bool_) if overlap else o == 0, own)
+  scores = criteria.random(state.params, key=jax.random.fold_in(key, 0))
+  mask = topk.topk_mask(scores, counts, candidates=cand, spec=spec)
+  fill = (fresh(jax.random.fold_in(key, 1)) if new_weights == "init"
+          else jax.tree.map(jnp.zeros_like, state.params))
+  later_task = t > 0
+
+  def start(p, mk, o, q, f):
+    if not f:
+      return p
+    return jnp.where(later_task & mk & (o == 0), q.astype(p.dtype), p)
+
+  params = jax.tree.map(start, state.params, mask, own, fill, spec)
+  m["mask"] = mask
+  m["used"] = mask
+  bs = state.batch_stats
+  if per_task_stats:
+    bs = _set_rows(bs, t, init_stats)
+  return state._replace(params=params, batch_stats=bs, method=m)
+
+
+def drop_schedule(total_steps: int, *, drop_fraction: float, drop_fraction_final: float,
+                  t_end: float):
+  """Step 2's schedule: ``(T_end, f)`` with ``f(step)`` the cosine-annealed drop fraction.
+
+  ``f`` goes from ``drop_fraction`` to ``drop_fraction_final`` over the first
+  ``T_end = update_end(total_steps, t_end)`` steps (the paper's ``f_decay(t, alpha, T_end)``).
+  """
+  end = update_end(total_steps, t_end)
+  sched = schedules.cosine_drop_fraction(drop_fraction, total_steps=max(1, end),
+                                         final=drop_fraction_final)
+  return end, sched
+
+
+def dense_grads(state, data, t, key, *, model, normalize, spec, rows, batch_size: int,
+                has_stats: bool, class_il: bool, head_mask):
+  """``dL/dw_eff`` at the task's masked weights on a random batch of its training data."""
+  idx = jax.random.randint(key, (batch_size,), 0, jnp.maximum(data.n, 1))
+  x = normalize(jnp.take(data.x, idx, axis=0))
+  y = jnp.take(data.y, idx, axis=0)
+  eff = view_params(state.params, state.method, t, t, spec=spec, rows=rows)
+
+  def loss(e):
+    variables = {"params": e}
+    if has_stats:
+      variables["batch_stats"] = state.batch_stats
+      logits, _ = model.apply(variables, x, task=t, train=True, mutable=["batch_stats"])
+    else:
+      logits = model.apply(variables, x, task=t, train=True)
+    if class_il:
+      logits = jnp.where(head_mask[t][None, :], logits, jnp.finfo(logits.dtype).min)
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+
+  return jax.grad(loss)(eff)
+
+
+def topology_step(state, data, t, fraction, key, *, mode: str, tx, spec, drop_frozen: bool,
+                  regrow: str, reset_moments: bool, fresh, grads_of):
+  """Step 2's update: :func:`topology_update` at drop ``fraction``, then the grown weights set
+  (zero, or ``fresh`` with ``regrow='init'``), optionally their optimiser moments reset, and the
+  task's update and regrowth counts raised. ``grads_of(state, data, t, key)``: the gradient that
+  ``'gradient'`` growth scores (:func:`dense_grads`)."""
+  TRACE_COUNTS[f"update_{mode}"] += 1
+  grads = grads_of(state, data, t, jax.random.fold_in(key, 2)) if mode == "gradient" else None
+  m, res = topology_update(state.method, state.params, fraction=fraction, growth=mode,
+                           spec=spec, key=jax.random.fold_in(key, 0), grads=grads,
+                           opt_state=state.opt_state, drop_frozen=drop_frozen)
+  if regrow == "init":
+    params = growth_lib.regrow(state.params, res.grown, mode="init",
+                               init_params=fresh(jax.random.fold_in(key, 1)))
+  else:
+    params = growth_lib.regrow(state.params, res.grown, mode="zero")
+  opt_state = state.opt_state
+  if reset_moments:
+    opt_state = growth_lib.reset_moments(tx, opt_state, res.changed)
+  m["num_updates"] = m["num_updates"].at[t].add(1)
+  m["num_regrown"] = m["num_regrown"].at[t].add(masks.count(res.grown, spec))
+  return state._replace(params=params, opt_state=opt_state, method=m)
+
+
+def topology_hook(update, data, task, *, schedule, end: int, key):
+  """The trainer's hook: ``update`` at ``schedule(steps_done)`` until ``T_end``, then nothing."""
+
+  def hook(st, steps_done):
+    if steps_done > end:  # T_end: the topology is fixed for the rest of the task
+      return st
+    return update(st, data, task, schedule(steps_done), jax.random.fold_in(key, steps_done))
+
+  return hook
+
+
+def finish_task(state, t, *, spec, per_task_stats: bool):
+  """Step 3: the task's trainable active weights become its own (frozen for good), its mask is
+  stored as bit ``t``; its running statistics are copied into the untrained rows."""
+  TRACE_COUNTS["finish"] += 1
+  m = dict(state.method)
+  mine = masks.where_spec(spec, m["mask"], fill=False)
+  m["own"] = masks.assign(m["own"], mine, t + 1)
+  m["bits"] = set_task_mask(m["bits"], mine, t)
+  bs = state.batch_stats
+  if per_task_stats:  # untrained rows get task t's statistics (forward-transfer view only)
+    def copy_down(a):
+      later = jax.lax.broadcasted_iota(jnp.int32, a.shape, 0) > t
+      return jnp.where(later, a[t][None], a)
+    bs = jax.tree.map(copy_down, bs)
+  return state._replace(batch_stats=bs, method=m)
+
+
+def run_task(trainer, state, t: int, *, begin, finish, update_for, modes: list[str], dc, epochs,
+             batch_size: int):
+  """One task: its mask drawn (``begin``), sparse training with a drop-and-grow update every
+  ``dc.update_every`` steps until ``T_end`` (``update_for(mode, tx)``: the jitted
+  :func:`topology_step` of growth ``mode``), then its weights frozen (``finish``)."""
+  tt = jnp.int32(t)
+  key = trainer.op_key(0)
+  state = trainer.apply(state, lambda st: begin(st, tt, key))
+  data = trainer.task_data(t)
+  nb = max(1, math.ceil(int(data.n) / batch_size))
+  every = int(dc.update_every)
+  hook = None
+  if every > 0:
+    end, sched = drop_schedule(nb * int(epochs), drop_fraction=float(dc.drop_fraction),
+                               drop_fraction_final=float(dc.drop_fraction_final),
+                               t_end=float(dc.get("t_end", 1.0)))
+    update = update_for(modes[t], trainer.tx)
+    train_key = jax.random.fold_in(trainer.op_key(0), _HOOK_SALT)  # the train op's own key
+    hook = topology_hook(update, data, tt, schedule=sched, end=end, key=train_key)
+  state = trainer.train(state, t, epochs=epochs, phase=f"dst-{modes[t]}", hook=hook,
+                        hook_every=every)
+  return trainer.apply(state, lambda st: finish(st, tt))
+
+
+# --------------------------------------------------------------------------------------------------
+# Report.
+
+
+def report(ctx, state, *, spec, num_tasks: int, budget: Budget, overlap: bool, dc,
+           modes: list[str]) -> dict:
+  """Density and reuse per task, the update and regrowth counts, and the ownership."""
+  del ctx
+  T, total = num_tasks, budget.total
+  m = jax.device_get(state.method)
+  flags = jax.tree.leaves(spec)
+  own = [np.asarray(o) for o, f in zip(jax.tree.leaves(m["own"]), flags) if f]
+  bits = [np.asarray(b) for b, f in zip(jax.tree.leaves(m["bits"]), flags) if f]
+  dens, reused = [], []
+  for j in range(T):
+    word, sh = j // _WORD, np.uint32(j % _WORD)
+    mj = [((b[word] >> sh) & np.uint32(1)).astype(bool) for b in bits]
+    n = sum(int(x.sum()) for x in mj)
+    old = sum(int((x & (o >= 1) & (o <= j)).sum()) for x, o in zip(mj, own))
+    dens.append(float(n) / total)
+    reused.append(float(old) / n if n else float("nan"))
+  out = {"density_per_task": dens, "mask_bits": T, "ownership": m["own"]}
+  if overlap:  # every task's mask holds exactly the target counts
+    out["expected_density_per_task"] = [float(budget.kept) / total] * T
+  out["dst"] = {
+      "init": dc.init, "sparsity": float(dc.sparsity), "growth_per_task": modes,
+      "update_every": int(dc.update_every),
+      "updates_per_task": np.asarray(m["num_updates"]).tolist(),
+      "regrown_per_task": np.asarray(m["num_regrown"]).tolist(),
+      "reused_fraction_per_task": reused,
+      "backbone_used": float(sum(int((o > 0).sum()) for o in own)) / total,
+  }
+  return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The method.
+
+
 def make(config, ctx: base.Context) -> base.Method:
   """DST for CL with ``config.dst.{init, growth, growth_per_task, sparsity, update_every, ...}``.
 
@@ -307,218 +573,51 @@ def make(config, ctx: base.Context) -> base.Method:
   ``sparsity`` (per task), ``update_every`` (dT in steps; 0 = static sparse training),
   ``drop_fraction`` / ``drop_fraction_final`` (cosine schedule ends), ``t_end`` (fraction of the
   task's steps after which the topology is fixed; the cosine reaches its end there), ``new_weights``
-  and
-  ``regrow`` ('zero' as coded | 'init'), ``reset_moments`` (zero the optimiser moments of changed
-  positions; as coded False), ``mask_overlap`` (a task's mask may include earlier tasks' frozen
-  weights; as coded True), ``drop_frozen`` (as coded False here, see the module docstring).
+  and ``regrow`` ('zero' as coded | 'init'), ``reset_moments`` (zero the optimiser moments of
+  changed positions; as coded False), ``mask_overlap`` (a task's mask may include earlier tasks'
+  frozen weights; as coded True), ``drop_frozen`` (as coded False here, see the module docstring).
   """
   dc = config.dst
   _check_config(dc, config)
   T = ctx.num_tasks
   spec, rows = ctx.spec, ctx.task_rows
-  s = float(dc.sparsity)
   modes = growth_schedule(dc.growth, dc.growth_per_task, T)
-  if "momentum" in modes and config.optimizer == "sgd" and not config.momentum:
-    raise ValueError("DST momentum growth needs a first moment: use Adam or SGD with momentum")
-  if ctx.stream.incremental != "task":
-    logging.warning("DST for CL is a task-incremental method; running it class-incremental")
-  norm = getattr(ctx.model, "norm", "none")
-  if norm == "batch":
-    logging.warning("DST with shared BatchNorm running statistics forgets: use norm='task_batch' "
-                    "(default) or 'batch_stats_only' (as coded)")
-  counts = sparsity_lib.target_counts(ctx.params, s, distribution=dc.init, spec=spec)
-  sizes = [int(np.size(p)) for p, f in zip(jax.tree.leaves(ctx.params), jax.tree.leaves(spec))
-           if f]
-  total = max(sum(sizes), 1)
-  kept = sum(c for c, f in zip(jax.tree.leaves(counts), jax.tree.leaves(spec)) if f)
+  _check_setting(config, ctx, modes)
+  budget = mask_budget(ctx.params, spec, float(dc.sparsity), dc.init)
   has_stats = "batch_stats" in ctx.variables
-  per_task_stats = has_stats and norm == "task_batch"
-  init_stats = ctx.variables.get("batch_stats", {})
-  in_shape = (1,) + tuple(ctx.stream.input_shape)
-  class_il = ctx.stream.incremental == "class"
-  head_mask = jnp.asarray(ctx.stream.head_mask)
-  batch_size = int(config.batch_size)
-  overlap = bool(dc.mask_overlap)
-  drop_frozen = bool(dc.drop_frozen)
+  per_task_stats = has_stats and getattr(ctx.model, "norm", "none") == "task_batch"
+  fresh = functools.partial(fresh_params, model=ctx.model,
+                            input_shape=(1,) + tuple(ctx.stream.input_shape))
+  begin = jax.jit(functools.partial(
+      begin_task, counts=budget.counts, spec=spec, overlap=bool(dc.mask_overlap),
+      new_weights=dc.new_weights, fresh=fresh, per_task_stats=per_task_stats,
+      init_stats=ctx.variables.get("batch_stats", {})))
+  finish = jax.jit(functools.partial(finish_task, spec=spec, per_task_stats=per_task_stats))
+  grads_of = functools.partial(
+      dense_grads, model=ctx.model, normalize=ctx.stream.normalize, spec=spec, rows=rows,
+      batch_size=int(config.batch_size), has_stats=has_stats,
+      class_il=ctx.stream.incremental == "class", head_mask=jnp.asarray(ctx.stream.head_mask))
+  updates: dict = {}  # one jitted update per growth mode
 
-  def fresh_params(key):
-    return ctx.model.init(key, jnp.zeros(in_shape, jnp.float32), task=0, train=False)["params"]
-
-  def init_state(ctx):
-    return {
-        "own": masks.new_ownership(ctx.params),
-        # Dense until the first task draws its mask: the random-init baseline sees the full model.
-        "mask": masks.ones(ctx.params),
-        "used": masks.zeros(ctx.params),
-        "bits": new_bits(ctx.params, T),
-        "num_updates": jnp.zeros((T,), jnp.int32),
-        "num_regrown": jnp.zeros((T,), jnp.int32),
-    }
+  def update_for(mode, tx):
+    if mode not in updates:
+      updates[mode] = jax.jit(functools.partial(
+          topology_step, mode=mode, tx=tx, spec=spec, drop_frozen=bool(dc.drop_frozen),
+          regrow=dc.regrow, reset_moments=dc.reset_moments, fresh=fresh, grads_of=grads_of))
+    return updates[mode]
 
   def forward_params(params, aux, m, task, current):
     del aux
-    sel = view_masks(m, task, current)
-    later = jnp.asarray(task, jnp.int32) > jnp.asarray(current, jnp.int32)
-    t = jnp.asarray(task, jnp.int32)
-    c = jnp.asarray(current, jnp.int32)
+    return view_params(params, m, task, current, spec=spec, rows=rows)
 
-    def one(p, mk, f, is_row):
-      if f:
-        p = mask_dense_grad(p, mk)
-      if is_row:  # task i's head / BN row at row j for the forward-transfer view (j > i)
-        p = jnp.where(later, p.at[t].set(p[c]), p)
-      return p
-
-    return jax.tree.map(one, params, sel, spec, rows)
-
-  def tx_args(m, task):
-    return base.frozen_args(trainable(m, spec, rows, task))
-
-  wrap_tx = base.freezing_tx
-
-  def set_rows(tree, task, values):
-    """Row ``task`` of every leaf of ``tree`` set to row ``task`` of ``values``."""
-    return jax.tree.map(lambda a, v: a.at[task].set(v[task]), tree, values)
-
-  @jax.jit
-  def begin(state, t, key):
-    TRACE_COUNTS["begin"] += 1
-    m = dict(state.method)
-    own = m["own"]
-    cand = jax.tree.map(lambda o: jnp.ones(o.shape, jnp.bool_) if overlap else o == 0, own)
-    scores = criteria.random(state.params, key=jax.random.fold_in(key, 0))
-    mask = topk.topk_mask(scores, counts, candidates=cand, spec=spec)
-    fill = (fresh_params(jax.random.fold_in(key, 1)) if dc.new_weights == "init"
-            else jax.tree.map(jnp.zeros_like, state.params))
-    later_task = t > 0
-
-    def start(p, mk, o, q, f):
-      if not f:
-        return p
-      return jnp.where(later_task & mk & (o == 0), q.astype(p.dtype), p)
-
-    params = jax.tree.map(start, state.params, mask, own, fill, spec)
-    m["mask"] = mask
-    m["used"] = mask
-    bs = state.batch_stats
-    if per_task_stats:
-      bs = set_rows(bs, t, init_stats)
-    return state._replace(params=params, batch_stats=bs, method=m)
-
-  @jax.jit
-  def finish(state, t):
-    TRACE_COUNTS["finish"] += 1
-    m = dict(state.method)
-    mine = masks.where_spec(spec, m["mask"], fill=False)
-    m["own"] = masks.assign(m["own"], mine, t + 1)
-    m["bits"] = set_task_mask(m["bits"], mine, t)
-    bs = state.batch_stats
-    if per_task_stats:  # untrained rows get task t's statistics (forward-transfer view only)
-      def copy_down(a):
-        later = jax.lax.broadcasted_iota(jnp.int32, a.shape, 0) > t
-        return jnp.where(later, a[t][None], a)
-      bs = jax.tree.map(copy_down, bs)
-    return state._replace(batch_stats=bs, method=m)
-
-  def dense_grads(state, data, t, key):
-    """``dL/dw_eff`` at the task's masked weights on a random batch of its training data."""
-    idx = jax.random.randint(key, (batch_size,), 0, jnp.maximum(data.n, 1))
-    x = ctx.stream.normalize(jnp.take(data.x, idx, axis=0))
-    y = jnp.take(data.y, idx, axis=0)
-    eff = forward_params(state.params, state.aux, state.method, t, t)
-
-    def loss(e):
-      variables = {"params": e}
-      if has_stats:
-        variables["batch_stats"] = state.batch_stats
-        logits, _ = ctx.model.apply(variables, x, task=t, train=True, mutable=["batch_stats"])
-      else:
-        logits = ctx.model.apply(variables, x, task=t, train=True)
-      if class_il:
-        logits = jnp.where(head_mask[t][None, :], logits, jnp.finfo(logits.dtype).min)
-      return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
-
-    return jax.grad(loss)(eff)
-
-  updates: dict = {}
-
-  def get_update(mode, tx):
-    if mode in updates:
-      return updates[mode]
-
-    @jax.jit
-    def update(state, data, t, fraction, key):
-      TRACE_COUNTS[f"update_{mode}"] += 1
-      grads = dense_grads(state, data, t, jax.random.fold_in(key, 2)) if mode == "gradient" \
-          else None
-      m, res = topology_update(state.method, state.params, fraction=fraction, growth=mode,
-                               spec=spec, key=jax.random.fold_in(key, 0), grads=grads,
-                               opt_state=state.opt_state, drop_frozen=drop_frozen)
-      if dc.regrow == "init":
-        params = growth_lib.regrow(state.params, res.grown, mode="init",
-                                   init_params=fresh_params(jax.random.fold_in(key, 1)))
-      else:
-        params = growth_lib.regrow(state.params, res.grown, mode="zero")
-      opt_state = state.opt_state
-      if dc.reset_moments:
-        opt_state = growth_lib.reset_moments(tx, opt_state, res.changed)
-      m["num_updates"] = m["num_updates"].at[t].add(1)
-      m["num_regrown"] = m["num_regrown"].at[t].add(masks.count(res.grown, spec))
-      return state._replace(params=params, opt_state=opt_state, method=m)
-
-    updates[mode] = update
-    return update
-
-  def run_task(trainer, state, t):
-    tt = jnp.int32(t)
-    key = trainer.op_key(0)
-    state = trainer.apply(state, lambda st: begin(st, tt, key))
-    data = trainer.task_data(t)
-    nb = max(1, math.ceil(int(data.n) / batch_size))
-    every = int(dc.update_every)
-    hook = None
-    if every > 0:
-      end = update_end(nb * int(config.epochs), float(dc.get("t_end", 1.0)))
-      sched = schedules.cosine_drop_fraction(float(dc.drop_fraction), total_steps=max(1, end),
-                                             final=float(dc.drop_fraction_final))
-      update = get_update(modes[t], trainer.tx)
-      train_key = jax.random.fold_in(trainer.op_key(0), _HOOK_SALT)  # the train op's own key
-
-      def hook(st, steps_done):
-        if steps_done > end:  # T_end: the topology is fixed for the rest of the task
-          return st
-        return update(st, data, tt, sched(steps_done), jax.random.fold_in(train_key, steps_done))
-
-    state = trainer.train(state, t, epochs=config.epochs, phase=f"dst-{modes[t]}", hook=hook,
-                          hook_every=every)
-    return trainer.apply(state, lambda st: finish(st, tt))
-
-  def report(ctx, state):
-    m = jax.device_get(state.method)
-    flags = jax.tree.leaves(spec)
-    own = [np.asarray(o) for o, f in zip(jax.tree.leaves(m["own"]), flags) if f]
-    bits = [np.asarray(b) for b, f in zip(jax.tree.leaves(m["bits"]), flags) if f]
-    dens, reused = [], []
-    for j in range(T):
-      word, sh = j // _WORD, np.uint32(j % _WORD)
-      mj = [((b[word] >> sh) & np.uint32(1)).astype(bool) for b in bits]
-      n = sum(int(x.sum()) for x in mj)
-      old = sum(int((x & (o >= 1) & (o <= j)).sum()) for x, o in zip(mj, own))
-      dens.append(float(n) / total)
-      reused.append(float(old) / n if n else float("nan"))
-    out = {"density_per_task": dens, "mask_bits": T, "ownership": m["own"]}
-    if overlap:  # every task's mask holds exactly the target counts
-      out["expected_density_per_task"] = [float(kept) / total] * T
-    out["dst"] = {
-        "init": dc.init, "sparsity": s, "growth_per_task": modes,
-        "update_every": int(dc.update_every),
-        "updates_per_task": np.asarray(m["num_updates"]).tolist(),
-        "regrown_per_task": np.asarray(m["num_regrown"]).tolist(),
-        "reused_fraction_per_task": reused,
-        "backbone_used": float(sum(int((o > 0).sum()) for o in own)) / total,
-    }
-    return out
-
-  return base.Method(name="dst", run_task=run_task, init_state=init_state,
-                     forward_params=forward_params, wrap_tx=wrap_tx, tx_args=tx_args,
-                     report=report)
+  return base.Method(
+      name="dst",
+      run_task=functools.partial(run_task, begin=begin, finish=finish, update_for=update_for,
+                                 modes=modes, dc=dc, epochs=config.epochs,
+                                 batch_size=int(config.batch_size)),
+      init_state=lambda ctx: init_state(ctx.params, T),
+      forward_params=forward_params,
+      wrap_tx=base.freezing_tx,
+      tx_args=lambda m, task: frozen_tx_args(m, task, spec=spec, rows=rows),
+      report=functools.partial(report, spec=spec, num_tasks=T, budget=budget,
+                               overlap=bool(dc.mask_overlap), dc=dc, modes=modes))
