@@ -81,3 +81,26 @@ def test_activation_per_unit():
   s = criteria.activation(None, activations=acts)
   np.testing.assert_allclose(s["dense_0"], [2.0, 0.0, 1.0])
   np.testing.assert_allclose(s["conv_0"], [7.0, 8.0])
+
+
+def test_random_scores_are_independent_per_leaf_and_reproducible():
+  # Three leaves of one shape (plus one of another): each must get its own stream. Identical
+  # scores would give identical random masks in every same-shaped layer.
+  p = {"a": jnp.zeros((16, 8)), "b": jnp.ones((16, 8)), "c": jnp.zeros((16, 8)),
+       "d": jnp.zeros((5,))}
+  key = jax.random.key(3)
+  s = {k: np.asarray(v) for k, v in criteria.random(p, key=key).items()}
+  for x, y in [("a", "b"), ("a", "c"), ("b", "c")]:
+    # Independent uniforms: almost no position ties, and the rankings are unrelated.
+    assert np.mean(s[x] == s[y]) < 0.01, (x, y)
+    assert abs(np.corrcoef(s[x].ravel(), s[y].ravel())[0, 1]) < 0.3, (x, y)
+  for v in s.values():
+    assert v.dtype == np.float32 and (v >= 0).all() and (v < 1).all()
+  # The same key gives bit-identical scores, eagerly and under jit; the values of the params
+  # do not matter, only their shapes.
+  again = jax.jit(lambda p, k: criteria.random(p, key=k))(jax.tree.map(lambda x: x + 5.0, p), key)
+  for k in p:
+    np.testing.assert_array_equal(np.asarray(again[k]).view(np.uint32), s[k].view(np.uint32))
+  other = criteria.random(p, key=jax.random.key(4))
+  for k in p:
+    assert not np.array_equal(np.asarray(other[k]), s[k]), k

@@ -1,5 +1,6 @@
 """Drop-and-grow: exact counts, hand-computed picks, unfired growth, moment resets."""
 
+import math
 import warnings
 
 import jax
@@ -233,3 +234,79 @@ def test_reset_moments_wrapped_optax_states(name):
     else:
       np.testing.assert_array_equal(new_leaf, old_leaf)  # counts, hyperparameters
   assert n_moments > 0
+
+
+def _random_topology(seed):
+  """Masks, distinct (tie-free) scores and candidate sets for a brute-force comparison."""
+  rng = np.random.default_rng(seed)
+  shapes = {"a": (7, 5), "b": (3, 2, 4), "c": (9,)}
+  m = {k: jnp.asarray(rng.random(s) < 0.45) for k, s in shapes.items()}
+  # Distinct scores: a permutation per leaf, so "the n lowest / highest" is unambiguous.
+  drop = {k: jnp.asarray(rng.permutation(np.prod(s)).reshape(s), jnp.float32)
+          for k, s in shapes.items()}
+  grow = {k: jnp.asarray(rng.permutation(np.prod(s)).reshape(s), jnp.float32)
+          for k, s in shapes.items()}
+  dc = {k: jnp.asarray(rng.random(s) < 0.8) for k, s in shapes.items()}
+  gc = {k: jnp.asarray(rng.random(s) < 0.7) for k, s in shapes.items()}
+  return m, drop, grow, dc, gc
+
+
+_drop_and_grow_jit = jax.jit(lambda m, d, g, frac, dc, gc: growth.drop_and_grow(
+    m, d, g, frac, drop_candidates=dc, grow_candidates=gc))
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.3, 0.75])
+def test_reported_changes_equal_the_brute_force_mask_difference(fraction):
+  # The reported dropped / grown / changed sets must be exactly what differs between the old and
+  # the new mask, computed here with NumPy from the two masks alone; the counts follow the
+  # documented n = floor(fraction * droppable), capped by the growth candidates, and the picks
+  # are the n lowest drop scores / n highest grow scores (written out with argsort).
+  for seed in range(3):
+    m, drop, grow, dc, gc = _random_topology(seed)
+    res = _drop_and_grow_jit(m, drop, grow, jnp.float32(fraction), dc, gc)
+    for k in m:
+      old, new = np.asarray(m[k]), np.asarray(res.masks[k])
+      np.testing.assert_array_equal(np.asarray(res.dropped[k]), old & ~new, err_msg=k)
+      np.testing.assert_array_equal(np.asarray(res.grown[k]), new & ~old, err_msg=k)
+      np.testing.assert_array_equal(np.asarray(res.changed[k]), old != new, err_msg=k)
+      droppable = (old & np.asarray(dc[k])).reshape(-1)
+      growable = (~old & np.asarray(gc[k])).reshape(-1)
+      n = min(math.floor(fraction * int(droppable.sum())), int(growable.sum()))
+      ds, gs = np.asarray(drop[k]).reshape(-1), np.asarray(grow[k]).reshape(-1)
+      idx = np.flatnonzero(droppable)
+      expect_drop = np.zeros(old.size, bool)
+      expect_drop[idx[np.argsort(ds[idx])[:n]]] = True
+      idx = np.flatnonzero(growable)
+      expect_grow = np.zeros(old.size, bool)
+      expect_grow[idx[np.argsort(-gs[idx])[:n]]] = True
+      np.testing.assert_array_equal((old & ~new).reshape(-1), expect_drop, err_msg=k)
+      np.testing.assert_array_equal((new & ~old).reshape(-1), expect_grow, err_msg=k)
+
+
+@pytest.mark.parametrize("make", [lambda: optax.sgd(0.1, momentum=0.9), lambda: optax.adam(1e-2)])
+def test_reset_moments_zeroes_exactly_the_positions_whose_mask_changed(make):
+  # After a few steps with nonzero gradients every moment is nonzero. Resetting at the reported
+  # changes must zero the moments exactly where old_mask != new_mask (NumPy, from the masks) and
+  # leave every other moment bit-identical; resetting at the grown set zeroes exactly the
+  # positions that became active.
+  m, drop, grow, dc, gc = _random_topology(7)
+  params = jax.tree.map(lambda s: s / 10.0, drop)
+  tx = make()
+  state = tx.init(params)
+  rng = np.random.default_rng(1)
+  for _ in range(3):
+    g = jax.tree.map(lambda p: jnp.asarray(rng.uniform(0.5, 1.5, p.shape), jnp.float32), params)
+    _, state = tx.update(g, state, params)
+  res = growth.drop_and_grow(m, drop, grow, 0.5, drop_candidates=dc, grow_candidates=gc)
+  old = jax.tree.map(np.asarray, m)
+  new = jax.tree.map(np.asarray, res.masks)
+  assert sum(int((old[k] != new[k]).sum()) for k in old) > 0
+  for reset_at, expect in ((res.changed, {k: old[k] != new[k] for k in old}),
+                           (res.grown, {k: new[k] & ~old[k] for k in old})):
+    before = criteria.find_momentum(state, params)
+    after = criteria.find_momentum(growth.reset_moments(tx, state, reset_at), params)
+    for k in old:
+      b, a = np.asarray(before[k]), np.asarray(after[k])
+      assert (b != 0).all()
+      np.testing.assert_array_equal(a == 0, expect[k], err_msg=k)
+      np.testing.assert_array_equal(a[~expect[k]].view(np.uint32), b[~expect[k]].view(np.uint32))

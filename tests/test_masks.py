@@ -108,3 +108,54 @@ def test_ownership_pack_roundtrip():
   np.testing.assert_array_equal(back["b"], own["b"])
   with pytest.raises(ValueError, match="outside 0..3"):
     masks.pack_ownership(own, 3)
+
+
+def test_ownership_bits_is_the_smallest_width_holding_every_owner():
+  # Owners are 0..T (0 = free): the width b must satisfy 2**b > T, found here by counting up.
+  for num_tasks in range(1, 40):
+    b = 1
+    while 2 ** b <= num_tasks:
+      b += 1
+    assert masks.ownership_bits(num_tasks) == b, num_tasks
+  # At a power of two the top owner needs the extra bit: owner 4 of 4 tasks round-trips.
+  own = {"a": np.array([4, 0, 3, 4, 1, 2, 4])}
+  back = masks.unpack_ownership(masks.pack_ownership(own, 4), own, 4)
+  np.testing.assert_array_equal(back["a"], own["a"])
+
+
+def test_release_frees_only_the_owner_positions_not_kept():
+  # Brute force over random ownership and keep masks: a position is freed iff the owner holds it
+  # and keep does not select it; every other position (other tasks', free ones) is untouched.
+  rng = np.random.default_rng(0)
+  own = {"w": rng.integers(0, 4, size=(6, 7)).astype(np.int32)}
+  keep = {"w": rng.random((6, 7)) < 0.5}
+  assert ((own["w"] != 2) & ~keep["w"]).any()  # other owners' positions outside keep exist
+  got = np.asarray(jax.jit(masks.release)(own, keep, jnp.int32(2))["w"])
+  expect = own["w"].copy()
+  for i, j in np.ndindex(expect.shape):
+    if expect[i, j] == 2 and not keep["w"][i, j]:
+      expect[i, j] = 0
+  np.testing.assert_array_equal(got, expect)
+
+
+def test_default_maskable_matches_whole_path_components():
+  # 'kernel' and 'head' are whole path components: a module merely named like them is not caught.
+  p = {"head": {"kernel": jnp.ones((2, 2))}, "model": {"head": {"kernel": jnp.ones((2, 2))}},
+       "multihead_attn": {"kernel": jnp.ones((2, 2))}, "heads_proj": {"kernel": jnp.ones((2, 2))},
+       "dense": {"kernel": jnp.ones((2, 2)), "kernel_scale": jnp.ones(2)}}
+  assert masks.maskable(p) == {
+      "head": {"kernel": False}, "model": {"head": {"kernel": False}},
+      "multihead_attn": {"kernel": True}, "heads_proj": {"kernel": True},
+      "dense": {"kernel": True, "kernel_scale": False}}
+
+
+def test_from_spec_and_where_spec():
+  p = {"a": jnp.zeros((2, 3)), "b": jnp.zeros(4)}
+  spec = {"a": True, "b": False}
+  m = masks.from_spec(p, spec)
+  assert bool(m["a"].all()) and not bool(m["b"].any()) and m["a"].dtype == jnp.bool_
+  given = {"a": jnp.array([[1, 0, 1], [0, 0, 1]], bool), "b": jnp.array([1, 0, 1, 0], bool)}
+  out = masks.where_spec(spec, given)
+  np.testing.assert_array_equal(out["a"], given["a"])
+  np.testing.assert_array_equal(out["b"], [True] * 4)
+  np.testing.assert_array_equal(masks.where_spec(spec, given, fill=False)["b"], [False] * 4)

@@ -152,3 +152,51 @@ def test_summary_table_nan_and_default_names():
   assert "task_1" in table and "task_2" in table
   assert table.splitlines()[1].split() == ["task_1", "0.50", "-"]
   assert "FWT (GEM)" not in table
+
+
+# A 4-task matrix worked out by hand. Task 0's best accuracy is after task 1 (neither on the
+# diagonal nor final); task 1's final accuracy is its best (it improved after it was trained);
+# task 2 dropped. Every upper-triangle entry differs, so a metric reading the wrong entries moves.
+R4 = np.array([
+    [0.70, 0.10, 0.20, 0.30],
+    [0.80, 0.60, 0.25, 0.35],
+    [0.75, 0.50, 0.90, 0.40],
+    [0.65, 0.95, 0.55, 0.85],
+])
+B4 = np.array([0.50, 0.20, 0.30, 0.20])
+
+
+def test_forgetting_zero_when_final_accuracy_ties_the_best():
+  # Task 0: best of the models 0..1 is 0.8 (after task 1), final 0.8; task 1: 0.6, final 0.6.
+  R = np.array([[0.5, 0.0, 0.0],
+                [0.8, 0.6, 0.0],
+                [0.8, 0.6, 0.9]])
+  assert metrics.forgetting(R) == 0.0
+  # Not the negated BWT: BWT sees task 0 improve from its diagonal 0.5.
+  assert metrics.bwt(R) == pytest.approx((0.8 - 0.5 + 0.0) / 2)
+
+
+def test_forgetting_when_final_accuracy_is_the_best_is_not_clipped():
+  # The max runs over the models before the last one (RWalk eq. 4-5, the docstring's j <= l < T-1):
+  # a task that improves at the end has negative forgetting, 0.5 - 0.9; it is not clipped to 0 (a
+  # max that also took the final row would give 0).
+  R = np.array([[0.5, 0.1],
+                [0.9, 0.8]])
+  assert metrics.forgetting(R) == pytest.approx(-0.4)
+  # Task 0: max(0.70, 0.80, 0.75) - 0.65 = 0.15; task 1: max(0.60, 0.50) - 0.95 = -0.35;
+  # task 2: 0.90 - 0.55 = 0.35. Mean 0.05.
+  assert metrics.forgetting(R4) == pytest.approx((0.15 - 0.35 + 0.35) / 3)
+
+
+def test_all_metrics_on_a_hand_computed_four_task_matrix():
+  assert metrics.acc(R4) == pytest.approx((0.65 + 0.95 + 0.55 + 0.85) / 4)  # 0.75
+  # (0.65 - 0.70) + (0.95 - 0.60) + (0.55 - 0.90) = -0.05.
+  assert metrics.bwt(R4) == pytest.approx(-0.05 / 3)
+  # R[0, 1] - b1 + R[1, 2] - b2 + R[2, 3] - b3 = -0.10 - 0.05 + 0.20 = 0.05.
+  assert metrics.fwt_gem(R4, B4) == pytest.approx(0.05 / 3)
+  # Row means of the strict upper triangle: 0.2, 0.3, 0.4.
+  assert metrics.fwt_subnetwork(R4) == pytest.approx(0.3)
+  assert metrics.fwt_subnetwork(R4, pooled=True) == pytest.approx(
+      (0.10 + 0.20 + 0.30 + 0.25 + 0.35 + 0.40) / 6)
+  np.testing.assert_allclose(metrics.average_accuracy_curve(R4),
+                             [0.70, 0.70, (0.75 + 0.50 + 0.90) / 3, 0.75])

@@ -181,3 +181,52 @@ def test_traced_refusals():
     jax.jit(lambda s: sparsity.target_counts(big, s))(0.5)
   with pytest.raises(ValueError, match=r"sparsity must be a number in \[0, 1\) here, got a traced"):
     jax.jit(lambda s: sparsity.densities(_model(), s))(0.5)
+
+
+def test_er_uses_the_input_and_output_channels_of_a_conv_kernel():
+  # A conv kernel (3, 3, 5, 7) whose spatial dims differ from its channels: ER's numerator is
+  # n_in + n_out = 5 + 7 = 12 (not 3 + 3), ERK's is 3 + 3 + 5 + 7 = 18; the size is 315 either way.
+  # With a dense (20, 10): ER 30 / 200, ERK 30 / 200. 70% sparsity keeps 0.3 * 515 = 154.5.
+  params = {"conv": {"kernel": jnp.zeros((3, 3, 5, 7))}, "dense": {"kernel": jnp.zeros((20, 10))}}
+  eps_er = 154.5 / (12 + 30)  # sum of raw density * size = sum of numerators
+  d = sparsity.densities(params, 0.7, distribution="er")
+  assert d["conv"]["kernel"] == pytest.approx(eps_er * 12 / 315)
+  assert d["dense"]["kernel"] == pytest.approx(eps_er * 30 / 200)
+  eps_erk = 154.5 / (18 + 30)
+  d = sparsity.densities(params, 0.7, distribution="erk")
+  assert d["conv"]["kernel"] == pytest.approx(eps_erk * 18 / 315)
+  # Counts: kept_total = rint(154.5) = 154 (half to even) split 12 : 30 (ER) -> 44 and 110; and
+  # 18 : 30 (ERK) -> 57.75 and 96.25 -> floors 57 + 96 = 153, the leftover to the larger
+  # remainder (0.75, conv) -> 58 and 96.
+  assert sparsity.target_counts(params, 0.7, distribution="er") == {
+      "conv": {"kernel": 44}, "dense": {"kernel": 110}}
+  assert sparsity.target_counts(params, 0.7, distribution="erk") == {
+      "conv": {"kernel": 58}, "dense": {"kernel": 96}}
+
+
+def test_erk_capping_repeats_until_no_leaf_exceeds_density_one():
+  # ERK weights (sum of the shape): a (2, 2) -> 4 of 4, b (10, 10) -> 20 of 100, c (40, 40) -> 80
+  # of 1600; 1704 weights, 70% sparsity keeps 0.3 * 1704 = 511.2. First pass: eps = 511.2 / 104,
+  # a's density 4.9 > 1, b's 0.98 <= 1: only a is capped. Second pass: eps = 507.2 / 100 makes
+  # b's density 1.01 > 1: b is capped too. Third: c gets (511.2 - 104) / 1600 = 0.2545, below 1.
+  params = {"a": {"kernel": jnp.zeros((2, 2))}, "b": {"kernel": jnp.zeros((10, 10))},
+            "c": {"kernel": jnp.zeros((40, 40))}}
+  d = sparsity.densities(params, 0.7, distribution="erk")
+  assert d["a"]["kernel"] == 1.0 and d["b"]["kernel"] == 1.0
+  assert d["c"]["kernel"] == pytest.approx((511.2 - 104) / 1600)
+  # Counts: rint(511.2) = 511 kept, a and b dense, c the remaining 407.
+  expect = {"a": {"kernel": 4}, "b": {"kernel": 100}, "c": {"kernel": 407}}
+  assert sparsity.target_counts(params, 0.7, distribution="erk") == expect
+  traced = jax.jit(lambda s: sparsity.target_counts(params, s, distribution="erk"))(0.7)
+  assert jax.tree.map(int, traced) == expect
+
+
+def test_densities_with_an_override_hand_computed():
+  # conv kernel (72) fixed at 25% sparsity keeps 54; 75% overall over 72 + 360 = 432 keeps 108, so
+  # the dense kernel gets 108 - 54 = 54 of 360 (density 0.15); non-maskable leaves stay dense.
+  d = sparsity.densities(_model(), 0.75, overrides={r"conv_0/kernel": 0.25})
+  assert d["conv_0"]["kernel"] == pytest.approx(0.75)
+  assert d["dense_0"]["kernel"] == pytest.approx(54 / 360)
+  assert d["conv_0"]["bias"] == 1.0 and d["head"]["kernel"] == 1.0
+  c = sparsity.target_counts(_model(), 0.75, overrides={r"conv_0/kernel": 0.25})
+  assert (c["conv_0"]["kernel"], c["dense_0"]["kernel"]) == (54, 54)

@@ -93,3 +93,42 @@ def test_errors():
     topk.topk_mask({"w": jnp.ones(3)}, 1, scope="row")
   with pytest.raises(ValueError, match="one count per leaf"):
     topk.topk_mask({"w": jnp.ones(3), "v": jnp.ones(2)}, 1)
+
+
+def _brute_force_topk(flat_scores, flat_cands, k):
+  """The k best candidates by (score desc, position asc), NaN as -inf, written with a sort."""
+  x = np.where(np.isnan(flat_scores), -np.inf, flat_scores)
+  idx = np.flatnonzero(flat_cands)
+  order = idx[np.lexsort((idx, -x[idx]))]
+  out = np.zeros(flat_scores.size, bool)
+  out[order[:k]] = True
+  return out
+
+
+def test_global_scope_matches_sort_over_many_tied_leaves_with_candidates():
+  # Four leaves of different shapes whose scores share few values (ties across every leaf at
+  # almost any threshold), candidates and NaN: the global pick equals a sort of the concatenated
+  # flat scores (jax.tree.leaves order, row-major), ties to the earliest leaf and position.
+  rng = np.random.default_rng(0)
+  shapes = {"a": (3, 4), "b": (5,), "c": (2, 3, 2), "d": (7,)}
+  f = jax.jit(lambda s, c, k: topk.topk_mask(s, k, candidates=c, scope="global"))
+  for trial in range(4):
+    scores = {n: rng.integers(0, 4, size=s).astype(np.float32) for n, s in shapes.items()}
+    scores["d"][rng.integers(0, 7)] = np.nan
+    cands = {n: rng.random(s) < 0.8 for n, s in shapes.items()}
+    flat_s = np.concatenate([scores[n].ravel() for n in sorted(shapes)])
+    flat_c = np.concatenate([cands[n].ravel() for n in sorted(shapes)])
+    for k in (0, 1, 5, 9, 14, int(flat_c.sum()), 60):
+      out = f(scores, cands, jnp.int32(k))
+      got = np.concatenate([np.asarray(out[n]).ravel() for n in sorted(shapes)])
+      np.testing.assert_array_equal(got, _brute_force_topk(flat_s, flat_c, k), err_msg=(trial, k))
+      assert got.sum() == min(k, flat_c.sum())
+
+
+def test_bottomk_ties_go_to_the_earliest_position():
+  # bottomk keeps topk's tie rule: among equal lowest scores the earliest positions are picked.
+  s = np.array([[2.0, 1.0, 1.0], [0.5, 1.0, 0.5], [1.0, 3.0, 0.5]], np.float32)
+  for k in range(10):
+    out = np.asarray(jax.jit(topk.bottomk_mask)({"w": s}, {"w": k})["w"]).ravel()
+    np.testing.assert_array_equal(out, _brute_force_topk(-s.ravel(), np.ones(9, bool), k),
+                                  err_msg=k)
