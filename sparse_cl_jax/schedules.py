@@ -56,7 +56,8 @@ def cubic(final_sparsity: float, *, begin_step: int, end_step: int,
 
   def schedule(step):
     t = jnp.asarray(step, jnp.float32)
-    t = jnp.floor((t - begin_step) / frequency) * frequency
+    # From end_step on the value is final, also when end_step is off the update grid.
+    t = jnp.where(t >= end_step, span, jnp.floor((t - begin_step) / frequency) * frequency)
     frac = jnp.clip(t / span, 0.0, 1.0)
     return jnp.float32(s_f) + jnp.float32(s_i - s_f) * (1.0 - frac) ** 3
 

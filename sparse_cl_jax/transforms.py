@@ -160,7 +160,8 @@ def freeze(*, mask_arg: str = "frozen") -> optax.GradientTransformationExtraArgs
     return optax.EmptyState()
 
   def update_fn(updates, state, params=None, **extra_args):
-    new = _map(lambda u, m: jnp.where(m, jnp.zeros_like(u), u), "freeze", mask_arg, updates,
+    # -0.0, the additive identity of every float (+0.0 would turn a frozen -0.0 weight into +0.0).
+    new = _map(lambda u, m: jnp.where(m, jnp.full_like(u, -0.0), u), "freeze", mask_arg, updates,
                params, extra_args)
     return new, state
 

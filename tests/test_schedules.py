@@ -66,10 +66,6 @@ def test_cubic_update_steps_count_from_begin_step_not_from_zero():
   assert got == pytest.approx(expected, rel=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug: cubic() promises the final sparsity after end_step, but when end_step - "
-    "begin_step is not a multiple of frequency the last update step before end_step is held "
-    "past end_step until the next multiple of frequency (here 0.8 * (1 - 0.2^3) at step 11)"))
 def test_cubic_reaches_final_sparsity_after_end_step_off_the_update_grid():
   # begin 0, end 10, dt 4: updates at 0, 4, 8; "after end_step, the final one" (docstring).
   s = schedules.cubic(0.8, begin_step=0, end_step=10, frequency=4)

@@ -268,10 +268,6 @@ def test_freeze_first_lets_decay_and_momentum_move_frozen_weights():
   np.testing.assert_allclose(u["w"], [-0.1] * 3, rtol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug (edge case): freeze outputs a +0.0 update, and -0.0 + +0.0 == +0.0, so a frozen "
-    "weight stored as -0.0 comes back as +0.0: not bit-identical as promised; a -0.0 update "
-    "(x + -0.0 == x for every x) would keep every bit"))
 def test_freeze_keeps_a_negative_zero_weight_bit_identical():
   p = {"w": jnp.array([-0.0, 1.0, -2.0])}
   tx = optax.chain(optax.sgd(0.1, momentum=0.9), transforms.freeze())
