@@ -463,3 +463,212 @@ def test_as_coded_per_task_biases_and_norm_rows(norm, option, on):
     scale, mean = start1["norm_0"]["scale"][1], stats1["norm_0"]["mean"][1]
     np.testing.assert_array_equal(scale[:base_units], 10.0 if on else 1.0)
     np.testing.assert_array_equal(mean[:base_units], 5.0 if on else 0.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# The phases of Algorithm 1 called alone (issue 26): the compaction schedule, the acceptance rule,
+# growth, and what picking trains and freezes.
+
+
+def _layout(trainer, c):
+  return cpg.make_layout(trainer.ctx, c.cpg, picking=c.method == "cpg",
+                         goal_repeats=int(c.cpg.goal_repeats))
+
+
+def _started(trainer, method, lay, t=0):
+  return cpg.start_task(_fresh_state(trainer, method), jnp.int32(t), lay=lay)
+
+
+def test_stage_points_follow_the_cubic_ramp_by_hand():
+  # Zhu & Gupta: s_t = s + (s_prev - s) (1 - t / ramp)^3 at every mask update, s after the ramp.
+  np.testing.assert_allclose(cpg.stage_points(0.5, 0.2, 4, 1),
+                             [0.2, 0.3734375, 0.4625, 0.4953125, 0.5, 0.5], rtol=1e-6)
+  np.testing.assert_allclose(cpg.stage_points(0.5, 0.2, 4, 2), [0.2, 0.4625, 0.5, 0.5], rtol=1e-6)
+  np.testing.assert_allclose(cpg.stage_points(0.5, 0.2, 5, 2), [0.2, 0.4352, 0.4976, 0.5],
+                             rtol=1e-6)
+
+
+class HookTrainer(ScriptedTrainer):
+  """Training runs the method's hook as the trainer does (after every ``hook_every``-th of the
+  ``epochs * ceil(n / batch_size)`` steps) and records the trainable count of every maskable
+  layer after each call."""
+
+  def __init__(self, trainer, accuracies, batch_size):
+    super().__init__(trainer, accuracies)
+    self.batch_size = batch_size
+    self.kept = []
+    self.spec = trainer.ctx.spec
+
+  def train(self, state, t, *, epochs=0, hook=None, hook_every=0, **kwargs):
+    state = super().train(state, t)
+    if hook is None:
+      return state
+    steps = epochs * -(-int(self.task_data(t).n) // self.batch_size)
+    for step in range(1, steps + 1):
+      if step % hook_every == 0:
+        state = hook(state, step)
+        self.kept.append(_trainable_counts(state, self.spec))
+    return state
+
+
+def _trainable_counts(state, spec):
+  tr = jax.device_get(state.method["trainable"])
+  return [int(np.sum(x)) for x, s in zip(jax.tree.leaves(tr), jax.tree.leaves(spec)) if s]
+
+
+def test_compaction_prunes_on_the_cubic_schedule_stage_by_stage(tiny_run):
+  trainer, _, _ = tiny_run
+  c = copy.deepcopy(trainer.config)
+  c.cpg.goal, c.cpg.goal_values = "fixed", (0.5,)
+  c.cpg.stages = (0.3, 0.6)
+  c.cpg.stage_epochs, c.cpg.ramp_epochs, c.cpg.prune_every = 2, 1.5, 1
+  method, lay = cpg.make(c, trainer.ctx), _layout(trainer, c)
+  state = _started(trainer, method, lay)
+  m = jax.device_get(state.method)
+  # Candidates: the base width's weights of every maskable layer (nothing owned yet).
+  n0 = [int(np.sum(a <= 0)) for a, s in zip(jax.tree.leaves(m["alloc"]),
+                                             jax.tree.leaves(trainer.ctx.spec)) if s]
+  hooks = HookTrainer(trainer, [0.9, 0.9], c.batch_size)
+  state, chosen, acc = cpg.compact(hooks, state, 0, 0.5, True, 0.9, 0, config=c, lay=lay)
+  assert (chosen, acc) == (0.6, 0.9)
+  # By hand: 100 examples in batches of 64 are 2 steps an epoch, so a stage is 4 steps with a
+  # mask update after each; the ramp lasts round(1.5 * 2) = 3 steps, from the previous stage's
+  # sparsity.
+  assert -(-int(trainer.task_data(0).n) // c.batch_size) == 2
+  want = []
+  for s_prev, s in ((0.0, 0.3), (0.3, 0.6)):
+    for step in (1, 2, 3, 4):
+      s_t = s + (s_prev - s) * (1.0 - min(step / 3.0, 1.0)) ** 3
+      want.append([_kept(n, s_t) for n in n0])
+  assert hooks.kept == want
+  assert _trainable_counts(state, trainer.ctx.spec) == [_kept(n, 0.6) for n in n0]
+
+
+@pytest.mark.parametrize("stop_at_first_miss,chosen,evaluated", [(True, 0.4, 3), (False, 0.8, 4)])
+def test_compaction_accepts_a_stage_at_goal_minus_tolerance(tiny_run, stop_at_first_miss, chosen,
+                                                             evaluated):
+  trainer, _, _ = tiny_run
+  c = copy.deepcopy(trainer.config)
+  c.cpg.stages, c.cpg.goal_tolerance = (0.2, 0.4, 0.6, 0.8), 0.25
+  c.cpg.stop_at_first_miss = stop_at_first_miss
+  method, lay = cpg.make(c, trainer.ctx), _layout(trainer, c)
+  # Goal 0.75 - tolerance 0.25 = 0.5: stage 0.2 passes, 0.4 passes exactly, 0.6 misses, 0.8
+  # passes again.
+  accs = [0.6, 0.5, 0.49, 0.9]
+  scripted = ScriptedTrainer(trainer, list(accs))
+  _, s, acc = cpg.compact(scripted, _started(trainer, method, lay), 0, 0.75, True, 0.95, 0,
+                          config=c, lay=lay)
+  assert (s, acc, scripted.evaluated) == (chosen, accs[int(chosen / 0.2) - 1], evaluated)
+  assert cpg.meets_goal(0.5, 0.75, 0.25) and not cpg.meets_goal(0.49, 0.75, 0.25)
+
+
+def test_reserve_sparsity_by_hand():
+  # 1 - round(1 / (remaining + 1), 1): a task leaves a tenth-rounded share for each later task.
+  assert cpg.reserve_sparsity(0, 3) == pytest.approx(0.7)  # 1 - round(0.333, 1)
+  assert cpg.reserve_sparsity(1, 3) == pytest.approx(0.5)
+  assert cpg.reserve_sparsity(0, 5) == pytest.approx(0.8)
+  assert cpg.reserve_sparsity(2, 3) == 0.0  # the last task keeps everything
+
+
+@pytest.mark.parametrize("t,chosen,evaluated", [(0, 0.8, 4), (1, 0.6, 3)])
+def test_compaction_at_the_maximum_width_prunes_to_the_reserve(tiny_run, t, chosen, evaluated):
+  trainer, _, _ = tiny_run  # 3 tasks
+  c = copy.deepcopy(trainer.config)
+  c.cpg.stages = (0.2, 0.4, 0.6, 0.8)
+  method, lay = cpg.make(c, trainer.ctx), _layout(trainer, c)
+  scripted = ScriptedTrainer(trainer, [0.1] * 4)  # every stage misses the goal
+  # Goal missed at the widest level: stages run (whatever their accuracy) until the previous one
+  # reached the reserve sparsity, 0.7 for task 1 of 3 and 0.5 for task 2.
+  level = len(c.cpg.levels) - 1
+  _, s, _ = cpg.compact(scripted, _started(trainer, method, lay, t), t, 0.9, False, 0.1, level,
+                        config=c, lay=lay)
+  assert (s, scripted.evaluated) == (chosen, evaluated)
+
+
+@pytest.mark.parametrize("accs,levels,want", [
+    ([0.9], (1.0, 1.5), (0.9, True, 0, 1)),
+    ([0.25, 0.5], (1.0, 1.5), (0.5, True, 1, 2)),  # misses at 1x, meets goal - tol at 1.5x
+    ([0.25, 0.3], (1.0, 1.5), (0.3, False, 1, 2)),  # misses everywhere: stops at the widest
+    ([0.25], (1.0,), (0.25, False, 0, 1)),  # nowhere to grow
+])
+def test_pick_and_grow_widens_after_each_miss(tiny_run, accs, levels, want):
+  trainer, _, _ = tiny_run
+  c = copy.deepcopy(trainer.config)
+  c.cpg.levels, c.cpg.goal_tolerance = levels, 0.25
+  method, lay = cpg.make(trainer.config, trainer.ctx), _layout(trainer, c)
+  scripted = ScriptedTrainer(trainer, list(accs))
+  alloc = jax.device_get(_fresh_state(trainer, method).method["alloc"])
+  state, acc, met, level, attempts = cpg.pick_and_grow(
+      scripted, _started(trainer, method, lay), 0, 0.75, config=c, lay=lay, alloc=alloc)
+  assert (acc, met, level, attempts) == want
+  m = jax.device_get(state.method)
+  assert int(m["level"][0]) == level
+  # After growing, the task trains the positions of its new level too.
+  k, a = m["trainable"]["dense_0"]["kernel"], m["alloc"]["dense_0"]["kernel"]
+  np.testing.assert_array_equal(k, a <= level)
+
+
+def test_mask_lr_fn_by_hand():
+  fn = cpg.mask_lr_fn(5e-4, 10, ((0.5, 0.2), (0.7, 0.0)), True)
+  lrs = [fn(e) for e in range(10)]
+  np.testing.assert_allclose(lrs, [5e-4] * 5 + [1e-4] * 2 + [0.0] * 3, rtol=1e-12)
+  assert cpg.mask_lr_fn(5e-4, 10, (), False)(0) == 0.0  # PAE: no mask to train
+
+
+@pytest.fixture(scope="module")
+def second_task_started():
+  """A 2-task CPG run after task 1 (half of its weights kept), task 2 just started."""
+  c = _config()
+  c.num_tasks, c.class_order = 2, "0,1,2,3"
+  c.cpg.goal, c.cpg.goal_values = "fixed", (0.0,)
+  c.cpg.stages, c.cpg.retrain_epochs = (0.5,), 0
+  c.cpg.mask_lr, c.cpg.mask_lr_schedule = 0.05, ()
+  trainer = experiment.build(c)
+  state = trainer.init_state()
+  trainer.begin_task(0)
+  state = trainer.method.run_task(trainer, state, 0)
+  trainer.begin_task(1)
+  lay = _layout(trainer, c)
+  state = cpg.start_task(state, jnp.int32(1), lay=lay)
+  return trainer, c, lay, state
+
+
+def test_pick_trains_the_mask_over_old_weights_and_the_free_weights_only(second_task_started):
+  trainer, c, lay, state = second_task_started
+  before = jax.device_get(state)
+  state, _ = cpg.pick(trainer, cpg._copy(state), 1, 0, config=c, picking=True)
+  after = jax.device_get(state)
+  own = before.method["own"]["dense_0"]["kernel"]
+  alloc = before.method["alloc"]["dense_0"]["kernel"]
+  w0, w1 = before.params["dense_0"]["kernel"], after.params["dense_0"]["kernel"]
+  p0, p1 = before.aux["pick"]["dense_0"]["kernel"], after.aux["pick"]["dense_0"]["kernel"]
+  old, free = own == 1, (own == 0) & (alloc <= 0)
+  assert old.any() and free.any()
+  # Frozen: task 1's weights and every position beyond the task's level, bit for bit.
+  np.testing.assert_array_equal(w1[old], w0[old])
+  np.testing.assert_array_equal(w1[alloc > 0], w0[alloc > 0])
+  # Trained: the free weights at the task's level ...
+  assert np.mean(w1[free] != w0[free]) > 0.5
+  # ... and the picking mask, which starts at cpg.mask_init and learns only over old weights.
+  np.testing.assert_array_equal(p0, np.float32(c.cpg.mask_init))
+  assert np.mean(p1[old] != p0[old]) > 0.5
+  np.testing.assert_array_equal(p1[~old], p0[~old])
+  # The heads: task 2's row trains, task 1's is frozen.
+  h0, h1 = before.params["head"]["kernel"], after.params["head"]["kernel"]
+  np.testing.assert_array_equal(h1[0], h0[0])
+  assert np.any(h1[1] != h0[1])
+
+
+def test_start_task_gives_a_fresh_picking_mask_and_trains_free_allocated_weights(
+    second_task_started):
+  trainer, c, lay, state = second_task_started
+  used = state._replace(aux=jax.tree.map(lambda x: x + 0.5, state.aux))  # a mask trained before
+  m = jax.device_get(cpg.start_task(used, jnp.int32(1), lay=lay))
+  np.testing.assert_array_equal(m.aux["pick"]["dense_0"]["kernel"], np.float32(c.cpg.mask_init))
+  own = m.method["own"]["dense_0"]["kernel"]
+  alloc = m.method["alloc"]["dense_0"]["kernel"]
+  tr = m.method["trainable"]
+  np.testing.assert_array_equal(tr["dense_0"]["kernel"], (own == 0) & (alloc <= 0))
+  head_alloc = m.method["alloc"]["head"]["kernel"]
+  np.testing.assert_array_equal(tr["head"]["kernel"][1], head_alloc[1] <= 0)
+  assert not tr["head"]["kernel"][0].any()

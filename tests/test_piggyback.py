@@ -1,7 +1,9 @@
 """Piggyback: straight-through mask gradients, bit-packed per-task masks, frozen backbone."""
 
+import functools
 import importlib.util
 import os
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +11,7 @@ import numpy as np
 import pytest
 
 from sparse_cl_jax import experiment
+from sparse_cl_jax import masks as masks_lib
 from sparse_cl_jax.methods import piggyback
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,6 +118,44 @@ def test_backbone_frozen_and_first_task_exact_after_mask_training():
   rep = trainer.method.report(trainer.ctx, state)
   assert rep["density_per_task"][0] == 1.0
   assert 0.0 < rep["density_per_task"][1] < 1.0, rep  # the mask did pick a subset
+
+
+class _State(NamedTuple):
+  params: Any
+  aux: Any
+  method: Any
+
+
+def test_start_and_finish_task_by_hand():
+  params = {"d": {"kernel": W, "bias": jnp.array([0.5, -0.5])},
+            "head": {"kernel": jnp.ones((3, 2, 2))}}
+  spec = {"d": {"kernel": True, "bias": False}, "head": {"kernel": False}}
+  rows = {"d": {"kernel": False, "bias": False}, "head": {"kernel": True}}
+  state = _State(params=params, aux={}, method={"bits": piggyback.new_bits(params, spec, 3),
+                                                "trainable": masks_lib.zeros(params)})
+  start = jax.jit(functools.partial(piggyback.start_task, rows=rows, spec=spec, mask_init=0.01))
+  mask = lambda values: {"mask": dict(_real_mask(values), head={"kernel": jnp.zeros(())})}
+  finish = jax.jit(functools.partial(piggyback.finish_task, spec=spec, threshold=5e-3))
+  # Task 1 trains the whole backbone and its head row; its stored mask is all ones.
+  s0 = start(state, jnp.int32(0))
+  tr = s0.method["trainable"]
+  assert tr["d"]["kernel"].all() and tr["d"]["bias"].all()
+  np.testing.assert_array_equal(tr["head"]["kernel"].any(axis=(1, 2)), [True, False, False])
+  np.testing.assert_array_equal(s0.aux["mask"]["d"]["kernel"], np.full((2, 2), np.float32(0.01)))
+  s0 = finish(s0._replace(aux=mask([[0.0, 0.0], [0.0, 0.0]])), jnp.int32(0))
+  np.testing.assert_array_equal(piggyback.get_bits(s0.method["bits"], 0, spec)["d"]["kernel"],
+                                np.ones((2, 2), bool))
+  assert not any(x.any() for x in jax.tree.leaves(s0.method["trainable"]))
+  # A later task trains only its head row (and its mask); it stores mask > 5e-3, strictly.
+  s1 = start(s0, jnp.int32(2))
+  tr = s1.method["trainable"]
+  assert not tr["d"]["kernel"].any() and not tr["d"]["bias"].any()
+  np.testing.assert_array_equal(tr["head"]["kernel"].any(axis=(1, 2)), [False, False, True])
+  s1 = finish(s1._replace(aux=mask([[0.01, 0.004], [0.005, 0.0051]])), jnp.int32(2))
+  np.testing.assert_array_equal(piggyback.get_bits(s1.method["bits"], 2, spec)["d"]["kernel"],
+                                [[True, False], [False, True]])
+  np.testing.assert_array_equal(piggyback.get_bits(s1.method["bits"], 0, spec)["d"]["kernel"],
+                                np.ones((2, 2), bool))  # task 1's bits untouched
 
 
 if __name__ == "__main__":

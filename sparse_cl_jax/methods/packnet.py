@@ -22,6 +22,8 @@ Example::
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -40,80 +42,106 @@ def view(own, task, current):
   return jax.tree.map(lambda o: jnp.where(same, o <= owner, (o >= 1) & (o <= owner)), own)
 
 
-def make(config, ctx: base.Context) -> base.Method:
-  """PackNet with ``config.packnet.{prune_fraction, retrain_epochs, retrain_lr}``."""
+def init_state(ctx: base.Context) -> dict:
+  """Nothing owned, nothing trainable."""
+  return {"own": masks.new_ownership(ctx.params), "trainable": masks.zeros(ctx.params)}
+
+
+def forward_params(params, aux, m, task, current):
+  """``Method.forward_params``: the weights of :func:`view`, the others zero."""
+  del aux
+  return masks.apply(params, view(m["own"], task, current))
+
+
+def start_task(state, t, *, rows):
+  """Step 1's mask: task ``t`` trains the free weights and its own rows (head, norm row)."""
+  m = dict(state.method)
+  m["trainable"] = masks.logical_and(masks.free(m["own"]), base.task_slice(state.params, rows, t))
+  return state._replace(method=m)
+
+
+def prune(state, t, *, spec, fraction: float):
+  """Step 2: per layer, keeps the ``round((1 - fraction) * n)`` largest ``|w|`` of the ``n``
+  maskable weights task ``t`` trained (ties: the earliest position, :func:`topk.topk_mask`);
+  the others are set to zero and released. Kept weights are owned by owner ``t + 1`` and stay
+  the trainable ones for retraining."""
+  m = dict(state.method)
+  cand = jax.tree.map(lambda tr, s: tr & s, m["trainable"], spec)
+  n = masks.count_per_leaf(cand)
+  keep_n = jax.tree.map(lambda c: jnp.round((1.0 - fraction) * c).astype(jnp.int32), n)
+  keep = topk.topk_mask(jax.tree.map(jnp.abs, state.params), keep_n, candidates=cand, spec=spec)
+  keep = masks.logical_and(keep, cand)
+  released = jax.tree.map(lambda c, k: c & ~k, cand, keep)
+  params = jax.tree.map(lambda p, r: jnp.where(r, jnp.zeros_like(p), p), state.params, released)
+  m["own"] = masks.assign(m["own"], keep, t + 1)
+  m["trainable"] = jax.tree.map(lambda s, k, tr: k if s else tr, spec, keep, m["trainable"])
+  return state._replace(params=params, method=m)
+
+
+def finish_task(state, t):
+  """Step 4: what task ``t`` trained becomes its own, frozen for good."""
+  m = dict(state.method)
+  m["own"] = masks.assign(m["own"], m["trainable"], t + 1)
+  m["trainable"] = masks.zeros(m["trainable"])
+  return state._replace(method=m)
+
+
+def run_task(trainer, state, t, *, config, start, prune_fn, finish):
+  """Task ``t``: train, prune, retrain, freeze (``start`` / ``prune_fn`` / ``finish``: the jitted
+  :func:`start_task`, :func:`prune` and :func:`finish_task`)."""
   pc = config.packnet
+  tt = jnp.int32(t)
+  state = trainer.apply(state, lambda s: start(s, tt))
+  state = trainer.train(state, t, epochs=config.epochs, phase="train")
+  state = trainer.apply(state, lambda s: prune_fn(s, tt))
+  if pc.retrain_epochs:
+    state = trainer.train(state, t, epochs=pc.retrain_epochs, phase="retrain",
+                          lr=pc.retrain_lr or config.learning_rate * 0.1)
+  return trainer.apply(state, lambda s: finish(s, tt))
+
+
+def expected_density(sizes, fraction: float, num_tasks: int) -> list[float]:
+  """What the per-layer one-shot prune promises, from the layer sizes alone: every task trains
+  all free weights of a layer and keeps ``round((1 - fraction) * free)`` of them."""
+  free, owned, expected = list(sizes), 0, []
+  for _ in range(num_tasks):
+    keep = [int(round((1.0 - fraction) * f)) for f in free]
+    owned += sum(keep)
+    free = [f - k for f, k in zip(free, keep)]
+    expected.append(owned / max(sum(sizes), 1))
+  return expected
+
+
+def report(ctx, state, *, fraction: float) -> dict:
+  """Ownership figures and the density the prune promises (``expected_density_per_task``)."""
+  out = base.ownership_report(ctx, state.method["own"])
+  sizes = [int(jnp.size(p)) for p, s in zip(jax.tree.leaves(ctx.params),
+                                            jax.tree.leaves(ctx.spec)) if s]
+  out["expected_density_per_task"] = expected_density(sizes, fraction, ctx.num_tasks)
+  return out
+
+
+def check(config, ctx: base.Context) -> float:
+  """``config.packnet.prune_fraction``, after refusing what PackNet cannot run."""
   if getattr(ctx.model, "norm", "none") == "batch":
     raise ValueError("PackNet: norm='batch' shares BatchNorm running statistics across "
                      "tasks, so earlier tasks would silently forget; use norm='task_batch' (the "
                      "default) or 'batch_stats_only'")
-  frac = float(pc.prune_fraction)
+  frac = float(config.packnet.prune_fraction)
   if not 0.0 <= frac < 1.0:
     raise ValueError(f"config.packnet.prune_fraction={frac} must be in [0, 1)")
-  spec, rows = ctx.spec, ctx.task_rows
+  return frac
 
-  def init_state(ctx):
-    return {"own": masks.new_ownership(ctx.params), "trainable": masks.zeros(ctx.params)}
 
-  def forward_params(params, aux, m, task, current):
-    del aux
-    return masks.apply(params, view(m["own"], task, current))
-
-  tx_args = base.stored_trainable_args
-  wrap_tx = base.freezing_tx
-
-  @jax.jit
-  def begin(state, t):
-    m = dict(state.method)
-    m["trainable"] = masks.logical_and(masks.free(m["own"]), base.task_slice(state.params, rows, t))
-    return state._replace(method=m)
-
-  @jax.jit
-  def prune(state, t):
-    m = dict(state.method)
-    cand = jax.tree.map(lambda tr, s: tr & s, m["trainable"], spec)
-    n = masks.count_per_leaf(cand)
-    keep_n = jax.tree.map(lambda c: jnp.round((1.0 - frac) * c).astype(jnp.int32), n)
-    keep = topk.topk_mask(jax.tree.map(jnp.abs, state.params), keep_n, candidates=cand, spec=spec)
-    keep = masks.logical_and(keep, cand)
-    released = jax.tree.map(lambda c, k: c & ~k, cand, keep)
-    params = jax.tree.map(lambda p, r: jnp.where(r, jnp.zeros_like(p), p), state.params, released)
-    m["own"] = masks.assign(m["own"], keep, t + 1)
-    m["trainable"] = jax.tree.map(lambda s, k, tr: k if s else tr, spec, keep, m["trainable"])
-    return state._replace(params=params, method=m)
-
-  @jax.jit
-  def finish(state, t):
-    m = dict(state.method)
-    m["own"] = masks.assign(m["own"], m["trainable"], t + 1)
-    m["trainable"] = masks.zeros(m["trainable"])
-    return state._replace(method=m)
-
-  def run_task(trainer, state, t):
-    tt = jnp.int32(t)
-    state = trainer.apply(state, lambda s: begin(s, tt))
-    state = trainer.train(state, t, epochs=config.epochs, phase="train")
-    state = trainer.apply(state, lambda s: prune(s, tt))
-    if pc.retrain_epochs:
-      state = trainer.train(state, t, epochs=pc.retrain_epochs, phase="retrain",
-                            lr=pc.retrain_lr or config.learning_rate * 0.1)
-    return trainer.apply(state, lambda s: finish(s, tt))
-
-  def report(ctx, state):
-    out = base.ownership_report(ctx, state.method["own"])
-    # What the per-layer one-shot prune promises, from the shapes alone: every task trains all
-    # free weights of a layer and keeps round((1 - f) * free) of them.
-    sizes = [int(jnp.size(p)) for p, s in zip(jax.tree.leaves(ctx.params),
-                                              jax.tree.leaves(spec)) if s]
-    free, owned, expected = list(sizes), 0, []
-    for _ in range(ctx.num_tasks):
-      keep = [int(round((1.0 - frac) * f)) for f in free]
-      owned += sum(keep)
-      free = [f - k for f, k in zip(free, keep)]
-      expected.append(owned / max(sum(sizes), 1))
-    out["expected_density_per_task"] = expected
-    return out
-
-  return base.Method(name="packnet", run_task=run_task, init_state=init_state,
-                     forward_params=forward_params, wrap_tx=wrap_tx, tx_args=tx_args,
-                     report=report)
+def make(config, ctx: base.Context) -> base.Method:
+  """PackNet with ``config.packnet.{prune_fraction, retrain_epochs, retrain_lr}``."""
+  frac = check(config, ctx)
+  return base.Method(
+      name="packnet",
+      run_task=functools.partial(
+          run_task, config=config,
+          start=jax.jit(functools.partial(start_task, rows=ctx.task_rows)),
+          prune_fn=jax.jit(functools.partial(prune, spec=ctx.spec, fraction=frac)),
+          finish=jax.jit(finish_task)),
+      init_state=init_state, forward_params=forward_params, wrap_tx=base.freezing_tx,
+      tx_args=base.stored_trainable_args, report=functools.partial(report, fraction=frac))

@@ -30,6 +30,8 @@ Example::
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -140,6 +142,69 @@ def mask_lr_fn(lr: float, milestones, decay: float, epochs: int):
   return fn
 
 
+def init_state(ctx: base.Context) -> dict:
+  """No stored bits, nothing trainable."""
+  return {"bits": new_bits(ctx.params, ctx.spec, ctx.num_tasks),
+          "trainable": masks.zeros(ctx.params)}
+
+
+def start_task(state, t, *, rows, spec, mask_init: float):
+  """Task 1 trains the whole backbone; later tasks only their head and norm rows, and a fresh
+  real-valued mask (``mask_init`` on every maskable weight)."""
+  m = dict(state.method)
+  row_t = base.task_slice(state.params, rows, t)
+  first = t == 0
+  shared = jax.tree.map(lambda r: not r, rows)
+  m["trainable"] = jax.tree.map(lambda r, sh: r & (first | ~sh), row_t,
+                                masks.from_spec(state.params, shared))
+  aux = {"mask": init_real_mask(state.params, spec, mask_init)}
+  return state._replace(method=m, aux=aux)
+
+
+def finish_task(state, t, *, spec, threshold: float):
+  """Stores task ``t``'s binary mask (``mask > threshold``; all ones for task 1) as its bits."""
+  m = dict(state.method)
+  live = jax.tree.map(lambda a, s: (a > threshold) if s else jnp.zeros((), jnp.bool_),
+                      state.aux["mask"], spec)
+  live = jax.tree.map(lambda x, s: x | (t == 0) if s else x, live, spec)
+  m["bits"] = set_bits(m["bits"], live, t, spec)
+  m["trainable"] = masks.zeros(m["trainable"])
+  return state._replace(method=m)
+
+
+def run_task(trainer, state, t, *, config, start, finish):
+  """Task 1: the backbone; later tasks: a mask over it (``start`` / ``finish``: the jitted
+  :func:`start_task` and :func:`finish_task`)."""
+  pc = config.piggyback
+  tt = jnp.int32(t)
+  state = trainer.apply(state, lambda s: start(s, tt))
+  if t == 0:
+    state = trainer.train(state, t, epochs=config.epochs, phase="backbone")
+  else:
+    epochs = int(pc.epochs) or int(config.epochs)
+    state = trainer.train(
+        state, t, epochs=epochs, phase="mask", lr=float(pc.lr) or None,
+        aux_lr_fn=mask_lr_fn(float(pc.mask_lr), tuple(pc.mask_lr_milestones),
+                             float(pc.mask_lr_decay), epochs))
+  return trainer.apply(state, lambda s: finish(s, tt))
+
+
+def report(ctx, state) -> dict:
+  """Density (= picked fraction) per task and one stored bit per task and maskable weight."""
+  spec, T = ctx.spec, ctx.num_tasks
+  bits = jax.device_get(state.method["bits"])
+  spec_leaves = jax.tree.leaves(spec)
+  total = sum(int(jnp.size(p)) for p, s in zip(jax.tree.leaves(ctx.params), spec_leaves) if s)
+  dens = []
+  for j in range(T):
+    got = get_bits(bits, j, spec)
+    used = sum(int(jnp.sum(g)) for g, s in zip(jax.tree.leaves(got), spec_leaves) if s)
+    dens.append(1.0 if j == 0 else used / max(total, 1))
+  # One stored bit per task and maskable weight (task 1's all-ones mask included, as
+  # metrics.model_bytes documents for Piggyback).
+  return {"density_per_task": dens, "mask_bits": T, "picked_fraction_per_task": dens}
+
+
 def make(config, ctx: base.Context) -> base.Method:
   """Piggyback with ``config.piggyback.{mask_init, threshold, mask_lr, epochs, lr, ...}``."""
   pc = config.piggyback
@@ -147,73 +212,18 @@ def make(config, ctx: base.Context) -> base.Method:
     raise ValueError("Piggyback: norm='batch' shares BatchNorm running statistics across "
                      "tasks, so earlier tasks would silently forget; use norm='task_batch' (the "
                      "default) or 'batch_stats_only'")
-  spec, rows = ctx.spec, ctx.task_rows
-  T = ctx.num_tasks
-  thr = float(pc.threshold)
-  init_value = float(pc.mask_init)
-  shared = jax.tree.map(lambda r: not r, rows)
-
-  def init_state(ctx):
-    return {"bits": new_bits(ctx.params, spec, T), "trainable": masks.zeros(ctx.params)}
-
-  def init_aux(ctx):
-    return {"mask": init_real_mask(ctx.params, spec, init_value)}
-
-  def forward_params(params, aux, m, task, current):
-    return masked_params(params, aux["mask"], m["bits"], task, current, spec=spec, threshold=thr)
-
-  tx_args = base.stored_trainable_args
-  wrap_tx = base.freezing_tx
-
-  aux_tx = optax.inject_hyperparams(optax.adam)(learning_rate=float(pc.mask_lr))
-
-  @jax.jit
-  def begin(state, t):
-    m = dict(state.method)
-    row_t = base.task_slice(state.params, rows, t)
-    first = t == 0
-    # Task 1 trains the whole backbone; later tasks only their head and norm rows.
-    m["trainable"] = jax.tree.map(lambda r, sh: r & (first | ~sh), row_t,
-                                  masks.from_spec(state.params, shared))
-    aux = {"mask": init_real_mask(state.params, spec, init_value)}
-    return state._replace(method=m, aux=aux)
-
-  @jax.jit
-  def finish(state, t):
-    m = dict(state.method)
-    live = jax.tree.map(lambda a, s: (a > thr) if s else jnp.zeros((), jnp.bool_),
-                        state.aux["mask"], spec)
-    live = jax.tree.map(lambda x, s: x | (t == 0) if s else x, live, spec)
-    m["bits"] = set_bits(m["bits"], live, t, spec)
-    m["trainable"] = masks.zeros(m["trainable"])
-    return state._replace(method=m)
-
-  def run_task(trainer, state, t):
-    tt = jnp.int32(t)
-    state = trainer.apply(state, lambda s: begin(s, tt))
-    if t == 0:
-      state = trainer.train(state, t, epochs=config.epochs, phase="backbone")
-    else:
-      epochs = int(pc.epochs) or int(config.epochs)
-      state = trainer.train(
-          state, t, epochs=epochs, phase="mask", lr=float(pc.lr) or None,
-          aux_lr_fn=mask_lr_fn(float(pc.mask_lr), tuple(pc.mask_lr_milestones),
-                               float(pc.mask_lr_decay), epochs))
-    return trainer.apply(state, lambda s: finish(s, tt))
-
-  def report(ctx, state):
-    bits = jax.device_get(state.method["bits"])
-    spec_leaves = jax.tree.leaves(spec)
-    total = sum(int(jnp.size(p)) for p, s in zip(jax.tree.leaves(ctx.params), spec_leaves) if s)
-    dens = []
-    for j in range(T):
-      got = get_bits(bits, j, spec)
-      used = sum(int(jnp.sum(g)) for g, s in zip(jax.tree.leaves(got), spec_leaves) if s)
-      dens.append(1.0 if j == 0 else used / max(total, 1))
-    # One stored bit per task and maskable weight (task 1's all-ones mask included, as
-    # metrics.model_bytes documents for Piggyback).
-    return {"density_per_task": dens, "mask_bits": T, "picked_fraction_per_task": dens}
-
-  return base.Method(name="piggyback", run_task=run_task, init_state=init_state,
-                     init_aux=init_aux, forward_params=forward_params, wrap_tx=wrap_tx,
-                     tx_args=tx_args, aux_tx=aux_tx, report=report)
+  spec, thr, init_value = ctx.spec, float(pc.threshold), float(pc.mask_init)
+  return base.Method(
+      name="piggyback",
+      run_task=functools.partial(
+          run_task, config=config,
+          start=jax.jit(functools.partial(start_task, rows=ctx.task_rows, spec=spec,
+                                          mask_init=init_value)),
+          finish=jax.jit(functools.partial(finish_task, spec=spec, threshold=thr))),
+      init_state=init_state,
+      init_aux=lambda ctx: {"mask": init_real_mask(ctx.params, spec, init_value)},
+      forward_params=lambda params, aux, m, task, current: masked_params(
+          params, aux["mask"], m["bits"], task, current, spec=spec, threshold=thr),
+      wrap_tx=base.freezing_tx, tx_args=base.stored_trainable_args,
+      aux_tx=optax.inject_hyperparams(optax.adam)(learning_rate=float(pc.mask_lr)),
+      report=report)
