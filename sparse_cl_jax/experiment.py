@@ -138,8 +138,11 @@ def build_model(config, stream: data_lib.TaskStream):
                        num_classes=stream.num_outputs * copies, **kwargs)
 
 
-def build(config, *, source=None, save_fn=None):
-  """Stream, model, context, method and trainer for a config (no training)."""
+def build(config, *, source=None, save_fn=None, lockstep=None, cell=None):
+  """Stream, model, context, method and trainer for a config (no training).
+
+  ``lockstep`` / ``cell``: the run is cell ``cell`` of a sweep (:mod:`sparse_cl_jax.sweep`).
+  """
   config_lib.validate(config)
   runtime.enable_compilation_cache(config.get("compilation_cache") or None)
   stream = build_stream(config, source)
@@ -157,7 +160,7 @@ def build(config, *, source=None, save_fn=None):
                      key=jax.random.key_data(jax.random.fold_in(key, 2)))
   method = methods.make(config.method, config, ctx)
   trainer = train.Trainer(config=config, model=model, stream=stream, method=method, ctx=ctx,
-                          save_fn=save_fn)
+                          save_fn=save_fn, lockstep=lockstep, cell=cell)
   return trainer
 
 
@@ -207,7 +210,7 @@ def _report(trainer: train.Trainer, state: train.TrainState, R, R_val, b,
 
 def run(config, workdir: str, *, source: data_lib.Source | None = None,
         stop_after_task: int | None = None, overwrite: bool = False,
-        print_summary: bool = True) -> dict | None:
+        print_summary: bool = True, lockstep=None, cell: str | None = None) -> dict | None:
   """Runs (or resumes) the experiment; returns the results dict, or None if stopped early.
 
   Args:
@@ -218,6 +221,8 @@ def run(config, workdir: str, *, source: data_lib.Source | None = None,
       runs and for tests of resumption.
     overwrite: move a finished run in ``workdir`` aside and start again.
     print_summary: print the accuracy matrix table at the end.
+    lockstep / cell: run as cell ``cell`` of a sweep, sharing compiled programs through
+      ``lockstep`` (:class:`sparse_cl_jax.train.lockstep.Lockstep`).
   """
   config_lib.validate(config)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
@@ -231,7 +236,7 @@ def run(config, workdir: str, *, source: data_lib.Source | None = None,
   quiet = logs.logs_above_progress_bars() if config.progress else contextlib.nullcontext()
   try:
     with quiet:
-      return _run_open(config, workdir, ckpt, saved, source=source,
+      return _run_open(config, workdir, ckpt, saved, source=source, lockstep=lockstep, cell=cell,
                        stop_after_task=stop_after_task, print_summary=print_summary)
   except reliability.DivergenceError as e:
     if saved:
@@ -253,7 +258,7 @@ def _describe_position(meta: dict) -> str:
 
 
 def _run_open(config, workdir: str, ckpt: checkpoint.Checkpointer, saved: dict, *, source,
-              stop_after_task, print_summary) -> dict | None:
+              stop_after_task, print_summary, lockstep=None, cell=None) -> dict | None:
   """:func:`run` with the workdir open; ``saved``: step and meta of the newest checkpoint."""
   progress: dict = {}
   run_log: list[logs.RunLog] = []  # set once the starting point is known
@@ -270,7 +275,7 @@ def _run_open(config, workdir: str, ckpt: checkpoint.Checkpointer, saved: dict, 
     ckpt.save(step, host, meta)
     saved.update(step=step, meta=meta)
 
-  trainer = build(config, source=source, save_fn=save)
+  trainer = build(config, source=source, save_fn=save, lockstep=lockstep, cell=cell)
   T = trainer.stream.num_tasks
   state = trainer.init_state()
   R = np.full((T, T), np.nan)

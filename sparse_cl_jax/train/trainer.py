@@ -61,18 +61,30 @@ def jit_body(body, env: steps.StepEnv, consts, **jit_kwargs):
   return lambda *args, **kwargs: jitted(consts, *args, **kwargs)
 
 
-def compile_programs(env: steps.StepEnv, consts):
-  """The run's jitted programs: the epoch-chunk steps, outputs and evaluation counts."""
+def compile_programs(env: steps.StepEnv, consts, lockstep=None, cell: str | None = None,
+                     put=None):
+  """The run's jitted programs: the epoch-chunk steps, outputs and evaluation counts.
+
+  With ``lockstep`` (a sweep), the step and evaluation programs go through it, so that the
+  cells of a sweep whose programs are the same computation run them as one vmapped program.
+  """
+
+  def prog(kind, body, **jit_kwargs):
+    single = jit_body(body, env, consts, **jit_kwargs)
+    if lockstep is None:
+      return single
+    return lockstep.program(cell, kind, body, env, consts, single, put)
+
   programs = loops.Programs(
-      run_steps=jit_body(steps.run_steps, env, consts, donate_argnums=(0,)),
-      host_step=jit_body(steps.host_step, env, consts, donate_argnums=(0, 1)),
-      run_multi=jit_body(steps.run_multi, env, consts, donate_argnums=(0,),
-                         static_argnames=("spec",)),
-      host_multi=jit_body(steps.host_multi, env, consts, donate_argnums=(0, 1),
-                          static_argnames=("spec",)),
+      run_steps=prog("run_steps", steps.run_steps, donate_argnums=(0,)),
+      host_step=prog("host_step", steps.host_step, donate_argnums=(0, 1)),
+      run_multi=prog("run_multi", steps.run_multi, donate_argnums=(0,),
+                     static_argnames=("spec",)),
+      host_multi=prog("host_multi", steps.host_multi, donate_argnums=(0, 1),
+                      static_argnames=("spec",)),
       permutation=jax.jit(data_lib.epoch_permutation, static_argnums=(2,)))
   outputs = jit_body(evaluation.outputs, env, consts, static_argnames=("features",))
-  return programs, outputs, jit_body(evaluation.eval_counts, env, consts)
+  return programs, outputs, prog("eval", evaluation.eval_counts)
 
 
 class Forward(steps.Forward):
@@ -95,7 +107,8 @@ class Trainer:
   on_epoch: Callable[..., None] | None = None
 
   def __init__(self, *, config, model, stream, method: protocol.Method, ctx: protocol.Context,
-               save_fn: Callable[[TrainState, dict], None] | None = None):
+               save_fn: Callable[[TrainState, dict], None] | None = None, lockstep=None,
+               cell: str | None = None):
     self.config = config
     self.model = model
     self.stream = stream
@@ -130,7 +143,9 @@ class Trainer:
     # What differs between runs of the same shapes reaches the jitted functions as data.
     self._consts = self.put(steps.run_constants(self.key, stream))
     self.loop = runtime.epoch_loop(config.get("epoch_loop", "auto"))
-    self.programs, self._outputs, self._eval_counts = compile_programs(self.env, self._consts)
+    # In a sweep (``lockstep``, :mod:`.lockstep`) the programs are shared with the other cells.
+    self.programs, self._outputs, self._eval_counts = compile_programs(
+        self.env, self._consts, lockstep, cell, self.put)
 
   @property
   def method(self) -> protocol.Method:
@@ -141,9 +156,6 @@ class Trainer:
   def method(self, value: protocol.Method) -> None:
     self._method = value
     self.env.method = value
-
-  # ------------------------------------------------------------------------------------------------
-  # Placement and state.
 
   def put(self, x):
     """``x`` (any pytree) placed on the trainer's device(s): replicated over the mesh if any."""
@@ -318,9 +330,6 @@ class Trainer:
                           data=data)
     self.oplog.log[key] = value
     return value
-
-  # ------------------------------------------------------------------------------------------------
-  # Evaluation (not recorded).
 
   def accuracy(self, state: TrainState, t: int, *, split: str = "test", current: int,
                data: TaskData | None = None) -> float:
