@@ -22,6 +22,9 @@ What :func:`run` adds to ``absl.app.run``:
   ``--config.model_kwargs.NAME=VALUE`` sets any field of the config's model (checked against
   ``models.model_fields``, parsed by the type of the model's default), after all other overrides,
   so it follows a ``--config.model=...`` given anywhere on the line.
+* ``--sweep.FIELD=V1,V2,...`` (a launcher that calls :func:`define_sweep`): the values of a grid
+  over any field of the config, parsed like ``--config.FIELD`` overrides; a tuple-valued field
+  (or a value with commas in it) separates its values with ``;`` (``--sweep.hidden='64,64;128'``).
 * ``--help`` (exit status 0) lists the launcher's flags and, with ``--config``, every config field
   with its value and every settable model field with its default.
 * ``--print_config`` prints the resolved, validated config as flags and exits.
@@ -190,6 +193,85 @@ def define_config(name: str = "config", default: str | None = None,
   return flag
 
 
+class SweepFlag:
+  """The ``--NAME.FIELD=V1,V2,...`` flags of a sweep launcher; :attr:`grid` is the parsed grid."""
+
+  def __init__(self, name: str, config: ConfigFlag, help_string: str):
+    self.name = name
+    self.config = config
+    self.help = help_string
+    self.given: list[tuple[str, str | None]] = []  # (dotted field, raw values) as given
+    self._grid: dict[str, list] | None = None
+
+  @property
+  def grid(self) -> dict[str, list]:
+    """``{field: [values]}`` in the order given (parsed by the type of each field's value)."""
+    if self._grid is None:
+      raise RuntimeError(f"--{self.name} is read after cli.run has parsed the command line")
+    return self._grid
+
+  def resolve(self) -> dict[str, list]:
+    """Parses every flag against the resolved config; UsageError on any problem."""
+    grid: dict[str, list] = {}
+    for path, text in self.given:
+      if path in grid:
+        raise UsageError(f"--{self.name}.{path} is given twice; list every value in one flag: "
+                         f"--{self.name}.{path}=V1,V2,...")
+      grid[path] = sweep_values(self.config.value, path, text, flag=self.name)
+    self._grid = grid
+    return grid
+
+
+def sweep_values(config: ml_collections.ConfigDict, path: str, text: str | None, *,
+                 flag: str = "sweep") -> list:
+  """The values of ``--FLAG.PATH=TEXT``, each parsed by the type of the field's present value.
+
+  Values are separated by ``,``; by ``;`` when the field holds a tuple or ``TEXT`` has a ``;``.
+  """
+  where = f"--{flag}.{path}"
+  if path.startswith("model_kwargs.") and "model_kwargs" in config and path.count(".") == 1:
+    name = path.split(".", 1)[1]
+    try:
+      current = config.model_kwargs.get(name, model_field_default(config, name, flag=flag))
+    except UsageError as e:  # a managed field's message names 'FLAG.model_kwargs.NAME'
+      raise UsageError(_as_flag(str(e), flag, flag)) from None
+  else:
+    parts = path.split(".")
+    current = config
+    for i, part in enumerate(parts):
+      if not isinstance(current, ml_collections.ConfigDict) or part not in current:
+        raise _no_such_field(path, config, flag, ".".join(parts[:i]) or None)
+      current = current[part]
+    if isinstance(current, ml_collections.ConfigDict):
+      raise UsageError(f"{where} is a group of fields; sweep one of them, e.g. "
+                       f"{where}.FIELD=V1,V2")
+  if text is None or not text.strip():
+    raise UsageError(f"{where} needs values: {where}=V1,V2,...")
+  sep = ";" if isinstance(current, (tuple, list)) or ";" in text else ","
+  values = []
+  for piece in text.split(sep):
+    if not piece.strip():
+      raise UsageError(f"{where}={text!r} has an empty value (values are separated by {sep!r}"
+                       + ("; an empty tuple is ()" if sep == ";" else "") + ")")
+    values.append(parse_value(piece.strip(), current, where))
+  return values
+
+
+_SWEEP_FLAGS: list[SweepFlag] = []
+
+
+def define_sweep(name: str = "sweep", config: ConfigFlag | None = None,
+                 help_string: str = "The values of one config field in the grid.") -> SweepFlag:
+  """Defines the ``--NAME.FIELD=V1,V2,...`` flags of a grid over the fields of ``config``."""
+  if config is None:
+    if not _CONFIG_FLAGS:
+      raise ValueError("define_sweep needs a config flag: call define_config first")
+    config = _CONFIG_FLAGS[0]
+  flag = SweepFlag(name, config, help_string)
+  _SWEEP_FLAGS.append(flag)
+  return flag
+
+
 # --------------------------------------------------------------------------------------------------
 # Overrides.
 
@@ -305,8 +387,8 @@ def model_defaults(model: str) -> dict[str, Any]:
   return {f: getattr(instance, f) for f in fields}
 
 
-def set_model_field(config, name: str, text: str | None, *, flag: str = "config") -> None:
-  """``config.model_kwargs[name]`` from the command line, checked against the model's fields."""
+def model_field_default(config, name: str, *, flag: str = "config") -> Any:
+  """The default of field ``name`` of ``config.model``; UsageError if it cannot be set."""
   from sparse_cl_jax import experiment  # pylint: disable=g-import-not-at-top
   from sparse_cl_jax import models  # pylint: disable=g-import-not-at-top
   where = f"--{flag}.model_kwargs.{name}"
@@ -323,15 +405,30 @@ def set_model_field(config, name: str, text: str | None, *, flag: str = "config"
              "it has no fields besides those the harness sets")
     raise UsageError(f"no such field: {where}: model {config.model!r} has no field {name!r}; "
                      f"{hint}{known}")
-  value = parse_value(text, defaults[name], where)
+  return defaults[name]
+
+
+def set_model_field(config, name: str, text: str | None, *, flag: str = "config") -> None:
+  """``config.model_kwargs[name]`` from the command line, checked against the model's fields."""
+  where = f"--{flag}.model_kwargs.{name}"
+  value = parse_value(text, model_field_default(config, name, flag=flag), where)
   with config.unlocked() if config.is_locked else contextlib.nullcontext():
     with config.model_kwargs.unlocked() if config.model_kwargs.is_locked else contextlib.nullcontext():
       config.model_kwargs[name] = value
 
 
-def _as_flag(message: str, flag: str) -> str:
+def _as_flag(message: str, flag: str, name: str = "config") -> str:
   """'config.x=...' in a validation message read as the flag that sets it."""
-  return re.sub(r"(?<![\w.-])config\.", f"--{flag}.", message)
+  return re.sub(rf"(?<![\w.-]){name}\.", f"--{flag}.", message)
+
+
+def as_flags(message: str) -> str:
+  """A library message naming ``config.FIELD`` / ``sweep.FIELD`` read as the launcher's flags."""
+  for cf in _CONFIG_FLAGS[:1]:
+    message = _as_flag(message, cf.name)
+  for sf in _SWEEP_FLAGS[:1]:
+    message = _as_flag(message, sf.name, "sweep")
+  return message
 
 
 # --------------------------------------------------------------------------------------------------
@@ -395,6 +492,7 @@ def help_text(doc: str | None, specs: abc.Mapping[str, str | None]) -> str:
   """
   lines = [(doc or "").strip(), "", "Flags:"]
   lines += _flag_help([sys.argv[0], __name__])
+  lines += [f"  --{sf.name}.FIELD=V1,V2,...: {sf.help}" for sf in _SWEEP_FLAGS]
   lines.append("  --flagfile=FILE: read flags from FILE; --helpfull lists absl's own flags too")
   for cf in _CONFIG_FLAGS:
     spec = specs.get(cf.name)
@@ -423,6 +521,7 @@ def help_text(doc: str | None, specs: abc.Mapping[str, str | None]) -> str:
 def _split_overrides(argv: list[str]) -> list[str]:
   """Moves every ``--NAME.FIELD[=VALUE]`` of a config flag into that flag; returns the rest."""
   names = {cf.name: cf for cf in _CONFIG_FLAGS}
+  sweeps = {sf.name: sf for sf in _SWEEP_FLAGS}
   rest = [argv[0]]
   i = 1
   while i < len(argv):
@@ -431,7 +530,18 @@ def _split_overrides(argv: list[str]) -> list[str]:
     if arg == "--":
       rest.extend(argv[i:])
       break
-    if m and m.group(2) in names:
+    if m and m.group(2) in sweeps:
+      negated, name, path, has_value, text = m.groups()
+      if negated:
+        raise UsageError(f"{arg}: a sweep lists its values, e.g. --{name}.{path}=true,false")
+      if not has_value:
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if nxt is not None and not nxt.startswith("-"):
+          text, i = nxt, i + 1
+        else:
+          text = None
+      sweeps[name].given.append((path, text))
+    elif m and m.group(2) in names:
       negated, name, path, has_value, text = m.groups()
       if negated:
         if has_value:
@@ -490,6 +600,8 @@ def _make_parser(doc: str | None, required: abc.Sequence[str], positional: bool)
         raise UsageError(one_line(e)) from e
       for cf in _CONFIG_FLAGS:
         cf.overrides.clear()
+      for sf in _SWEEP_FLAGS:
+        sf.given.clear()
       rest = _split_overrides(argv)
       if any(a in _HELP for a in rest[1:]):
         specs = {cf.name: _find_flag_value(rest, cf.name) or FLAGS[cf.name].default
@@ -507,6 +619,11 @@ def _make_parser(doc: str | None, required: abc.Sequence[str], positional: bool)
       for cf in _CONFIG_FLAGS:
         if cf.spec or cf.name in required or cf.overrides:
           cf.resolve()
+      for sf in _SWEEP_FLAGS:
+        if sf.given and sf.config.spec is None:
+          raise UsageError(f"--{sf.name}.FIELD needs --{sf.config.name}=PATH[:ARG]")
+        if sf.config.spec:
+          sf.resolve()
       if _PRINT_CONFIG.value:
         if not _CONFIG_FLAGS:
           raise UsageError("--print_config: this launcher has no --config")

@@ -22,9 +22,9 @@ LAYERS = (
     ("core", ("criteria",)),
     ("core", ("growth", "transforms", "schedules")),
     ("harness", ("runtime", "reliability", "ops", "models", "augment", "config", "data",
-                 "protocol", "train", "metrics", "checkpoint", "logs")),
+                 "protocol", "train", "metrics", "checkpoint", "trackers", "logs")),
     ("methods", ("methods",)),
-    ("experiment", ("experiment",)),
+    ("experiment", ("experiment", "sweep")),
     ("launchers", ("cli",)),
 )
 # The package's own __init__ re-exports the core only.
