@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench fashion-mnist lint constraints clean
+.PHONY: install test demo bench fashion-mnist lint constraints clean mutants
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,11 @@ bench: $(STAMP) fashion-mnist
 	$(BIN)/python benchmarks/core_overhead.py
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/python benchmarks/peer_pytorch.py
+
+## make mutants: single-site bugs planted one at a time in a copy of the checkout; prints the
+## kill rate of the test files mapped to each (tests/mutants.py; slow, not part of make test).
+mutants: $(STAMP)
+	$(BIN)/python tests/mutants.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check sparse_cl_jax tests experiments configs benchmarks

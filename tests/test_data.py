@@ -860,3 +860,31 @@ def test_num_batches_and_batch_indices():
     seen += np.asarray(idx)[np.asarray(valid)].tolist()
   assert sorted(seen) == list(range(7))
 
+
+
+def test_herding_order_against_a_brute_force_icarl_construction():
+  rng = np.random.default_rng(7)
+  feats = rng.normal(size=(9, 4))
+  labels = np.zeros(9, np.int64)
+  got = data.select_exemplars(labels, 5, method='herding', features=feats)
+  # iCaRL Algorithm 4 by hand: phi normalised, mu their mean; the j-th exemplar minimises
+  # || mu - (phi(x) + sum of the chosen) / j || over the rest.
+  phi = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+  mu = phi.mean(axis=0)
+  chosen = []
+  for j in range(1, 6):
+    best = min((i for i in range(9) if i not in chosen),
+               key=lambda i: np.linalg.norm(mu - (phi[i] + phi[chosen].sum(axis=0)) / j))
+    chosen.append(best)
+  np.testing.assert_array_equal(got, chosen)
+
+
+def test_validation_holds_out_at_least_one_example_of_every_class():
+  labels = np.array([0] * 3 + [1] * 20)  # 0.1 * 3 rounds to 0: still one held out
+  kept, held = data.splits.stratified_split(labels, 0.1, np.random.default_rng(0))
+  assert np.sum(labels[held] == 0) == 1 and np.sum(labels[held] == 1) == 2
+  assert np.sum(labels[kept] == 0) == 2
+  # Never the last one of a class, and nothing held out at fraction 0.
+  kept, held = data.splits.stratified_split(np.array([0, 0, 1]), 0.9, np.random.default_rng(0))
+  assert held.size == 1 and held[0] in (0, 1) and 2 in kept
+  assert data.splits.stratified_split(labels, 0.0, np.random.default_rng(0))[1].size == 0

@@ -203,3 +203,12 @@ def test_expected_density_by_hand():
   # Two layers of 10 and 4 weights, f = 0.6: task 1 keeps 4 + 2 (round(1.6) = 2) of 14; task 2
   # keeps round(0.4 * 6) = 2 and round(0.4 * 2) = 1 more.
   np.testing.assert_allclose(packnet.expected_density([10, 4], 0.6, 2), [6 / 14, 9 / 14])
+
+
+def test_view_of_a_finished_task_is_exactly_the_weights_of_tasks_up_to_it():
+  own = {"w": jnp.array([0, 1, 2, 3, 1, 2], jnp.int8)}
+  # Task index 1 (owner 2) after task 2 was trained: owners 1 and 2, never free or later ones.
+  np.testing.assert_array_equal(packnet.view(own, 1, 2)["w"], [0, 1, 1, 0, 1, 1])
+  # The task being trained also computes with the free weights.
+  np.testing.assert_array_equal(packnet.view(own, 1, 1)["w"], [1, 1, 1, 0, 1, 1])
+  np.testing.assert_array_equal(packnet.view(own, 0, 2)["w"], [0, 1, 0, 0, 1, 0])

@@ -275,3 +275,9 @@ def test_freeze_keeps_a_negative_zero_weight_bit_identical():
   new = optax.apply_updates(p, u)
   np.testing.assert_array_equal(np.asarray(new["w"]).view(np.uint32),
                                 np.asarray(p["w"]).view(np.uint32))
+
+
+def test_binarize_ste_is_strict_at_the_threshold():
+  # Piggyback as coded: mask = real > threshold, so a value exactly at the threshold is off.
+  m = jnp.array([0.005, 0.0050001, 0.0049999, -1.0], jnp.float32)
+  np.testing.assert_array_equal(transforms.binarize_ste(m, jnp.float32(0.005)), [0, 1, 0, 0])
