@@ -315,3 +315,15 @@ def test_lr_schedule():
   assert train.lr_for_epoch(0.1, 5, 10, (0.5, 0.75), 0.1) == pytest.approx(0.01)
   assert train.lr_for_epoch(0.1, 8, 10, (0.5, 0.75), 0.1) == pytest.approx(0.001)
   assert config_lib.class_order(config_lib.base("x")) == "natural"
+
+
+def test_val_accuracy_matrix_counts_validation_examples(tmp_path):
+  # Every validation accuracy is (correct examples) / (the task's validation examples): times
+  # n_val it is a whole number, which the test accuracies (over n_test examples) are not.
+  config = load_config("finetune")
+  r = experiment.run(config, str(tmp_path / "run"), print_summary=False)
+  stream = experiment.build_stream(config)
+  V = np.asarray(r["val_accuracy_matrix"]) * np.asarray(stream.n_val)[None, :]
+  R = np.asarray(r["accuracy_matrix"]) * np.asarray(stream.n_val)[None, :]
+  np.testing.assert_allclose(V, np.round(V), atol=1e-6)
+  assert not np.allclose(R, np.round(R), atol=1e-6)
