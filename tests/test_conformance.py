@@ -145,3 +145,55 @@ def test_resume_after_task_1_gives_same_results(name, full_runs, tmp_path):
                        default=str) ==
             json.dumps({k: v for k, v in full.items() if k not in skip}, sort_keys=True,
                        default=str))
+
+
+# ------------------------------------------------------------------------------------------------
+# The same promises with a BatchNorm model (the :runlocal presets of most methods have no norm
+# layer, so evaluation in training mode or running statistics that leak between tasks would go
+# unseen there).
+
+
+@pytest.fixture(scope="module")
+def bn_runs(tmp_path_factory):
+  cache = {}
+
+  def get(name):
+    if name not in cache:
+      workdir = str(tmp_path_factory.mktemp(f"bn_{name}"))
+      cache[name] = experiment.run(bn_config(name), workdir, print_summary=False)
+    return cache[name]
+
+  return get
+
+
+def bn_config(name):
+  config = load_config(name)
+  config.norm = methods.default_norm(name)  # 'task_batch' where a method isolates tasks
+  if config.norm == "none":
+    config.norm = "batch"
+  return config
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_with_batchnorm_promises_hold_and_resume_is_identical(name, bn_runs, tmp_path):
+  r = bn_runs(name)
+  assert r["config"]["norm"] in ("batch", "task_batch")
+  R = np.asarray(r["accuracy_matrix"], dtype=float)
+  classes = r["tasks"]
+  if r["config"]["incremental"] == "task":
+    chance = float(np.mean([1.0 / len(c) for c in classes]))
+  else:
+    chance = 1.0 / sum(len(c) for c in classes)
+  assert r["acc"] > chance + 0.1, (r["acc"], chance)
+  if getattr(methods.module(name), "FORGETS_NOTHING", False):
+    for i in range(R.shape[0]):
+      for j in range(i):
+        assert R[i, j] == R[j, j], (i, j, R)
+  if "expected_density_per_task" in r:
+    np.testing.assert_allclose(r["density_per_task"], r["expected_density_per_task"], atol=1e-12)
+  config = bn_config(name)
+  if config.num_tasks > 1:
+    workdir = str(tmp_path / "resumed")
+    assert experiment.run(config, workdir, stop_after_task=1, print_summary=False) is None
+    resumed = experiment.run(bn_config(name), workdir, print_summary=False)
+    np.testing.assert_array_equal(np.asarray(resumed["accuracy_matrix"]), R)
