@@ -26,6 +26,7 @@ SCENARIOS = ("split", "permuted")
 INCREMENTAL = ("task", "class")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 NORMS = ("auto", "batch", "task_batch", "batch_stats_only", "none")
+WANDB_MODES = ("disabled", "offline", "online")
 
 
 def base(method: str) -> ml_collections.ConfigDict:
@@ -87,6 +88,13 @@ def base(method: str) -> ml_collections.ConfigDict:
   # gradients, optimiser state and running statistics stay float32). Changes results slightly.
   c.compute_dtype = "float32"
   c.compilation_cache = ""
+  # Experiment trackers besides metrics.csv and TensorBoard (sparse_cl_jax/trackers.py): Weights &
+  # Biases logs the run when mode is "offline" (files in WORKDIR/wandb/, no network) or "online";
+  # needs the wandb extra. Not part of the run's fingerprint: a resumed run may switch it.
+  c.wandb = ml_collections.ConfigDict()
+  c.wandb.mode = "disabled"  # one of WANDB_MODES
+  c.wandb.project = "sparse_cl_jax"
+  c.wandb.entity = ""  # "" = the default entity of your W&B login
   return c
 
 
@@ -178,7 +186,21 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if "divergence_threshold" in c:
     _check_positive(c, "divergence_threshold", allow_zero=True)
   class_order(c)
+  if "wandb" in c:
+    _check_wandb(c.wandb)
   return c
+
+
+def _check_wandb(w) -> None:
+  mode = w.get("mode", "disabled")
+  if mode not in WANDB_MODES:
+    raise ValueError(f"config.wandb.mode={mode!r} is not valid; choose one of {list(WANDB_MODES)}")
+  for field in ("project", "entity"):
+    value = w.get(field, "")
+    if not isinstance(value, str):
+      raise ValueError(f"config.wandb.{field}={value!r} must be a string")
+  if mode != "disabled" and not w.get("project"):
+    raise ValueError("config.wandb.project is empty; name the W&B project the run logs to")
 
 
 def to_dict(c: ml_collections.ConfigDict) -> dict:

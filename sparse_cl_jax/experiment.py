@@ -11,8 +11,9 @@ same results. A workdir holding checkpoints of another config is refused, naming
 fields (an attempt that ended before its first checkpoint binds nothing: a rerun may change any
 field); a finished run is never overwritten unless ``overwrite=True`` (then it is moved aside, not
 deleted). Every training epoch is logged (loss, accuracy, learning rate, density) to
-``workdir/metrics.csv`` and TensorBoard event files in ``workdir/tensorboard``, and a finished run
-draws its plots into ``workdir/plots`` (:mod:`sparse_cl_jax.logs`). The run ends by writing
+``workdir/metrics.csv`` and TensorBoard event files in ``workdir/tensorboard`` (and to Weights &
+Biases when ``config.wandb.mode`` asks: :mod:`sparse_cl_jax.trackers`), and a finished run draws
+its plots into ``workdir/plots`` (:mod:`sparse_cl_jax.logs`). The run ends by writing
 ``workdir/results.json`` and printing a summary table and where each of these files is.
 
 Faults end in one line (:mod:`sparse_cl_jax.reliability`): a second process on the same workdir
@@ -53,6 +54,7 @@ from sparse_cl_jax import metrics
 from sparse_cl_jax import models
 from sparse_cl_jax import reliability
 from sparse_cl_jax import runtime
+from sparse_cl_jax import trackers as trackers_lib
 from sparse_cl_jax import train
 from sparse_cl_jax.methods import base
 
@@ -60,6 +62,8 @@ from sparse_cl_jax.methods import base
 _NOT_FINGERPRINTED = ("progress", "checkpoint_every_epochs", "epoch_loop", "compilation_cache")
 # The divergence threshold only decides whether a run stops: raising it lets a stopped run resume.
 _NOT_FINGERPRINTED += ("divergence_threshold",)
+# Where the run is logged besides its workdir (W&B) changes nothing it computes.
+_NOT_FINGERPRINTED += ("wandb",)
 
 # Model fields the harness sets: from the config's own fields or from the task stream.
 MANAGED_MODEL_FIELDS = frozenset({"num_heads", "num_classes", "num_tasks", "norm",
@@ -228,6 +232,8 @@ def run(config, workdir: str, *, source: data_lib.Source | None = None,
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ValueError(f"workdir {workdir} is a file, not a folder; pass a folder (it is created if "
                      "missing) as --workdir")
+  # Before the workdir is touched: a tracker that cannot work (wandb not installed) stops here.
+  extra_trackers = trackers_lib.from_config(config)
   fingerprint = {k: v for k, v in config_lib.to_dict(config).items()
                  if k not in _NOT_FINGERPRINTED}
   # Refuses at once if another process has the workdir open; released however the run ends.
@@ -237,7 +243,8 @@ def run(config, workdir: str, *, source: data_lib.Source | None = None,
   try:
     with quiet:
       return _run_open(config, workdir, ckpt, saved, source=source, lockstep=lockstep, cell=cell,
-                       stop_after_task=stop_after_task, print_summary=print_summary)
+                       stop_after_task=stop_after_task, print_summary=print_summary,
+                       extra_trackers=extra_trackers)
   except reliability.DivergenceError as e:
     if saved:
       where = _describe_position(saved["meta"])
@@ -258,8 +265,12 @@ def _describe_position(meta: dict) -> str:
 
 
 def _run_open(config, workdir: str, ckpt: checkpoint.Checkpointer, saved: dict, *, source,
-              stop_after_task, print_summary, lockstep=None, cell=None) -> dict | None:
-  """:func:`run` with the workdir open; ``saved``: step and meta of the newest checkpoint."""
+              stop_after_task, print_summary, lockstep=None, cell=None,
+              extra_trackers=()) -> dict | None:
+  """:func:`run` with the workdir open; ``saved``: step and meta of the newest checkpoint.
+
+  ``extra_trackers``: started with the run log (after CSV and TensorBoard), closed with it.
+  """
   progress: dict = {}
   run_log: list[logs.RunLog] = []  # set once the starting point is known
 
@@ -308,7 +319,7 @@ def _run_open(config, workdir: str, ckpt: checkpoint.Checkpointer, saved: dict, 
     b = [trainer.accuracy(state, j, current=j) for j in range(T)]
   run_log.append(logs.RunLog(
       workdir, resume_index=None if found is None else int(found[2].get("logged_epochs", 0)),
-      config_text="```\n" + json.dumps(config_lib.to_dict(config), indent=1) + "\n```"))
+      config=config_lib.to_dict(config), trackers=extra_trackers))
   try:
     trainer.on_epoch = EpochLogger(trainer, run_log[0])
     return _train_tasks(config, workdir, ckpt, trainer, state, save, progress, run_log[0],
@@ -342,6 +353,7 @@ def _train_tasks(config, workdir, ckpt, trainer, state, save, progress, run_log,
   results["trace_counts"] = dict(trainer.trace_counts)
   results_path = ckpt.finish(results)
   plots = logs.write_run_plots(workdir, results)
+  run_log.finish(results)
   if print_summary:
     print(f"\n{results['method']} on {config.dataset} ({config.scenario}, {T} tasks, "
           f"{config.incremental}-IL, model {config.model}): test accuracy matrix R[i, j]")
@@ -356,8 +368,7 @@ def _train_tasks(config, workdir, ckpt, trainer, state, save, progress, run_log,
 def where_everything_is(workdir, results_path, run_log: logs.RunLog, plots) -> str:
   """The closing lines of a run: the path of each file it wrote."""
   rows = [("results", str(results_path)),
-          ("per-epoch metrics (CSV)", str(run_log.csv_path)),
-          ("TensorBoard", f"tensorboard --logdir {run_log.tensorboard_dir}"),
+          *run_log.where(),  # CSV, TensorBoard, then any other tracker's (W&B)
           ("plots", ", ".join(str(p) for p in plots)),
           ("checkpoints", str(os.path.join(os.path.abspath(workdir), checkpoint.CHECKPOINT_DIR)))]
   if run_log.moved_to is not None:

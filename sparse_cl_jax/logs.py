@@ -15,9 +15,12 @@ checkpoints and ``results.json``::
                            aside when the next attempt starts afresh
 
 ``epoch_index`` counts the training epochs of the run from 1 (all tasks and phases). A run resumed
-from a checkpoint continues the count from that checkpoint: :class:`RunLog` moves the CSV rows
-logged after it to ``metrics.superseded.csv`` and starts TensorBoard with ``purge_step``, so both
-show each epoch once.
+from a checkpoint continues the count from that checkpoint: :class:`CsvLog` moves the CSV rows
+logged after it to ``metrics.superseded.csv`` and :class:`TensorBoardLog` starts with
+``purge_step``, so both show each epoch once.
+
+:class:`RunLog` hands every event to its trackers (:mod:`sparse_cl_jax.trackers`): the CSV and
+TensorBoard ones above, then any others the run's config asks for (Weights & Biases).
 
 Plots are drawn on ``matplotlib.figure.Figure`` with the Agg canvas (no display, no pyplot state).
 
@@ -33,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime
+import json
 import math
 import os
 import pathlib
@@ -44,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from sparse_cl_jax import reliability
+from sparse_cl_jax import trackers as trackers_lib
 
 CSV_FILE = "metrics.csv"
 SUPERSEDED_FILE = "metrics.superseded.csv"
@@ -94,21 +99,111 @@ def _write_rows(path: pathlib.Path, rows, *, append: bool) -> None:
     f.flush()
 
 
+def _csv_row(row: abc.Mapping[str, Any]) -> dict[str, Any]:
+  """An epoch row as ``metrics.csv`` writes it: floats to 6 significant digits, seconds to ms."""
+  out = dict(row)
+  for k in ("loss", "accuracy", "learning_rate", "density"):
+    out[k] = f"{row[k]:.6g}"
+  out["seconds"] = f"{row['seconds']:.3f}"
+  return out
+
+
+class CsvLog(trackers_lib.Tracker):
+  """``metrics.csv``: one row per epoch; a resumed run moves the rows after its checkpoint aside.
+
+  The rows a killed attempt logged after the checkpoint a run resumes from go to
+  ``metrics.superseded.csv`` (kept, never deleted), so the CSV shows each epoch once.
+  """
+
+  def __init__(self):
+    self.path: pathlib.Path | None = None
+
+  def start(self, run: trackers_lib.RunInfo) -> None:
+    self.path = pathlib.Path(run.workdir) / CSV_FILE
+    if run.resume_index is not None:
+      self._supersede_after(int(run.resume_index))
+
+  def _supersede_after(self, index: int) -> None:
+    rows = _read_rows(self.path)
+    later = [r for r in rows if int(r["epoch_index"]) > index]
+    if not later:
+      return
+    _write_rows(self.path.with_name(SUPERSEDED_FILE), later, append=True)
+    kept = [r for r in rows if int(r["epoch_index"]) <= index]
+    tmp = self.path.with_name(f".{CSV_FILE}.tmp-{os.getpid()}")
+    _write_rows(tmp, kept, append=False)
+    os.replace(tmp, self.path)
+
+  def epoch(self, row: abc.Mapping[str, Any]) -> None:
+    _write_rows(self.path, [_csv_row(row)], append=True)
+
+  def where(self) -> list[tuple[str, str]]:
+    return [("per-epoch metrics (CSV)", str(self.path))]
+
+
+class TensorBoardLog(trackers_lib.Tracker):
+  """TensorBoard event files (tensorboardX): ``train/*`` per epoch, ``test/*`` after each task.
+
+  Args:
+    config_text: written once to the text tab by a run that starts afresh.
+  """
+
+  def __init__(self, config_text: str | None = None):
+    self.config_text = config_text
+    self.logdir: pathlib.Path | None = None
+    self._writer = None
+
+  def start(self, run: trackers_lib.RunInfo) -> None:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
+    self.logdir = pathlib.Path(run.workdir) / TENSORBOARD_DIR
+    index = run.resume_index or 0
+    # purge_step: events of a killed attempt at or after this step are hidden by TensorBoard.
+    self._writer = SummaryWriter(logdir=str(self.logdir), purge_step=index + 1 if index else None)
+    if self.config_text and run.resume_index is None:
+      self._writer.add_text("config", self.config_text, 0)
+
+  def epoch(self, row: abc.Mapping[str, Any]) -> None:
+    for name in ("loss", "accuracy", "learning_rate", "density"):
+      self._writer.add_scalar(f"train/{name}", row[name], row["epoch_index"])
+    self._writer.flush()
+
+  def task_end(self, task: int, accuracies: abc.Sequence[float], *, average: float,
+               epoch_index: int) -> None:
+    del task
+    self._writer.add_scalar("test/average_accuracy", average, epoch_index)
+    for j, a in enumerate(accuracies):
+      if a is not None and math.isfinite(a):
+        self._writer.add_scalar(f"test/task_{j + 1}", a, epoch_index)
+    self._writer.flush()
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+
+  def where(self) -> list[tuple[str, str]]:
+    return [("TensorBoard", f"tensorboard --logdir {self.logdir}")]
+
+
 class RunLog:
-  """Writes one run's per-epoch metrics to ``metrics.csv`` and TensorBoard event files.
+  """One run's log: hands every epoch, task end and the final results to a list of trackers.
+
+  The trackers are :class:`CsvLog` (``metrics.csv``), :class:`TensorBoardLog` and then
+  ``trackers`` (e.g. :func:`sparse_cl_jax.trackers.from_config`: W&B), in this order.
 
   Args:
     workdir: the run's directory (exists; the caller holds its lock).
     resume_index: None for a run that starts afresh (logs of an earlier attempt that saved no
       checkpoint are moved to ``unfinished-<time>/``); ``k`` for a run resumed from a checkpoint
       taken after its ``k``-th logged epoch.
-    config_text: written once to TensorBoard's text tab (e.g. the config as JSON).
+    config_text: written once to TensorBoard's text tab (default: ``config`` as indented JSON).
+    config: the run's config as a plain dict, for the trackers.
+    trackers: further :class:`sparse_cl_jax.trackers.Tracker` objects (not yet started).
   """
 
   def __init__(self, workdir: str | os.PathLike, *, resume_index: int | None,
-               config_text: str | None = None):
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-
+               config_text: str | None = None, config: dict[str, Any] | None = None,
+               trackers: abc.Sequence[trackers_lib.Tracker] = ()):
     self.workdir = pathlib.Path(workdir)
     self.csv_path = self.workdir / CSV_FILE
     self.tensorboard_dir = self.workdir / TENSORBOARD_DIR
@@ -118,29 +213,25 @@ class RunLog:
       self.index = 0
     else:
       self.index = int(resume_index)
-      self._supersede_after(self.index)
     self._t0 = time.time()
-    # purge_step: events of a killed attempt at or after this step are hidden by TensorBoard.
-    self._writer = SummaryWriter(logdir=str(self.tensorboard_dir),
-                                 purge_step=self.index + 1 if self.index else None)
-    if config_text and resume_index is None:
-      self._writer.add_text("config", config_text, 0)
+    if config_text is None and config is not None:
+      config_text = "```\n" + json.dumps(config, indent=1) + "\n```"
+    self.trackers: list[trackers_lib.Tracker] = [CsvLog(), TensorBoardLog(config_text),
+                                                 *trackers]
+    info = trackers_lib.RunInfo(workdir=self.workdir, resume_index=resume_index, config=config)
+    started = []
+    try:
+      for tracker in self.trackers:
+        tracker.start(info)
+        started.append(tracker)
+    except BaseException:
+      _close_all(started)
+      raise
 
   def _move_unfinished(self) -> pathlib.Path | None:
     entries = [p for p in (self.csv_path, self.workdir / SUPERSEDED_FILE, self.tensorboard_dir,
                            self.workdir / PLOTS_DIR) if p.exists()]
     return reliability.move_into_fresh(entries, self.workdir, UNFINISHED_PREFIX)
-
-  def _supersede_after(self, index: int) -> None:
-    rows = _read_rows(self.csv_path)
-    later = [r for r in rows if int(r["epoch_index"]) > index]
-    if not later:
-      return
-    _write_rows(self.workdir / SUPERSEDED_FILE, later, append=True)
-    kept = [r for r in rows if int(r["epoch_index"]) <= index]
-    tmp = self.csv_path.with_name(f".{CSV_FILE}.tmp-{os.getpid()}")
-    _write_rows(tmp, kept, append=False)
-    os.replace(tmp, self.csv_path)
 
   def epoch(self, *, task: int, phase: str, operation: int, epoch: int, epochs: int, loss: float,
             accuracy: float, learning_rate: float, density: float) -> int:
@@ -151,27 +242,41 @@ class RunLog:
     """
     self.index += 1
     row = {"epoch_index": self.index, "task": task + 1, "phase": phase, "operation": operation,
-           "epoch": epoch + 1, "epochs": epochs, "loss": f"{loss:.6g}",
-           "accuracy": f"{accuracy:.6g}", "learning_rate": f"{learning_rate:.6g}",
-           "density": f"{density:.6g}", "seconds": f"{time.time() - self._t0:.3f}",
+           "epoch": epoch + 1, "epochs": epochs, "loss": loss, "accuracy": accuracy,
+           "learning_rate": learning_rate, "density": density, "seconds": time.time() - self._t0,
            "time": datetime.datetime.now().isoformat(timespec="seconds")}
-    _write_rows(self.csv_path, [row], append=True)
-    for name, value in (("loss", loss), ("accuracy", accuracy), ("learning_rate", learning_rate),
-                        ("density", density)):
-      self._writer.add_scalar(f"train/{name}", value, self.index)
-    self._writer.flush()
+    for tracker in self.trackers:
+      tracker.epoch(row)
     return self.index
 
   def task_end(self, task: int, accuracies: abc.Sequence[float], average: float) -> None:
     """Logs the test accuracies after training ``task`` (0-based) at the current epoch_index."""
-    self._writer.add_scalar("test/average_accuracy", average, self.index)
-    for j, a in enumerate(accuracies):
-      if a is not None and math.isfinite(a):
-        self._writer.add_scalar(f"test/task_{j + 1}", a, self.index)
-    self._writer.flush()
+    for tracker in self.trackers:
+      tracker.task_end(task, list(accuracies), average=average, epoch_index=self.index)
+
+  def finish(self, results: abc.Mapping[str, Any]) -> None:
+    """Hands the run's final results to every tracker (once, after ``results.json``)."""
+    for tracker in self.trackers:
+      tracker.finish(results)
+
+  def where(self) -> list[tuple[str, str]]:
+    """The ``(what, where)`` lines of every tracker, in order."""
+    return [line for tracker in self.trackers for line in tracker.where()]
 
   def close(self) -> None:
-    self._writer.close()
+    _close_all(self.trackers)
+
+
+def _close_all(started: abc.Sequence[trackers_lib.Tracker]) -> None:
+  """Closes every tracker, even when one fails; then raises the first failure."""
+  error = None
+  for tracker in started:
+    try:
+      tracker.close()
+    except Exception as e:  # pylint: disable=broad-except  # the others must still close
+      error = error or e
+  if error is not None:
+    raise error
 
 
 # --------------------------------------------------------------------------------------------------
@@ -415,7 +520,6 @@ COMPARE_COLUMNS = ("run", "method", "dataset", "tasks", "ACC", "BWT", "forgettin
 
 def load_finished(workdir: str | os.PathLike) -> dict[str, Any]:
   """``workdir/results.json``; ValueError naming the folder if the run has not finished."""
-  import json  # pylint: disable=g-import-not-at-top
   path = pathlib.Path(workdir) / "results.json"
   if not path.is_file():
     what = ("holds an unfinished run (no results.json yet; rerun its command to resume it)"
