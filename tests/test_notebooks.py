@@ -18,7 +18,8 @@ NOTEBOOKS = sorted(glob.glob(os.path.join(_COLAB, "*.ipynb")))
 
 def test_one_notebook_per_system():
   names = {os.path.basename(p) for p in NOTEBOOKS}
-  assert {"quickstart.ipynb", "cpg.ipynb", "clnp.ipynb", "dst.ipynb"} <= names
+  assert {"quickstart.ipynb", "cpg.ipynb", "clnp.ipynb", "dst.ipynb", "llt.ipynb",
+          "prac.ipynb"} <= names
 
 
 @pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.xdist_group(
