@@ -89,16 +89,27 @@ def find_momentum(opt_state, params) -> types.Params:
   """The first-moment tree in an optax state: Adam's ``mu`` or SGD momentum's ``trace``.
 
   Searches by field name (no isinstance switch over optimiser classes) and returns the first match
-  whose tree structure equals the params'.
+  whose tree structure equals the params'. Failing that, the first one whose leaves match the
+  params' by path and shape (:func:`masks.align`), rebuilt with the params' structure: e.g. the
+  ``OptVariable``-wrapped state of an ``nnx.Optimizer`` for params ``nnx.state(model, nnx.Param)``.
 
   Raises:
     ValueError: if the state holds no such tree (e.g. plain SGD without momentum).
   """
   target = jax.tree.structure(params)
-  for field in ("mu", "trace", "momentum"):
-    for _, value in optax.tree_utils.tree_get_all_with_path(opt_state, field):
-      if jax.tree.structure(value) == target:
-        return value
+  found = [value for field in ("mu", "trace", "momentum")
+           for _, value in optax.tree_utils.tree_get_all_with_path(opt_state, field)]
+  for value in found:
+    if jax.tree.structure(value) == target:
+      return value
+  p_leaves = jax.tree.leaves(params)
+  for value in found:
+    try:
+      leaves = masks_lib.align(params, value)
+    except ValueError:
+      continue
+    if all(jnp.shape(x) == jnp.shape(p) for x, p in zip(leaves, p_leaves)):
+      return jax.tree.unflatten(target, leaves)
   raise ValueError("criterion 'momentum' found no first-moment tree ('mu' of Adam or 'trace' of "
                    "SGD with momentum) matching the params in the optimiser state")
 

@@ -14,7 +14,7 @@ Layer 3 of the design, pure and jit-compatible (the drop fraction may be traced)
    initial values; :func:`apply_topology` also zeroes the dropped ones.
 3. :func:`reset_moments` zeroes the optimiser moments of changed positions in any optax state,
    ``optax.masked`` / ``optax.multi_transform`` included, via ``optax.tree.map_params`` (no
-   isinstance switch over optimiser states).
+   isinstance switch over optimiser states); also the state an ``nnx.Optimizer`` keeps.
 
 Gradient growth (RigL) needs the *dense* gradient, ``dL/dw_eff`` at every position of the masked
 network. A gradient taken through :func:`sparse_cl_jax.masks.apply` is zero at the inactive
@@ -232,17 +232,30 @@ def _zero_changed(s, c):
   return jnp.where(c, jnp.zeros_like(s), s)
 
 
+def _zero_at(node, changed):
+  """A params-shaped subtree of an optimiser state with its leaves zeroed where ``changed`` is True.
+
+  The leaves are matched structurally, or else by path (:func:`masks.align`): the state's copy of
+  the params may wrap its arrays differently from ``changed`` (``nnx.Optimizer`` keeps
+  ``OptVariable`` wrappers where a mask built from ``nnx.state(model, nnx.Param)`` has ``Param``
+  ones). ``MaskedNode`` positions are kept as they are.
+  """
+  leaves, node_def = jax.tree.flatten(node, is_leaf=_is_masked_node)
+  parts = masks_lib.align(node, changed, is_leaf=_is_masked_node, what="changed")
+  return node_def.unflatten(
+      [s if c is None else _zero_changed(s, c) for s, c in zip(leaves, parts)])
+
+
 def _mirrors(node, changed) -> bool:
   """Whether a state subtree is a float copy of the params tree (``MaskedNode`` standing in for
-  any left-out leaf or subtree), leaf shapes equal to ``changed``'s."""
-  leaves, node_def = jax.tree.flatten(node, is_leaf=_is_masked_node)
+  any left-out leaf or subtree), leaf shapes equal to ``changed``'s, matched as by :func:`_zero_at`."""
   try:
-    parts = node_def.flatten_up_to(changed)
-  except (ValueError, TypeError):
+    parts = masks_lib.align(node, changed, is_leaf=_is_masked_node)
+  except ValueError:
     return False
   found = False
-  for x, c in zip(leaves, parts):
-    if _is_masked_node(x):
+  for x, c in zip(jax.tree.leaves(node, is_leaf=_is_masked_node), parts):
+    if c is None:
       continue
     if not (hasattr(x, "shape") and hasattr(x, "dtype") and hasattr(c, "shape")
             and jnp.issubdtype(x.dtype, jnp.inexact) and tuple(x.shape) == tuple(c.shape)):
@@ -259,11 +272,18 @@ def reset_moments(tx: optax.GradientTransformation, opt_state, changed: types.Ma
   ``optax.inject_hyperparams``, ``optax.MultiSteps`` (the accumulated gradient is reset too) and
   chains of them. Scalars such as Adam's step count are left alone.
 
+  Flax NNX: pass ``optimizer.tx`` and ``optimizer.opt_state`` of an ``nnx.Optimizer`` (the optax
+  state with its arrays in ``OptVariable`` / ``OptArray`` wrappers) and a ``changed`` tree built
+  from ``nnx.state(model, nnx.Param)``; the result keeps the wrappers, so it can be assigned back
+  (``optimizer.opt_state = growth.reset_moments(...)``, also inside ``nnx.jit``).
+
   ``tx`` is the transformation that produced ``opt_state``; it locates the params-shaped parts of
   the state (``optax.tree.map_params``, which initialises ``tx`` on a placeholder). Where ``tx``
   cannot be initialised on that placeholder (e.g. ``multi_transform`` with a label *function*
   that walks the params), the params-shaped parts are found by structure instead: every float
   subtree of the state that mirrors ``changed`` (``MaskedNode`` standing in for left-out leaves).
+  Either way the leaves of a params-shaped part are matched to ``changed`` by structure, or by
+  path where only the containers or ``nnx.Variable`` wrappers differ (:func:`masks.align`).
 
   Args:
     tx: the optax transformation of ``opt_state``.
@@ -285,12 +305,14 @@ def reset_moments(tx: optax.GradientTransformation, opt_state, changed: types.Ma
   else:
     located = True
   if located:
-    return optax.tree.map_params(tx, _zero_changed, opt_state, changed, is_leaf=_is_masked_node)
+    # `is_leaf` true at the root: map_params hands over each params-shaped part whole.
+    return optax.tree.map_params(tx, lambda node: _zero_at(node, changed), opt_state,
+                                 is_leaf=lambda _: True)
 
   def reset(node):
     if not _mirrors(node, changed):
       return node
-    return jax.tree.map(_zero_changed, node, changed, is_leaf=_is_masked_node)
+    return _zero_at(node, changed)
 
   return jax.tree.map(reset, opt_state, is_leaf=lambda node: _mirrors(node, changed))
 

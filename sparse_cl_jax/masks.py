@@ -9,6 +9,13 @@ Layer 1 of the design. Everything here is a pure function; everything that takes
   that 0 can mean free; the training loop's task index t maps to owner ``t + 1``).
 * Which leaves may be masked is decided by path filters on the ``/``-joined key path of each leaf
   (default: Dense/Conv ``kernel`` leaves outside any ``head`` module).
+* Flax NNX trees (``nnx.state(model)``, ``nnx.state(model, nnx.Param)``, the pure trees
+  ``nnx.Optimizer.update`` hands to optax) work like Linen params dicts. A leaf's path is named
+  through the ``nnx.Variable`` that holds it (``'conv1/kernel'``, not ``'conv1/kernel/value'``),
+  and only ``nnx.Param`` variables can be maskable: BatchNorm running statistics
+  (``nnx.BatchStat``) and every other non-Param variable never are. A mask built from an NNX tree
+  (``masks.ones(state)``, ``jax.tree.map`` over it) keeps its ``Param`` wrappers, so it has exactly
+  the tree's structure.
 
 Example::
 
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from typing import Callable, Iterable, Sequence
 
 import jax
@@ -54,8 +62,8 @@ def describe_path_mismatch(missing, extra) -> str:
   if extra:
     parts.append(f"unexpected leaves {extra[:5]}" + (" ..." if len(extra) > 5 else ""))
   if not parts:
-    parts.append("same paths but a different container structure (e.g. None leaves or tuple vs "
-                 "list)")
+    parts.append("same paths but a different container structure (e.g. None leaves, tuple vs "
+                 "list, or nnx.Variable-wrapped vs plain arrays)")
   return "; ".join(parts)
 
 
@@ -64,14 +72,119 @@ def path_str(path) -> str:
   return "/".join(_key_name(k) for k in path)
 
 
-def paths(tree) -> list[str]:
-  """The ``/``-joined path of every leaf, in ``jax.tree.leaves`` order."""
-  return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+def _nnx_variable_class():
+  """``flax.nnx.Variable`` once ``flax.nnx`` is imported (only then can a tree hold one), else None.
+
+  The core never imports Flax itself, so code without NNX does not pay for it.
+  """
+  nnx = sys.modules.get("flax.nnx")
+  return getattr(nnx, "Variable", None)
+
+
+def _is_nnx_param(variable) -> bool:
+  nnx = sys.modules.get("flax.nnx")
+  return nnx is not None and isinstance(variable, nnx.Param)
+
+
+def _named_leaves(tree, is_leaf: Callable | None = None) -> list[tuple[str, object, object]]:
+  """``(path, leaf, variable)`` for every leaf, in ``jax.tree.leaves(tree, is_leaf)`` order.
+
+  ``variable`` is the ``nnx.Variable`` that holds the leaf (None outside NNX trees); the
+  ``value`` attribute key under which a Variable keeps its array is left out of the path, so that
+  ``nnx.state(model, nnx.Param)``, its pure form and a Linen-style dict of the same arrays name
+  their leaves alike (``'conv1/kernel'``).
+  """
+  variable_cls = _nnx_variable_class()
+  if variable_cls is None:
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+    return [(path_str(p), x, None) for p, x in flat]
+
+  def stop(x):
+    return isinstance(x, variable_cls) or (is_leaf is not None and is_leaf(x))
+
+  out = []
+  for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=stop)[0]:
+    if not isinstance(x, variable_cls):
+      out.append((path_str(p), x, None))
+      continue
+    for q, y in jax.tree_util.tree_flatten_with_path(x, is_leaf=is_leaf)[0]:
+      if q and isinstance(q[0], jax.tree_util.GetAttrKey) and q[0].name == "value":
+        q = q[1:]
+      out.append((path_str(tuple(p) + tuple(q)), y, x))
+  return out
+
+
+def paths(tree, *, is_leaf: Callable | None = None) -> list[str]:
+  """The ``/``-joined path of every leaf, in ``jax.tree.leaves`` order.
+
+  An NNX variable's leaf is named by the variable's path: ``'conv1/kernel'`` for
+  ``nnx.state(model)['conv1']['kernel']``.
+  """
+  return [name for name, _, _ in _named_leaves(tree, is_leaf)]
 
 
 def map_with_path(fn: Callable, tree, *rest):
   """``jax.tree.map`` whose function also receives the leaf's ``/``-joined path first."""
-  return jax.tree_util.tree_map_with_path(lambda p, x, *r: fn(path_str(p), x, *r), tree, *rest)
+  leaves, treedef = jax.tree.flatten(tree)
+  rest = [treedef.flatten_up_to(r) for r in rest]
+  return treedef.unflatten([fn(name, *xs) for name, *xs in zip(paths(tree), leaves, *rest)])
+
+
+def _is_one_leaf(x) -> bool:
+  treedef = jax.tree.structure(x)
+  return treedef.num_leaves == 1 and treedef.num_nodes == 1
+
+
+def align(reference, tree, *, is_leaf: Callable | None = None, what: str = "tree") -> list:
+  """The leaves of ``tree`` matched to those of ``reference``, by structure or else by path.
+
+  When ``tree`` has ``reference``'s structure the match is structural (``flatten_up_to``).
+  Otherwise leaves are matched by their ``/``-joined paths, so container types do not matter:
+  an ``nnx.State`` and a dict with the same keys match, and ``nnx.Variable`` wrappers (``Param``
+  in a mask, ``OptVariable`` in an ``nnx.Optimizer`` state, none in the pure trees optax sees)
+  are looked through.
+
+  Args:
+    reference: the tree whose leaf order the result follows.
+    tree: the tree to match against it.
+    is_leaf: marks nodes of ``reference`` that stand for a left-out subtree (e.g.
+      ``optax.MaskedNode``): they get ``None`` and whatever ``tree`` holds there is ignored.
+    what: how to call ``tree`` in the error message.
+
+  Returns:
+    A list with one entry per leaf of ``jax.tree.leaves(reference, is_leaf=is_leaf)``.
+
+  Raises:
+    ValueError: the paths of the two trees differ (naming the leaves) or are ambiguous.
+  """
+  ref_leaves, ref_def = jax.tree.flatten(reference, is_leaf=is_leaf)
+  try:
+    parts = ref_def.flatten_up_to(tree)
+  except (ValueError, TypeError):
+    parts = None
+  if parts is not None and all((is_leaf is not None and is_leaf(r)) or _is_one_leaf(t)
+                               for r, t in zip(ref_leaves, parts)):
+    return [None if is_leaf is not None and is_leaf(r) else t for r, t in zip(ref_leaves, parts)]
+  ref_named = _named_leaves(reference, is_leaf)
+  skipped = [name for name, x, _ in ref_named if is_leaf is not None and is_leaf(x)]
+  by_path = {}
+  for name, x, _ in _named_leaves(tree):
+    if name in by_path:
+      raise ValueError(f"{what} has two leaves named {name!r}: cannot match it by path")
+    by_path[name] = x
+
+  def under(q, roots):
+    return any(q == r or q.startswith(r + "/") or not r for r in roots)
+
+  missing = [name for name, x, _ in ref_named
+             if not (is_leaf is not None and is_leaf(x)) and name not in by_path]
+  ref_names = {name for name, _, _ in ref_named}
+  extra = sorted(q for q in by_path if q not in ref_names and not under(q, skipped))
+  if missing or extra:
+    raise ValueError(f"{what} does not match the params tree: "
+                     + describe_path_mismatch(sorted(missing), extra))
+  return [None if is_leaf is not None and is_leaf(x) else by_path[name]
+          for name, x, _ in ref_named]
 
 
 def check_like(params: types.Params, tree, *, what: str = "mask tree",
@@ -115,6 +228,13 @@ def maskable(params: types.Params, *, include: Sequence[str] = DEFAULT_INCLUDE,
   The default selects Dense/Conv kernels and leaves out biases, normalisation parameters and any
   leaf under a ``head`` module. The result can be passed straight to ``optax.masked``.
 
+  Flax NNX trees (``nnx.state(model)`` or ``nnx.state(model, nnx.Param)``) are matched on the
+  variables' paths (``'conv1/kernel'``); only ``nnx.Param`` leaves can be maskable, so BatchNorm
+  running statistics (``nnx.BatchStat``) never are, whatever the patterns say. The spec keeps
+  the tree's ``Param`` wrappers. Under ``nnx.Optimizer`` pass the function itself,
+  ``optax.masked(tx, masks.maskable)``: the optimiser initialises on the wrapped state and updates
+  on its pure form, and the function builds the matching spec for each.
+
   Example::
 
     masks.maskable(params, include=(r"kernel$", r"head/kernel$"), exclude=())  # heads too
@@ -122,13 +242,16 @@ def maskable(params: types.Params, *, include: Sequence[str] = DEFAULT_INCLUDE,
   inc = [re.compile(r) for r in include]
   exc = [re.compile(r) for r in exclude]
 
-  def decide(path, leaf):
+  def decide(path, leaf, variable):
+    if variable is not None and not _is_nnx_param(variable):
+      return False  # nnx.BatchStat and any other non-Param NNX variable: never masked
     ok = any(r.search(path) for r in inc) and not any(r.search(path) for r in exc)
     if ok and predicate is not None:
       ok = bool(predicate(path, leaf))
     return ok
 
-  return map_with_path(decide, params)
+  return jax.tree.unflatten(jax.tree.structure(params),
+                            [decide(*named) for named in _named_leaves(params)])
 
 
 def maskable_paths(spec: types.LeafSpec) -> list[str]:
@@ -284,10 +407,10 @@ def pack(masks: types.Masks) -> dict[str, np.ndarray]:
 
 def unpack(packed: dict[str, np.ndarray], like: types.Params) -> types.Masks:
   """Inverse of :func:`pack`, restoring the structure and shapes of ``like``."""
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
+  leaves, treedef = jax.tree.flatten(like)
+  names = paths(like)
   out = []
-  for path, leaf in leaves:
-    name = path_str(path)
+  for name, leaf in zip(names, leaves):
     if name not in packed:
       raise ValueError(f"packed masks have no entry for {name!r}")
     n = int(np.prod(np.shape(leaf), dtype=np.int64))
@@ -296,7 +419,7 @@ def unpack(packed: dict[str, np.ndarray], like: types.Params) -> types.Masks:
       raise ValueError(f"packed mask {name!r} has {data.size} bytes, expected {(n + 7) // 8} "
                        f"for shape {tuple(np.shape(leaf))}")
     out.append(np.unpackbits(data, count=n).astype(bool).reshape(np.shape(leaf)))
-  extra = set(packed) - set(path_str(p) for p, _ in leaves)
+  extra = set(packed) - set(names)
   if extra:
     raise ValueError(f"packed masks have entries the params lack: {sorted(extra)[:5]}")
   return jax.tree_util.tree_unflatten(treedef, out)
@@ -333,10 +456,9 @@ def unpack_ownership(packed: dict[str, np.ndarray], like, num_tasks: int,
                      dtype=np.int32) -> types.Ownership:
   """Inverse of :func:`pack_ownership`."""
   bits = ownership_bits(num_tasks)
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
+  leaves, treedef = jax.tree.flatten(like)
   out = []
-  for path, leaf in leaves:
-    name = path_str(path)
+  for name, leaf in zip(paths(like), leaves):
     if name not in packed:
       raise ValueError(f"packed ownership has no entry for {name!r}")
     n = int(np.prod(np.shape(leaf), dtype=np.int64))
@@ -347,5 +469,5 @@ def unpack_ownership(packed: dict[str, np.ndarray], like, num_tasks: int,
 
 
 def leaves_with_paths(tree) -> Iterable[tuple[str, object]]:
-  """``(path, leaf)`` pairs in leaf order."""
+  """``(path, leaf)`` pairs in leaf order (NNX leaves named as by :func:`paths`)."""
   return zip(paths(tree), jax.tree.leaves(tree))

@@ -21,6 +21,11 @@ leaves them bit-identical under Adam/AdamW/SGD with momentum or Nesterov and wei
 even if they were not zero before (e.g. right after a mask change). For static, leaf-level choices
 (never touch BN scales) use ``optax.masked`` with :func:`sparse_cl_jax.masks.maskable`.
 
+Flax NNX: the transforms work through ``nnx.Optimizer`` (masks go in as keyword arguments,
+``optimizer.update(model, grads, sparse_mask=m, frozen=f)``, which it forwards to ``tx.update``).
+A mask tree built from ``nnx.state(model, nnx.Param)`` (with its ``Param`` wrappers), from its
+pure form or as a plain dict with the same keys is matched to the updates by path.
+
 Inside optax wrappers: the transforms work in ``optax.chain``, ``optax.inject_hyperparams``,
 ``optax.MultiSteps`` and inside ``optax.masked`` / ``optax.multi_transform`` groups, with either
 value of ``mask_compatible_extra_args`` (pass the full params-shaped mask; positions the wrapper
@@ -48,11 +53,11 @@ def _is_masked_node(x) -> bool:
 
 def _describe_mismatch(updates, mask) -> str:
   """Names the leaves of ``mask`` that are missing or unexpected against ``updates``."""
-  flat_u = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_masked_node)[0]
-  left_out = [masks_lib.path_str(p) for p, x in flat_u if _is_masked_node(x)]
-  u_paths = {masks_lib.path_str(p) for p, _ in flat_u}
-  m_paths = {masks_lib.path_str(p)
-             for p, _ in jax.tree_util.tree_flatten_with_path(mask, is_leaf=_is_masked_node)[0]}
+  u_names = masks_lib.paths(updates, is_leaf=_is_masked_node)
+  u_flags = [_is_masked_node(x) for x in jax.tree.leaves(updates, is_leaf=_is_masked_node)]
+  left_out = [q for q, f in zip(u_names, u_flags) if f]
+  u_paths = set(u_names)
+  m_paths = set(masks_lib.paths(mask, is_leaf=_is_masked_node))
 
   def under(q, roots):
     return any(q == r or q.startswith(r + "/") for r in roots)
@@ -61,6 +66,11 @@ def _describe_mismatch(updates, mask) -> str:
                    and not any(m.startswith(q + "/") for m in m_paths))
   extra = sorted(q for q in m_paths - u_paths if not under(q, left_out))
   return masks_lib.describe_path_mismatch(missing, extra)
+
+
+def _is_one_leaf(x) -> bool:
+  treedef = jax.tree.structure(x)
+  return treedef.num_leaves == 1 and treedef.num_nodes == 1
 
 
 def _mask_from(extra_args: dict, mask_arg: str, who: str, updates) -> list:
@@ -80,8 +90,18 @@ def _mask_from(extra_args: dict, mask_arg: str, who: str, updates) -> list:
   try:
     parts = u_def.flatten_up_to(mask)
   except (ValueError, TypeError):
-    raise ValueError(f"{who} mask {mask_arg!r} does not match the params tree: "
-                     f"{_describe_mismatch(updates, mask)}") from None
+    parts = None
+  if parts is None or not all(_is_masked_node(u) or _is_one_leaf(m)
+                              for u, m in zip(u_leaves, parts)):
+    # Same paths, other containers: e.g. a mask keeping the nnx.Param wrappers of
+    # nnx.state(model, nnx.Param), or a plain dict, for the pure nnx.State that
+    # nnx.Optimizer.update hands to optax.
+    try:
+      parts = masks_lib.align(updates, mask, is_leaf=_is_masked_node)
+    except ValueError:
+      if parts is None:
+        raise ValueError(f"{who} mask {mask_arg!r} does not match the params tree: "
+                         f"{_describe_mismatch(updates, mask)}") from None
   names = masks_lib.paths(jax.tree.unflatten(u_def, [0] * len(u_leaves)))
   out, bad = [], []
   for name, u, m in zip(names, u_leaves, parts):
