@@ -72,6 +72,7 @@ import traceback
 from collections import abc
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -560,11 +561,23 @@ def _run_locked(cells: list[Cell], base, grid, workdir: pathlib.Path, fingerprin
   return record.data
 
 
+def run_mesh() -> jax.sharding.Mesh | None:
+  """The sweep's ``'run'`` mesh axis over every device (None with one device).
+
+  A group of cells whose size the device count divides is sharded over it: on N devices, N
+  cells (or a multiple) run as one program, each device computing its share of the runs.
+  """
+  devices = jax.devices()
+  if len(devices) < 2:
+    return None
+  return jax.sharding.Mesh(np.array(devices), ("run",))
+
+
 def _run_cells(todo: list[Cell], record: _Record, workdir: pathlib.Path, *, max_parallel: int,
                stop_after_task, print_summary) -> None:
   """Runs ``todo`` in waves of ``max_parallel`` threads sharing one Lockstep."""
   runtime.enable_compilation_cache(todo[0].config.get("compilation_cache") or None)
-  ls = lockstep_lib.Lockstep()
+  ls = lockstep_lib.Lockstep(mesh=run_mesh())
   errors: list[BaseException] = []
   ended = [0]  # cells of this invocation that ended (under record.lock)
 
