@@ -5,14 +5,15 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench fashion-mnist lint constraints clean mutants
+.PHONY: install test demo bench fashion-mnist lint constraints clean mutants docs wheel-check
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-$(STAMP): $(BIN)/python pyproject.toml constraints.txt
+# sparse_cl_jax/__init__.py holds __version__: the installed metadata follows it.
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt sparse_cl_jax/__init__.py
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,tfds]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,tfds,docs]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -41,7 +42,25 @@ mutants: $(STAMP)
 	$(BIN)/python tests/mutants.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check sparse_cl_jax tests experiments configs benchmarks
+	$(BIN)/ruff check sparse_cl_jax tests experiments configs benchmarks docs
+
+## make docs: the documentation site in site/ (mkdocs.yml; strict: a warning fails the build).
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --site-dir site
+
+## make wheel-check: build the wheel, install it into a fresh venv (dependencies from PyPI at the
+## pinned versions) and run a packaged preset from outside the checkout.
+WHEEL_DIR ?= /tmp/sparse_cl_jax_wheel
+WHEEL_VENV ?= /tmp/sparse_cl_jax_wv
+WHEEL_RUN ?= /tmp/sparse_cl_jax_wheel_run
+wheel-check: $(STAMP)
+	rm -rf $(WHEEL_DIR) $(WHEEL_VENV) $(WHEEL_RUN)
+	$(BIN)/pip wheel . --no-deps --quiet -w $(WHEEL_DIR)
+	$(PY) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/pip install --quiet -c constraints.txt $(WHEEL_DIR)/sparse_cl_jax-*.whl
+	cd /tmp && $(WHEEL_VENV)/bin/python -m sparse_cl_jax --config=packnet:runlocal \
+	  --workdir=$(WHEEL_RUN)
+	test -f $(WHEEL_RUN)/results.json && echo "wheel-check: $(WHEEL_RUN)/results.json written"
 
 ## make constraints: pin what .venv holds now (after `make test` passed on it).
 constraints: $(STAMP)
@@ -50,4 +69,4 @@ constraints: $(STAMP)
 	mv constraints.txt.new constraints.txt
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache site build dist

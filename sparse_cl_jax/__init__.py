@@ -34,4 +34,6 @@ from sparse_cl_jax.types import Ownership
 from sparse_cl_jax.types import Params
 from sparse_cl_jax.types import Scores
 
+# The one place the version is written: pyproject.toml reads it (tool.setuptools.dynamic), the
+# wheel's metadata carries it, CHANGELOG.md names it (tests/test_packaging.py checks all three).
 __version__ = "0.1.0"

@@ -1,6 +1,7 @@
 """The launchers' command line: config files, ``--config.FIELD=VALUE`` overrides, help and errors.
 
-Outside the layers of the design: only ``experiments/*.py`` import it (it defines absl flags).
+The last layer of the design: only the launchers, ``experiments/*.py`` and ``python -m
+sparse_cl_jax`` (``sparse_cl_jax/__main__.py``), import it (it defines absl flags).
 A launcher defines its flags, a config flag with :func:`define_config`, and hands its ``main`` to
 :func:`run`::
 
@@ -15,10 +16,13 @@ A launcher defines its flags, a config flag with :func:`define_config`, and hand
 
 What :func:`run` adds to ``absl.app.run``:
 
-* ``--config=FILE[:ARG]`` loads ``FILE``'s ``get_config(ARG)``; ``--config.a.b=VALUE`` (or
-  ``--config.a.b VALUE``; ``--config.flag`` / ``--noconfig.flag`` for booleans) sets an existing
-  field, parsed by the type of its current value (tuples as ``64,64`` or ``'(64, 64)'``). A field
-  that does not exist is refused as "no such field" with the closest names.
+* ``--config=FILE[:ARG]`` loads ``FILE``'s ``get_config(ARG)``; ``--config=NAME[:ARG]`` that of the
+  packaged preset ``NAME`` (``packnet:runlocal``: an installed wheel ships every file of
+  ``configs/`` as ``sparse_cl_jax.configs``; an unknown name is refused listing the presets).
+  ``--config.a.b=VALUE`` (or ``--config.a.b VALUE``; ``--config.flag`` / ``--noconfig.flag`` for
+  booleans) sets an existing field, parsed by the type of its current value (tuples as ``64,64``
+  or ``'(64, 64)'``). A field that does not exist is refused as "no such field" with the closest
+  names.
   ``--config.model_kwargs.NAME=VALUE`` sets any field of the config's model (checked against
   ``models.model_fields``, parsed by the type of the model's default), after all other overrides,
   so it follows a ``--config.model=...`` given anywhere on the line.
@@ -91,9 +95,60 @@ def one_line(e: BaseException) -> str:
 # Config files and the config flag.
 
 
-def load_config_file(spec: str) -> ml_collections.ConfigDict:
-  """``get_config(ARG)`` of the config file ``spec`` = ``PATH[:ARG]``; UsageError if it fails."""
+def presets_dir() -> str | None:
+  """The folder of the packaged presets, ``sparse_cl_jax.configs`` (None if there is none).
+
+  Installed (wheel or editable), the package ``sparse_cl_jax.configs``; a checkout used without
+  installing it, its top-level ``configs/`` folder beside ``sparse_cl_jax/``.
+  """
+  try:
+    found = importlib.util.find_spec("sparse_cl_jax.configs")
+  except ImportError:
+    found = None
+  if found is not None and found.submodule_search_locations:
+    return list(found.submodule_search_locations)[0]
+  checkout = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+  return checkout if os.path.isfile(os.path.join(checkout, "__init__.py")) else None
+
+
+def presets() -> dict[str, str]:
+  """``{name: path}`` of every packaged preset file (``--config=NAME[:ARG]``), sorted by name."""
+  folder = presets_dir()
+  if folder is None:
+    return {}
+  names = sorted(n[:-3] for n in os.listdir(folder) if n.endswith(".py") and not n.startswith("_"))
+  return {name: os.path.join(folder, f"{name}.py") for name in names}
+
+
+def resolve_config_spec(spec: str) -> tuple[str, str]:
+  """``(path, ARG)`` of ``spec``: ``PATH[:ARG]`` (a config file) or ``NAME[:ARG]`` (a preset).
+
+  A ``spec`` whose part before ``:`` names an existing file, ends in ``.py`` or holds a path
+  separator is a file's path; otherwise it is the name of a packaged preset (a module of
+  ``sparse_cl_jax.configs``, the checkout's ``configs/``): ``packnet:runlocal`` is
+  ``configs/packnet.py:runlocal``. An unknown name is a UsageError listing the presets.
+  """
   path, _, arg = spec.partition(":")
+  if (os.path.isfile(path) or path.endswith(".py") or os.sep in path or
+      (os.altsep is not None and os.altsep in path)):
+    return path, arg
+  known = presets()
+  if path not in known:
+    near = difflib.get_close_matches(path, list(known), n=1)
+    hint = f"did you mean {near[0]}? " if near else ""
+    available = (f"the presets are {', '.join(known)}" if known else
+                 "this installation ships no presets")
+    raise UsageError(f"--config={spec}: no preset named {path!r}; {hint}{available} "
+                     "(or give a config file: PATH.py[:ARG])")
+  return known[path], arg
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """``get_config(ARG)`` of ``spec`` = ``PATH[:ARG]`` or ``NAME[:ARG]``; UsageError if it fails.
+
+  ``PATH`` is a config file; ``NAME`` a packaged preset (:func:`resolve_config_spec`).
+  """
+  path, arg = resolve_config_spec(spec)
   if not os.path.isfile(path):
     near = ""
     folder = os.path.dirname(path) or "."
@@ -150,7 +205,8 @@ class ConfigFlag:
   def resolve(self) -> ml_collections.ConfigDict:
     """Loads the file, applies the overrides, validates; UsageError on any problem."""
     if not self.spec:
-      raise UsageError(f"--{self.name} is required, e.g. --{self.name}=configs/packnet.py:runlocal")
+      raise UsageError(f"--{self.name} is required, e.g. --{self.name}=packnet:runlocal or "
+                       f"--{self.name}=configs/packnet.py:runlocal")
     config = load_config_file(self.spec)
     apply_overrides(config, self.overrides, flag=self.name)
     try:
@@ -186,7 +242,8 @@ _CONFIG_FLAGS: list[ConfigFlag] = []
 
 
 def define_config(name: str = "config", default: str | None = None,
-                  help_string: str = "Config file and preset: PATH[:ARG].") -> ConfigFlag:
+                  help_string: str = "Config file or packaged preset, and its argument: "
+                  "PATH.py[:ARG] or NAME[:ARG].") -> ConfigFlag:
   """Defines ``--NAME`` (a config file) and its ``--NAME.FIELD=VALUE`` overrides."""
   flag = ConfigFlag(name, default, help_string, _caller_module())
   _CONFIG_FLAGS.append(flag)

@@ -25,7 +25,7 @@ LAYERS = (
                  "protocol", "train", "metrics", "checkpoint", "trackers", "logs")),
     ("methods", ("methods",)),
     ("experiment", ("experiment", "sweep")),
-    ("launchers", ("cli",)),
+    ("launchers", ("cli", "__main__")),
 )
 # The package's own __init__ re-exports the core only.
 ROOT_RANK = 2
