@@ -70,8 +70,13 @@ def _matrix(workdir) -> list:
 
 
 def bar(root: pathlib.Path) -> list[dict]:
+  import importlib.util  # pylint: disable=g-import-not-at-top
   rows = []
-  for name, lr in (("packnet", 0.05), ("dst_cl", 0.1)):
+  for name in ("packnet", "dst_cl"):
+    spec = importlib.util.spec_from_file_location(f"bar_{name}", ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    lr = float(module.get_config("runlocal").learning_rate)  # the preset's LR, and 2 LR
     config = f"configs/{name}.py:runlocal"
     grid = {"seed": [0, 1], "learning_rate": [lr, 2 * lr]}
     cells = [{"seed": s, "learning_rate": v} for s in grid["seed"] for v in grid["learning_rate"]]
