@@ -19,23 +19,8 @@ is using, no valid checkpoint left. A corrupt checkpoint is set aside
 (WORKDIR/corrupt-checkpoints) and the run resumes from the newest valid one.
 """
 
-from absl import flags
-
+from sparse_cl_jax import __main__ as launcher  # the flags and main of python -m sparse_cl_jax
 from sparse_cl_jax import cli
-from sparse_cl_jax import experiment
-
-_CONFIG = cli.define_config("config", None, "Config file and preset: configs/<method>.py[:<preset>]"
-                            " (the presets are in the file's docstring).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, plots, results.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Move a run in --workdir aside and start again.")
-_STOP_AFTER = flags.DEFINE_integer("stop_after_task", None, "Stop after this many tasks.")
-
-
-def main(argv):
-  del argv
-  experiment.run(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value,
-                 stop_after_task=_STOP_AFTER.value)
-
 
 if __name__ == "__main__":
-  cli.run(main, required=("config", "workdir"))
+  cli.run(launcher.main, required=("config", "workdir"))

@@ -187,6 +187,7 @@ class ConfigFlag:
 
   def __init__(self, name: str, default: str | None, help_string: str, module_name: str):
     self.name = name
+    self.module_name = module_name  # the launcher module that defined it (its flags are listed)
     self._holder = flags.DEFINE_string(name, default, help_string, module_name=module_name)
     self._value: ml_collections.ConfigDict | None = None
     self.overrides: list[tuple[str, str | None]] = []  # (dotted field, raw value) as given
@@ -548,7 +549,10 @@ def help_text(doc: str | None, specs: abc.Mapping[str, str | None]) -> str:
     specs: ``{config flag name: PATH[:ARG] or None}``.
   """
   lines = [(doc or "").strip(), "", "Flags:"]
-  lines += _flag_help([sys.argv[0], __name__])
+  # The main script's flags, those of a launcher module it runs (python -m sparse_cl_jax is
+  # experiments/main.py's), and ours.
+  launchers = [sys.argv[0]] + [cf.module_name for cf in _CONFIG_FLAGS]
+  lines += _flag_help(list(dict.fromkeys(launchers + [__name__])))
   lines += [f"  --{sf.name}.FIELD=V1,V2,...: {sf.help}" for sf in _SWEEP_FLAGS]
   lines.append("  --flagfile=FILE: read flags from FILE; --helpfull lists absl's own flags too")
   for cf in _CONFIG_FLAGS:
