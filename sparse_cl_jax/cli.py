@@ -334,20 +334,8 @@ def define_sweep(name: str = "sweep", config: ConfigFlag | None = None,
 # Overrides.
 
 
-def field_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
-  """Every leaf field as a dotted path, in the config's order (groups recursed into)."""
-  out = []
-  for key, value in config.items():
-    path = f"{prefix}{key}"
-    if isinstance(value, ml_collections.ConfigDict) and len(value):
-      out.extend(field_paths(value, path + "."))
-    else:
-      out.append(path)
-  return out
-
-
 def _no_such_field(path: str, config, flag: str, group: str | None = None) -> UsageError:
-  known = field_paths(config)
+  known = config_lib.field_paths(config)
   if group is not None:
     known = [k for k in known if k.startswith(group + ".")]
   near = (difflib.get_close_matches(path, known, n=3, cutoff=0.85) or
@@ -506,7 +494,7 @@ def _flag_value(value: Any) -> str:
 def config_lines(config: ml_collections.ConfigDict, flag: str = "config") -> list[str]:
   """``--FLAG.FIELD=VALUE`` for every field (shell-quoted: each line can be pasted back)."""
   lines = []
-  for path in field_paths(config):
+  for path in config_lib.field_paths(config):
     value = config
     for part in path.split("."):
       value = value[part]

@@ -226,3 +226,15 @@ def sibling_module(config_file: str, name: str):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def field_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  """Every leaf field of ``config`` as a dotted path, in the config's order (groups recursed)."""
+  out = []
+  for key, value in config.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, ml_collections.ConfigDict) and len(value):
+      out.extend(field_paths(value, path + "."))
+    else:
+      out.append(path)
+  return out
