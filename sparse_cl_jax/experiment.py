@@ -23,6 +23,17 @@ state with NaN/inf about to be checkpointed) stops the run with
 :class:`~sparse_cl_jax.reliability.DivergenceError` before anything of it is saved, naming the
 checkpoint a rerun would resume from.
 
+Stopping: while :func:`run` runs in the main thread, SIGTERM (what a cluster sends before it
+preempts a job) and SIGINT (Ctrl-C) ask it to stop (:class:`~sparse_cl_jax.reliability.StopSignals`):
+the epoch loop finishes the epoch it is in, saves a checkpoint there (a method with
+``resumable_within_task=False`` keeps its newest one), and :func:`run` prints one line on stderr
+(where it saved, and that rerunning the same command resumes) and raises
+:class:`~sparse_cl_jax.reliability.RunInterrupted`, a ``SystemExit`` with status 143 (SIGTERM) or
+130 (SIGINT). A second signal ends the process at once. A write that fails for a reason of the
+storage (full disk, quota, read-only file system, I/O error) ends the run with
+:class:`~sparse_cl_jax.reliability.StorageError`: one line naming the path, the cause and the
+checkpoint that is intact; a failed checkpoint leaves nothing a rerun could take for a step.
+
 Example::
 
   from sparse_cl_jax import config as config_lib, experiment
@@ -36,6 +47,7 @@ import contextlib
 import json
 import os
 import re
+import sys
 import time
 from typing import Any
 
@@ -227,6 +239,12 @@ def run(config, workdir: str, *, source: data_lib.Source | None = None,
     print_summary: print the accuracy matrix table at the end.
     lockstep / cell: run as cell ``cell`` of a sweep, sharing compiled programs through
       ``lockstep`` (:class:`sparse_cl_jax.train.lockstep.Lockstep`).
+
+  Raises:
+    reliability.RunInterrupted: SIGTERM or SIGINT stopped the run after it saved where it was (a
+      ``SystemExit``, status 143 / 130; called in the main thread, its line is printed on stderr).
+    reliability.StorageError: a write failed for a reason of the storage; one line.
+    reliability.FaultError: the other faults (divergence, a workdir in use, no valid checkpoint).
   """
   config_lib.validate(config)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
@@ -236,15 +254,30 @@ def run(config, workdir: str, *, source: data_lib.Source | None = None,
   extra_trackers = trackers_lib.from_config(config)
   fingerprint = {k: v for k, v in config_lib.to_dict(config).items()
                  if k not in _NOT_FINGERPRINTED}
-  # Refuses at once if another process has the workdir open; released however the run ends.
-  ckpt = checkpoint.Checkpointer(workdir, fingerprint=fingerprint, overwrite=overwrite)
+  # SIGTERM / SIGINT: saved at the next epoch end (main thread only; a sweep installs its own).
+  with reliability.StopSignals() as signals, reliability.quiet_storage_faults_in_threads():
+    # Refuses at once if another process has the workdir open; released however the run ends.
+    ckpt = checkpoint.Checkpointer(workdir, fingerprint=fingerprint, overwrite=overwrite)
+    try:
+      return _run_and_close(config, workdir, ckpt, source=source, lockstep=lockstep, cell=cell,
+                            stop_after_task=stop_after_task, print_summary=print_summary,
+                            extra_trackers=extra_trackers)
+    except reliability.RunInterrupted as e:
+      if signals.installed:  # this run owns the signals: the one line is its to print
+        print(e.message, file=sys.stderr, flush=True)
+      raise
+
+
+def _run_and_close(config, workdir: str, ckpt: checkpoint.Checkpointer, **kwargs) -> dict | None:
+  """:func:`run` with the workdir open: faults in one line, the checkpointer closed at the end."""
   saved: dict = {}
   quiet = logs.logs_above_progress_bars() if config.progress else contextlib.nullcontext()
+  failed = True
   try:
     with quiet:
-      return _run_open(config, workdir, ckpt, saved, source=source, lockstep=lockstep, cell=cell,
-                       stop_after_task=stop_after_task, print_summary=print_summary,
-                       extra_trackers=extra_trackers)
+      results = _run_open(config, workdir, ckpt, saved, **kwargs)
+    failed = False
+    return results
   except reliability.DivergenceError as e:
     if saved:
       where = _describe_position(saved["meta"])
@@ -254,8 +287,54 @@ def run(config, workdir: str, *, source: data_lib.Source | None = None,
       note = ("no checkpoint was written (so a rerun in the same workdir may change any config "
               "field)")
     raise e.with_context(note) from None
+  except reliability.RunInterrupted as e:
+    raise _interrupted(e, saved, ckpt) from None
+  except Exception as e:  # pylint: disable=broad-except  # re-raised unless a storage fault
+    fault = reliability.storage_error(e, workdir, codes=reliability.WRITE_ONLY_ERRNOS)
+    if fault is None:
+      raise
+    checkpoint_write = fault.what.startswith("cannot write checkpoint")
+    raise fault.with_context(_intact(saved, "previous" if checkpoint_write else "newest")) from (
+        None if isinstance(e, reliability.StorageError) else e)
   finally:
-    ckpt.close()
+    try:
+      ckpt.close()
+    except Exception:  # pylint: disable=broad-except  # the run's own error comes first
+      if not failed:
+        raise
+
+
+def _intact(saved: dict, which: str = "newest") -> str:
+  """What a run that stops now leaves to resume from, in words."""
+  if not saved:
+    return "no checkpoint was written yet"
+  return (f"the {which} checkpoint, step {saved['step']} ({_describe_position(saved['meta'])}), "
+          "is intact")
+
+
+def _interrupted(e: reliability.RunInterrupted, saved: dict,
+                 ckpt: checkpoint.Checkpointer) -> reliability.RunInterrupted:
+  """``e`` with its one line: where the run was saved, and that a rerun resumes.
+
+  ``e.message``, when the run saved nothing on the way out, says why (the epoch loop's
+  :func:`sparse_cl_jax.train.loops.stop_here`).
+  """
+  name, folder = e.signal_name, str(ckpt.checkpoint_dir)
+  where = _describe_position(saved["meta"]) if saved else ""
+  if e.saved:
+    message = (f"stopped by {name}: saved checkpoint step {saved['step']} ({where}) in {folder}; "
+               "rerunning the same command resumes from it")
+  else:
+    why = e.message or "nothing to save yet"
+    if saved:
+      message = (f"stopped by {name}: {why}; the newest checkpoint, step {saved['step']} "
+                 f"({where}) in {folder}, is intact and rerunning the same command resumes from "
+                 "it")
+    else:
+      message = (f"stopped by {name}: {why}; no checkpoint was written yet, so rerunning the same "
+                 "command starts afresh")
+  return reliability.RunInterrupted(e.signum, message, step=saved.get("step"), saved=e.saved,
+                                    where=where, checkpoint_dir=folder)
 
 
 def _describe_position(meta: dict) -> str:
@@ -320,14 +399,22 @@ def _run_open(config, workdir: str, ckpt: checkpoint.Checkpointer, saved: dict, 
   run_log.append(logs.RunLog(
       workdir, resume_index=None if found is None else int(found[2].get("logged_epochs", 0)),
       config=config_lib.to_dict(config), trackers=extra_trackers))
+  failed = True
   try:
     trainer.on_epoch = EpochLogger(trainer, run_log[0])
-    return _train_tasks(config, workdir, ckpt, trainer, state, save, progress, run_log[0],
-                        start_task=start_task, R=R, R_val=R_val, b=b,
-                        train_seconds=train_seconds, stop_after_task=stop_after_task,
-                        print_summary=print_summary)
+    results = _train_tasks(config, workdir, ckpt, trainer, state, save, progress, run_log[0],
+                           start_task=start_task, R=R, R_val=R_val, b=b,
+                           train_seconds=train_seconds, stop_after_task=stop_after_task,
+                           print_summary=print_summary)
+    failed = False
+    return results
   finally:
-    run_log[0].close()
+    try:
+      run_log[0].close()
+    except Exception:  # pylint: disable=broad-except
+      # A full disk fails the close too: the first write that failed is the error to report.
+      if not failed:
+        raise
 
 
 def _train_tasks(config, workdir, ckpt, trainer, state, save, progress, run_log, *, start_task,
@@ -347,12 +434,17 @@ def _train_tasks(config, workdir, ckpt, trainer, state, save, progress, run_log,
     run_log.task_end(t, R[t].tolist(), float(np.nanmean(R[t, :t + 1])))
     progress.update(R=R.tolist(), R_val=R_val.tolist(), b=b, train_seconds=train_seconds)
     save(state, {"task": t + 1, "op": 0, "epoch": 0, "op_log": {}})
+    signum = reliability.stop_requested()
+    if signum is not None and t + 1 < T:  # asked to stop (SIGTERM / SIGINT): this save is it
+      raise reliability.RunInterrupted(signum, saved=True)
     if stop_after_task is not None and t + 1 >= stop_after_task and t + 1 < T:
       return None
   results = _report(trainer, state, R, R_val, b, train_seconds)
   results["trace_counts"] = dict(trainer.trace_counts)
-  results_path = ckpt.finish(results)
+  # The plots first: results.json marks the run finished, so a run that cannot write its plots
+  # (a full disk) is not finished and its rerun resumes from the last checkpoint and writes both.
   plots = logs.write_run_plots(workdir, results)
+  results_path = ckpt.finish(results)
   run_log.finish(results)
   if print_summary:
     print(f"\n{results['method']} on {config.dataset} ({config.scenario}, {T} tasks, "

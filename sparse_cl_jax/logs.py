@@ -14,6 +14,11 @@ checkpoints and ``results.json``::
     unfinished-<time>/     the logs of an attempt that ended before its first checkpoint, moved
                            aside when the next attempt starts afresh
 
+A write that fails for a reason of the storage (full disk, quota, read-only file system, I/O
+error) raises :class:`sparse_cl_jax.reliability.StorageError` naming the file; TensorBoard's
+writer thread dying of one prints nothing (``experiment.run`` records it, the next flush reports
+it).
+
 ``epoch_index`` counts the training epochs of the run from 1 (all tasks and phases). A run resumed
 from a checkpoint continues the count from that checkpoint: :class:`CsvLog` moves the CSV rows
 logged after it to ``metrics.superseded.csv`` and :class:`TensorBoardLog` starts with
@@ -121,7 +126,8 @@ class CsvLog(trackers_lib.Tracker):
   def start(self, run: trackers_lib.RunInfo) -> None:
     self.path = pathlib.Path(run.workdir) / CSV_FILE
     if run.resume_index is not None:
-      self._supersede_after(int(run.resume_index))
+      with reliability.writing(self.path):
+        self._supersede_after(int(run.resume_index))
 
   def _supersede_after(self, index: int) -> None:
     rows = _read_rows(self.path)
@@ -135,7 +141,8 @@ class CsvLog(trackers_lib.Tracker):
     os.replace(tmp, self.path)
 
   def epoch(self, row: abc.Mapping[str, Any]) -> None:
-    _write_rows(self.path, [_csv_row(row)], append=True)
+    with reliability.writing(self.path):
+      _write_rows(self.path, [_csv_row(row)], append=True)
 
   def where(self) -> list[tuple[str, str]]:
     return [("per-epoch metrics (CSV)", str(self.path))]
@@ -158,28 +165,39 @@ class TensorBoardLog(trackers_lib.Tracker):
 
     self.logdir = pathlib.Path(run.workdir) / TENSORBOARD_DIR
     index = run.resume_index or 0
-    # purge_step: events of a killed attempt at or after this step are hidden by TensorBoard.
-    self._writer = SummaryWriter(logdir=str(self.logdir), purge_step=index + 1 if index else None)
-    if self.config_text and run.resume_index is None:
-      self._writer.add_text("config", self.config_text, 0)
+    with reliability.writing(self.logdir):
+      # purge_step: events of a killed attempt at or after this step are hidden by TensorBoard.
+      self._writer = SummaryWriter(logdir=str(self.logdir),
+                                   purge_step=index + 1 if index else None)
+      if self.config_text and run.resume_index is None:
+        self._writer.add_text("config", self.config_text, 0)
 
   def epoch(self, row: abc.Mapping[str, Any]) -> None:
-    for name in ("loss", "accuracy", "learning_rate", "density"):
-      self._writer.add_scalar(f"train/{name}", row[name], row["epoch_index"])
-    self._writer.flush()
+    with reliability.writing(self.logdir):
+      for name in ("loss", "accuracy", "learning_rate", "density"):
+        self._writer.add_scalar(f"train/{name}", row[name], row["epoch_index"])
+      self._writer.flush()
 
   def task_end(self, task: int, accuracies: abc.Sequence[float], *, average: float,
                epoch_index: int) -> None:
     del task
-    self._writer.add_scalar("test/average_accuracy", average, epoch_index)
-    for j, a in enumerate(accuracies):
-      if a is not None and math.isfinite(a):
-        self._writer.add_scalar(f"test/task_{j + 1}", a, epoch_index)
-    self._writer.flush()
+    with reliability.writing(self.logdir):
+      self._writer.add_scalar("test/average_accuracy", average, epoch_index)
+      for j, a in enumerate(accuracies):
+        if a is not None and math.isfinite(a):
+          self._writer.add_scalar(f"test/task_{j + 1}", a, epoch_index)
+      self._writer.flush()
 
   def close(self) -> None:
-    if self._writer is not None:
-      self._writer.close()
+    writer, self._writer = self._writer, None
+    if writer is None:
+      return
+    try:
+      with reliability.writing(self.logdir):
+        writer.close()
+    except BaseException:
+      _stop_event_thread(writer)  # its final flush failed: still end the writer thread
+      raise
 
   def where(self) -> list[tuple[str, str]]:
     return [("TensorBoard", f"tensorboard --logdir {self.logdir}")]
@@ -231,7 +249,8 @@ class RunLog:
   def _move_unfinished(self) -> pathlib.Path | None:
     entries = [p for p in (self.csv_path, self.workdir / SUPERSEDED_FILE, self.tensorboard_dir,
                            self.workdir / PLOTS_DIR) if p.exists()]
-    return reliability.move_into_fresh(entries, self.workdir, UNFINISHED_PREFIX)
+    with reliability.writing(self.workdir):
+      return reliability.move_into_fresh(entries, self.workdir, UNFINISHED_PREFIX)
 
   def epoch(self, *, task: int, phase: str, operation: int, epoch: int, epochs: int, loss: float,
             accuracy: float, learning_rate: float, density: float) -> int:
@@ -265,6 +284,19 @@ class RunLog:
 
   def close(self) -> None:
     _close_all(self.trackers)
+
+
+def _stop_event_thread(writer) -> None:
+  """Ends the event thread of a tensorboardX writer whose ``close`` failed (best effort)."""
+  try:
+    for file_writer in (getattr(writer, "file_writer", None),
+                        *(getattr(writer, "all_writers", None) or {}).values()):
+      event_writer = getattr(file_writer, "event_writer", None)
+      worker = getattr(event_writer, "_worker", None)
+      if worker is not None and worker.is_alive():
+        worker.stop()
+  except Exception:  # pylint: disable=broad-except  # a daemon thread: ends with the process
+    pass
 
 
 def _close_all(started: abc.Sequence[trackers_lib.Tracker]) -> None:
@@ -494,6 +526,11 @@ def plot_training(rows: abc.Sequence[abc.Mapping[str, Any]], path, *,
 def write_run_plots(workdir: str | os.PathLike, results: abc.Mapping[str, Any]) -> list[pathlib.Path]:
   """The PNGs of a finished run (from its results and ``metrics.csv``) in ``workdir/plots``."""
   plots = pathlib.Path(workdir) / PLOTS_DIR
+  with reliability.writing(plots):
+    return _write_run_plots(workdir, plots, results)
+
+
+def _write_run_plots(workdir, plots: pathlib.Path, results) -> list[pathlib.Path]:
   c = results.get("config", {})
   name = (f"{results.get('method')} on {c.get('dataset')} ({c.get('scenario')}, "
           f"{c.get('num_tasks')} tasks)")

@@ -37,6 +37,11 @@ exactly as it would alone (bit for bit on XLA:CPU for dense networks, see the Lo
 * Faults stay in their cell: a cell that diverges is ``diverged``, one that raises anything else
   ``failed``; the others go on, every file is written, and :func:`run` then raises
   :class:`SweepIncompleteError` naming them (the launcher: one line, exit status 1).
+* Stopping: SIGTERM or SIGINT (the first) asks every running cell to stop: each saves a checkpoint
+  at the end of the epoch it is in (as ``experiment.run`` does), no further wave starts,
+  ``sweep.json`` is written with those cells ``pending``, and :func:`run` prints one line naming
+  the cells and where each was saved, then raises :class:`reliability.RunInterrupted` (exit status
+  143 or 130); rerunning the same command resumes them. A second signal exits at once.
 * Resume: running the same sweep again continues it: a cell with ``results.json`` is read back,
   not rerun; an unfinished one resumes from its checkpoints. A workdir holding a sweep of another
   grid or base config (the fields that never change results aside) is refused, naming the
@@ -157,18 +162,6 @@ class Cell:
 # The grid.
 
 
-def field_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
-  """Every leaf field of ``config`` as a dotted path."""
-  out = []
-  for key, value in config.items():
-    path = f"{prefix}{key}"
-    if isinstance(value, ml_collections.ConfigDict) and len(value):
-      out.extend(field_paths(value, path + "."))
-    else:
-      out.append(path)
-  return out
-
-
 def _current(config: ml_collections.ConfigDict, field: str) -> tuple[bool, Any]:
   """``(exists, value)`` of the dotted ``field``."""
   node: Any = config
@@ -277,7 +270,7 @@ def _check_field(base: ml_collections.ConfigDict, field: str, values: abc.Sequen
   exists, current = _current(base, field)
   model_field = field.startswith("model_kwargs.") and field.count(".") == 1
   if not exists and not model_field:
-    near = _closest(field, field_paths(base))
+    near = _closest(field, config_lib.field_paths(base))
     hint = (f"; did you mean {', '.join(f'sweep.{n}' for n in near)}?" if near else
             "; --help --config=... lists every field")
     raise GridError(f"no such field: sweep.{field}{hint}")
@@ -427,7 +420,7 @@ class _Record:
 
   def write(self) -> None:
     """Rewrites the file atomically, keys in the record's order (the grid's order matters)."""
-    with self.lock:
+    with self.lock, reliability.writing(self.path):
       self.data["wall_seconds"] = round(time.perf_counter() - self.t0, 3)
       text = json.dumps(self.data, indent=2) + "\n"
       tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
@@ -487,6 +480,8 @@ def run(base: ml_collections.ConfigDict, grid: abc.Mapping[str, abc.Sequence[Any
     WorkdirMismatchError: ``workdir`` holds another sweep, or something else, and no ``overwrite``.
     reliability.WorkdirInUseError: another process runs a sweep in ``workdir``.
     SweepIncompleteError: at the end, when cells diverged or failed (their record is attached).
+    reliability.RunInterrupted: SIGTERM or SIGINT stopped the sweep after every running cell saved
+      (its line, naming the cells, is printed on stderr when the sweep runs in the main thread).
   """
   if max_parallel < 0:
     raise GridError(f"max_parallel={max_parallel} must be >= 0 (0 = every cell at once)")
@@ -494,19 +489,30 @@ def run(base: ml_collections.ConfigDict, grid: abc.Mapping[str, abc.Sequence[Any
   workdir = pathlib.Path(workdir)
   fingerprint = _fingerprint(base, grid)
   stored = _check_workdir(workdir, fingerprint, overwrite)
-  workdir.mkdir(parents=True, exist_ok=True)
+  with reliability.writing(workdir):
+    workdir.mkdir(parents=True, exist_ok=True)
   lock = reliability.WorkdirLock(workdir)
-  lock.acquire()
-  try:
-    if overwrite:
-      moved = checkpoint.workdir.move_aside(workdir)
-      if moved is not None and print_summary:
-        print(f"moved the previous content of {workdir} to {moved}", flush=True)
-    return _run_locked(cells, base, grid, workdir, fingerprint, stored, command=command,
-                       base_overrides=base_overrides, max_parallel=max_parallel,
-                       stop_after_task=stop_after_task, print_summary=print_summary)
-  finally:
-    lock.release()
+  # Signals: every cell saves at its next epoch end; a second signal exits at once (the cell
+  # threads would outlive a KeyboardInterrupt in this one).
+  with reliability.StopSignals(second="exit") as signals, \
+       reliability.quiet_storage_faults_in_threads():
+    with reliability.writing(workdir):
+      lock.acquire()
+    try:
+      if overwrite:
+        with reliability.writing(workdir):
+          moved = checkpoint.workdir.move_aside(workdir)
+        if moved is not None and print_summary:
+          print(f"moved the previous content of {workdir} to {moved}", flush=True)
+      return _run_locked(cells, base, grid, workdir, fingerprint, stored, command=command,
+                         base_overrides=base_overrides, max_parallel=max_parallel,
+                         stop_after_task=stop_after_task, print_summary=print_summary)
+    except reliability.RunInterrupted as e:
+      if signals.installed:  # the sweep owns the signals: the one line is its to print
+        print(e.message, file=sys.stderr, flush=True)
+      raise
+    finally:
+      lock.release()
 
 
 def _run_locked(cells: list[Cell], base, grid, workdir: pathlib.Path, fingerprint: dict,
@@ -533,8 +539,12 @@ def _run_locked(cells: list[Cell], base, grid, workdir: pathlib.Path, fingerprin
       todo.append(c)
   record.write()
   if todo:
-    _run_cells(todo, record, workdir, max_parallel=max_parallel or len(todo),
-               stop_after_task=stop_after_task, print_summary=print_summary)
+    stopped = _run_cells(todo, record, workdir, max_parallel=max_parallel or len(todo),
+                         stop_after_task=stop_after_task, print_summary=print_summary)
+    if stopped is not None:
+      record.data["status"] = "pending"
+      record.write()
+      raise stopped
   entries = record.data["cells"]
   bad = [e for e in entries if e["status"] in ("diverged", "failed")]
   # "pending": some cells stopped early (stop_after_task); rerunning the command continues them.
@@ -542,12 +552,14 @@ def _run_locked(cells: list[Cell], base, grid, workdir: pathlib.Path, fingerprin
                            "done" if all(e["status"] == "done" for e in entries) else "pending")
   record.write()
   summary = summary_table(record.data)
-  (workdir / SUMMARY_FILE).write_text(summary + "\n", encoding="utf-8")
+  with reliability.writing(workdir):
+    (workdir / SUMMARY_FILE).write_text(summary + "\n", encoding="utf-8")
   finished = [e["workdir"] for e in entries if e["status"] == "done"]
   written = [workdir / SWEEP_FILE, workdir / SUMMARY_FILE]
   if finished:
     rows = logs.compare_rows(finished)
-    written += logs.write_compare_files(rows, workdir, title=f"sweep {workdir.name}")
+    with reliability.writing(workdir):
+      written += logs.write_compare_files(rows, workdir, title=f"sweep {workdir.name}")
   if print_summary:
     cells_text = f"{len(entries)} cell" + ("s" if len(entries) != 1 else "")
     print(f"\nsweep of {cells_text} in {workdir.resolve()}:\n{summary}", flush=True)
@@ -574,12 +586,17 @@ def run_mesh() -> jax.sharding.Mesh | None:
 
 
 def _run_cells(todo: list[Cell], record: _Record, workdir: pathlib.Path, *, max_parallel: int,
-               stop_after_task, print_summary) -> None:
-  """Runs ``todo`` in waves of ``max_parallel`` threads sharing one Lockstep."""
+               stop_after_task, print_summary) -> reliability.RunInterrupted | None:
+  """Runs ``todo`` in waves of ``max_parallel`` threads sharing one Lockstep.
+
+  Returns None, or, when a signal asked the sweep to stop, the ``RunInterrupted`` to raise once
+  ``sweep.json`` is written (its line names every stopped cell and the cells not started).
+  """
   runtime.enable_compilation_cache(todo[0].config.get("compilation_cache") or None)
   ls = lockstep_lib.Lockstep(mesh=run_mesh())
   errors: list[BaseException] = []
   ended = [0]  # cells of this invocation that ended (under record.lock)
+  interrupted: dict[str, reliability.RunInterrupted] = {}
 
   def work(cell: Cell) -> None:
     outcome, line, tb, results = "pending", None, None, None
@@ -587,6 +604,8 @@ def _run_cells(todo: list[Cell], record: _Record, workdir: pathlib.Path, *, max_
       results = experiment.run(cell.config, str(workdir / cell.name), print_summary=False,
                                stop_after_task=stop_after_task, lockstep=ls, cell=cell.name)
       outcome = "done" if results is not None else "pending"
+    except reliability.RunInterrupted as e:  # saved where it was (SIGTERM / SIGINT)
+      interrupted[cell.name] = e
     except reliability.DivergenceError as e:
       outcome, line = "diverged", _error_line(e)
     except Exception as e:  # pylint: disable=broad-except  # a cell's fault stays in its cell
@@ -607,24 +626,57 @@ def _run_cells(todo: list[Cell], record: _Record, workdir: pathlib.Path, *, max_
                                                set(ls.split_classes()))
         ended[0] += 1
       record.write()
-      if print_summary:
+      if print_summary and cell.name not in interrupted:
         what = (f"ACC {entry['acc']:.4f}, BWT {entry['bwt']:.4f}" if outcome == "done" else
                 line if line else f"stopped after task {stop_after_task}")
         print(f"cell {cell.name}: {outcome}, {what} ({ended[0]}/{len(todo)} ended)", flush=True)
     except BaseException as e:  # pylint: disable=broad-except  # re-raised by the main thread
       errors.append(e)
 
+  not_started: list[str] = []
   for start in range(0, len(todo), max_parallel):
     wave = todo[start:start + max_parallel]
+    if interrupted or reliability.stop_requested() is not None:
+      not_started += [c.name for c in wave]
+      continue
     for cell in wave:  # every cell of the wave joins before any of them starts
       ls.join(cell.name, program_class=cell.program)
     threads = [threading.Thread(target=work, args=(c,), name=f"sweep-{c.name}") for c in wave]
     for t in threads:
       t.start()
     for t in threads:
-      t.join()
+      # In short waits: the kernel may hand a signal to any thread, and Python runs the handler
+      # (which asks the cells to stop) only when this, the main thread, runs bytecode again.
+      while t.is_alive():
+        t.join(timeout=0.1)
     if errors:
       raise errors[0]
+  if not interrupted and not not_started:
+    return None
+  signum = (next(iter(interrupted.values())).signum if interrupted else
+            reliability.stop_requested())
+  return _stopped(signum, workdir, [(c.name, interrupted[c.name]) for c in todo
+                                    if c.name in interrupted], not_started)
+
+
+def _stopped(signum: int, workdir: pathlib.Path, cells, not_started: list[str]
+             ) -> reliability.RunInterrupted:
+  """The sweep's ``RunInterrupted``: one line naming each stopped cell and where it was saved."""
+  parts = []
+  for name, e in cells:
+    if e.saved:
+      parts.append(f"{name} (saved step {e.step}: {e.where})")
+    elif e.step is not None:
+      parts.append(f"{name} (not saved inside its task; newest step {e.step}: {e.where})")
+    else:
+      parts.append(f"{name} (no checkpoint yet)")
+  text = f"cells {', '.join(parts)}" if parts else "no cell was running"
+  later = (f"; {len(not_started)} cell{'s' if len(not_started) != 1 else ''} not started "
+           f"({', '.join(not_started)})" if not_started else "")
+  message = (f"stopped by {reliability.signal_name(signum)}: {text}, checkpoints in "
+             f"{workdir.resolve()}/<cell>/checkpoints{later}; rerunning the same command "
+             "resumes the sweep")
+  return reliability.RunInterrupted(signum, message, saved=any(e.saved for _, e in cells))
 
 
 # --------------------------------------------------------------------------------------------------

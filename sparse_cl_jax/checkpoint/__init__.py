@@ -53,6 +53,14 @@ killed in between) never finished its save: it is never restored unverified but 
 ``corrupt-checkpoints/incomplete-step-<step>-<timestamp>``; when nothing but incomplete steps were
 set aside the run starts afresh, as after a kill inside orbax's own write.
 
+A save that fails (orbax, TensorStore or the checksums) removes its temporary directory at once and
+sets aside a step it renamed into place without checksums, so no later restore can take it for a
+checkpoint; a storage fault (full disk, quota, read-only file system, I/O error) is raised as
+:class:`reliability.StorageError`, one line naming the step, the folder, the cause and the previous
+step. The temporary directories a killed save left are removed when the workdir is next opened,
+synchronously and under its lock (not in orbax's background thread, which nothing waited for).
+Opening a workdir that cannot be written (read-only, full) raises ``StorageError`` naming the file.
+
 One process at a time: the constructor takes ``run.lock`` (:class:`reliability.WorkdirLock`)
 before touching anything, and :meth:`Checkpointer.close` releases it; a second process opening the
 same workdir gets :class:`reliability.WorkdirInUseError` naming the holder.

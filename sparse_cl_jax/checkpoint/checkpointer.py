@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+import shutil
+import sys
 from collections import abc
 from typing import Any
 
@@ -30,14 +32,43 @@ ITEMS = ("state", "meta")  # The orbax items of a step; their files are checksum
 
 
 class _QuietOrbax:
-  """Drops orbax's INFO/DEBUG records (several per save) from the absl logger; keeps warnings."""
+  """Drops orbax's INFO/DEBUG records (several per save) from the absl logger; keeps warnings.
+
+  Also drops the tracebacks orbax's background threads log for a storage fault (a full disk, a
+  read-only file system): the same error reaches :meth:`Checkpointer.save`, which reports it in
+  one line.
+  """
 
   def filter(self, record) -> bool:
-    return record.levelno >= 30 or "/orbax/" not in record.pathname
+    if "/orbax/" not in record.pathname:
+      return True
+    if record.levelno < 30:
+      return False
+    exc = record.exc_info[1] if record.exc_info else None
+    return exc is None or reliability.storage_fault(exc) is None
 
 
 _QUIET = _QuietOrbax()
 absl_logging.get_absl_logger().addFilter(_QUIET)
+
+
+def _unraisable_hook(unraisable) -> None:
+  """Drops TensorStore's callbacks into the event loop of a save that already failed.
+
+  When one write of a save fails (e.g. a full disk), orbax closes the save's asyncio loop while
+  TensorStore still completes the other writes; each completion then calls
+  ``loop.call_soon_threadsafe`` on the closed loop and Python prints "Event loop is closed" as an
+  unraisable exception, tens of tracebacks burying the one-line error. Everything else goes to
+  the previous hook.
+  """
+  value = unraisable.exc_value
+  if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+    return
+  _PREVIOUS_UNRAISABLE_HOOK(unraisable)
+
+
+_PREVIOUS_UNRAISABLE_HOOK = sys.unraisablehook
+sys.unraisablehook = _unraisable_hook
 
 
 class IncompleteCheckpointError(reliability.CorruptCheckpointError):
@@ -48,14 +79,43 @@ class IncompleteCheckpointError(reliability.CorruptCheckpointError):
 # Save.
 
 
+# Orbax writes a step into ``<step>.orbax-checkpoint-tmp`` and renames it when complete.
+TMP_MARK = ".orbax-checkpoint-tmp"
+
+
+def temporary_dirs(checkpoint_dir: pathlib.Path, step: int | None = None) -> list[pathlib.Path]:
+  """Orbax's temporary directories in ``checkpoint_dir`` (of ``step`` only, if given)."""
+  if not checkpoint_dir.is_dir():
+    return []
+  prefix = "" if step is None else f"{int(step)}{TMP_MARK}"
+  return sorted(p for p in checkpoint_dir.iterdir()
+                if TMP_MARK in p.name and p.name.startswith(prefix))
+
+
+def remove_temporary_dirs(checkpoint_dir: pathlib.Path, step: int | None = None) -> None:
+  """Removes the leftovers of interrupted or failed saves (never committed: never a checkpoint).
+
+  Best effort: what cannot be removed now (a read-only file system) is removed by the next
+  :class:`Checkpointer` that opens the workdir. Orbax can do this itself
+  (``cleanup_tmp_directories``), but in a background thread that nothing waits for: a run that
+  stops right after opening its workdir then prints that thread's traceback at exit.
+  """
+  for path in temporary_dirs(checkpoint_dir, step):
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def new_manager(checkpoint_dir: pathlib.Path, max_to_keep: int | None) -> ocp.CheckpointManager:
-  """Orbax's synchronous manager of ``checkpoint_dir``, keeping the ``max_to_keep`` latest steps."""
+  """Orbax's synchronous manager of ``checkpoint_dir``, keeping the ``max_to_keep`` latest steps.
+
+  The temporary directories of interrupted saves are removed first, synchronously.
+  """
+  remove_temporary_dirs(checkpoint_dir)
   registry = ocp.handlers.create_default_handler_registry(
       state=ocp.StandardCheckpointHandler(), meta=ocp.JsonCheckpointHandler())
   options = ocp.CheckpointManagerOptions(
       preservation_policy=ocp.checkpoint_managers.LatestN(max_to_keep),
       enable_async_checkpointing=False,
-      cleanup_tmp_directories=True,  # Leftovers of interrupted saves, never committed steps.
+      cleanup_tmp_directories=False,  # done above, not in a thread that nothing waits for
       create=True,
   )
   return ocp.CheckpointManager(checkpoint_dir, options=options, handler_registry=registry)
@@ -233,20 +293,23 @@ class Checkpointer:
     self.fingerprint = jsonfiles.jsonable(dict(fingerprint), what="fingerprint")
     self.max_to_keep = max_to_keep
     self.ignore_keys = tuple(ignore_keys)
-    self.workdir.mkdir(parents=True, exist_ok=True)
+    with reliability.writing(self.workdir):
+      self.workdir.mkdir(parents=True, exist_ok=True)
     self.checkpoint_dir = self.workdir / workdir_lib.CHECKPOINT_DIR  # orbax's step directories
     self.corrupt_dir = self.workdir / workdir_lib.CORRUPT_DIR  # steps set aside, never deleted
     self.results_path = self.workdir / workdir_lib.RESULTS_FILE  # written by finish()
     self._manager = None
-    # First of all: nothing in the workdir is touched (not even orbax's cleanup of temporary
+    # First of all: nothing in the workdir is touched (not even the cleanup of temporary
     # directories, which could be another process's save in progress) without the lock.
     self._lock = reliability.WorkdirLock(self.workdir)
-    self._lock.acquire()
+    with reliability.writing(self.workdir):  # a read-only or full workdir: one line, naming it
+      self._lock.acquire()
     try:
-      # _bound: whether run.json holds this fingerprint.
-      self.previous_dir, self._bound = workdir_lib.open_run(
-          self.workdir, self.fingerprint, self.ignore_keys, overwrite)
-      self._manager = new_manager(self.checkpoint_dir, max_to_keep)
+      with reliability.writing(self.workdir):
+        # _bound: whether run.json holds this fingerprint.
+        self.previous_dir, self._bound = workdir_lib.open_run(
+            self.workdir, self.fingerprint, self.ignore_keys, overwrite)
+        self._manager = new_manager(self.checkpoint_dir, max_to_keep)
     except BaseException:
       self._lock.release()
       raise
@@ -273,14 +336,47 @@ class Checkpointer:
 
     Raises:
       ValueError, TypeError: ``step`` is not after the latest step, or see :func:`save_args`.
-      Exception: whatever orbax raised while writing; the previous checkpoints are left intact and
-        this object stays usable.
+      reliability.StorageError: a storage fault (full disk, quota, read-only file system, I/O
+        error) stopped the write; one line naming the step, the folder and the cause.
+      Exception: whatever else orbax raised while writing.
+      In both cases the previous checkpoints are left intact, what the failed save wrote is
+      removed (orbax's temporary directory) or set aside as incomplete (a step renamed into place
+      before its checksums were written), and this object stays usable.
     """
-    step = check_new_step(step, self.latest_step(), self.checkpoint_dir)
+    previous = self.latest_step()
+    step = check_new_step(step, previous, self.checkpoint_dir)
     args = save_args(state, meta)
-    self._bind()
-    commit(self._manager, step, args)
-    self._write_checksums(step)
+    try:
+      self._bind()
+      commit(self._manager, step, args)
+      self._write_checksums(step)
+    except Exception as e:  # pylint: disable=broad-except  # re-raised, in one line if storage
+      self._discard_unfinished(step)
+      intact = (f"the previous checkpoint, step {previous}, is intact" if previous is not None
+                else "no earlier checkpoint")
+      fault = reliability.storage_error(
+          e, self.checkpoint_dir, f"cannot write checkpoint step {step} to {self.checkpoint_dir}",
+          context=intact)
+      if fault is None:
+        raise
+      raise fault from e
+
+  def _discard_unfinished(self, step: int) -> None:
+    """After a failed save: its temporary directory removed, a step without checksums set aside.
+
+    Best effort (a read-only file system refuses both; the next open and the next restore do it).
+    """
+    remove_temporary_dirs(self.checkpoint_dir, step)
+    step_dir = self.checkpoint_dir / str(step)
+    try:
+      if step_dir.exists() and not (step_dir / checksums_lib.FILE).exists():
+        self.set_aside(step, incomplete=True)
+    except OSError:
+      pass
+    try:
+      self._manager.reload()
+    except Exception:  # pylint: disable=broad-except  # the step list is re-read on next use
+      pass
 
   def _write_checksums(self, step: int) -> None:
     """Records the SHA-256 of every file of committed ``step`` in its ``checksums.json``."""
@@ -357,8 +453,9 @@ class Checkpointer:
     NaN. Checkpoints are kept. ``results``: JSON-able dict (NumPy arrays and scalars converted).
     """
     results = jsonfiles.jsonable(dict(results), what="results", strict=True)
-    self._bind()
-    jsonfiles.write_json_atomic(self.results_path, results, strict=True)
+    with reliability.writing(self.results_path):
+      self._bind()
+      jsonfiles.write_json_atomic(self.results_path, results, strict=True)
     return self.results_path
 
   def _bind(self) -> None:
@@ -372,10 +469,15 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
-    """Finishes pending operations, releases orbax's resources and the workdir's lock."""
+    """Finishes pending operations, releases orbax's resources and the workdir's lock.
+
+    Every background thread of orbax has ended when it returns, so nothing of it prints at the
+    interpreter's exit. Idempotent.
+    """
+    manager, self._manager = self._manager, None
     try:
-      if self._manager is not None:
-        self._manager.close()
+      if manager is not None:
+        manager.close()
     finally:
       self._lock.release()
 

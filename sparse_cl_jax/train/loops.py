@@ -5,7 +5,15 @@ chunks (a whole epoch, or up to the next ``hook`` call) with the loop
 :func:`sparse_cl_jax.runtime.epoch_loop` chose for the backend: ``'device'`` (one jitted
 ``lax.fori_loop`` per chunk) or ``'host'`` (one jitted call per batch, the statistics summed on the
 device). After every epoch: the divergence check, the per-epoch log, the operation log, the
-method's ``epoch_end``, and a checkpoint every ``checkpoint_every_epochs``.
+method's ``epoch_end``, a checkpoint every ``checkpoint_every_epochs``, and the stop check: once
+SIGTERM or SIGINT asked the run to stop (:func:`sparse_cl_jax.reliability.stop_requested`), the
+loop saves a checkpoint at the end of the epoch it is in and raises
+:class:`~sparse_cl_jax.reliability.RunInterrupted` (a method that cannot resume inside a task saves
+nothing; the harness names its newest checkpoint). An epoch is the unit a run resumes at, so the
+wait is at most one epoch (one chunk of it and the step running when the signal came, and the
+epoch's duties). A stop after an operation's last epoch (or an ``epoch_end`` that ended it early)
+saves the position "operation done" (epoch = its number of epochs); the resumed run runs no epoch of
+it and takes its last-epoch statistics from the operation log.
 """
 
 from __future__ import annotations
@@ -123,11 +131,24 @@ def run_epochs(trainer, op: Operation, state):
   ``trainer`` supplies the compiled programs, the loop kind, the operation log, the per-epoch
   log (``on_epoch``), the checkpoint callback (``save_fn``) and the ``last_train_*`` results.
   """
+  log = trainer.oplog
+  if op.start >= op.epochs:  # a run stopped after this operation's last epoch, resumed
+    (trainer.last_train_stats, trainer.last_train_epochs,
+     trainer.last_train_steps) = log.replayed_train(op.op)
+  bar = tqdm.tqdm(total=op.epochs, initial=op.start, disable=not trainer.config.progress,
+                  leave=False, desc=f"task {op.task + 1}/{trainer.stream.num_tasks} {op.phase}",
+                  unit="ep")
+  try:  # closed however the loop ends: an error line never lands on the bar's line
+    return _epochs(trainer, op, state, bar)
+  finally:
+    bar.close()
+
+
+def _epochs(trainer, op: Operation, state, bar):
+  """The epochs of :func:`run_epochs` with its progress bar ``bar``."""
   c = trainer.config
   log = trainer.oplog
   task = jnp.int32(op.task)
-  bar = tqdm.tqdm(total=op.epochs, initial=op.start, disable=not c.progress, leave=False,
-                  desc=f"task {op.task + 1}/{trainer.stream.num_tasks} {op.phase}", unit="ep")
   steps_done = op.start * op.nb
   for epoch in range(op.start, op.epochs):
     epoch_key = trainer.op_key(epoch, op=op.op)
@@ -155,10 +176,27 @@ def run_epochs(trainer, op: Operation, state):
     logging.log_every_n_seconds(logging.INFO, "task %d %s epoch %d/%d loss %.4f acc %.4f", 10,
                                 op.task + 1, op.phase, epoch + 1, op.epochs, loss, acc)
     every = int(c.checkpoint_every_epochs)
+    signum = reliability.stop_requested()
+    if signum is not None:  # SIGTERM / SIGINT: save here (the operation done, if it is) and stop
+      stop_here(trainer, state, op.op, op.epochs if stop else epoch + 1, signum)
     if stop:
       break
     if (trainer.save_fn is not None and trainer.method.resumable_within_task and every
         and (epoch + 1) % every == 0 and epoch + 1 < op.epochs):
       trainer.save_fn(state, log.position(op.op, epoch + 1))
-  bar.close()
   return state
+
+
+def stop_here(trainer, state, op: int, epochs_done: int, signum: int):
+  """Saves the position ``epochs_done`` of operation ``op`` and raises ``RunInterrupted``.
+
+  A method that cannot resume inside a task (``resumable_within_task=False``), or a trainer
+  without ``save_fn``, saves nothing; the harness names the newest checkpoint instead.
+  """
+  if trainer.save_fn is not None and trainer.method.resumable_within_task:
+    trainer.save_fn(state, trainer.oplog.position(op, epochs_done))
+    raise reliability.RunInterrupted(signum, saved=True)
+  why = (f"{trainer.method.name} cannot save inside a task (a rerun repeats task "
+         f"{trainer.oplog.task + 1} from its start)" if trainer.save_fn is not None else
+         "this trainer has no checkpoint callback")
+  raise reliability.RunInterrupted(signum, why, saved=False)
