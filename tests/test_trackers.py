@@ -171,9 +171,9 @@ def wandb_records(path):
 
 def offline_runs(workdir):
   """Per offline W&B run under ``workdir/wandb``: its id, history {step: row}, summary, config."""
-  def started(path):  # offline-run-<date>_<time>-<id>[-<n>]: -<n> for a later run that second
-    parts = os.path.basename(os.path.dirname(path)).split("-")
-    return parts[2], int(parts[4]) if len(parts) > 4 else 0
+  def started(path):  # runs in the order they were written (two may start in the same second,
+    # which the folder names offline-run-<date>_<time>-<id> cannot order)
+    return os.stat(path).st_mtime_ns, path
 
   out = []
   paths = glob.glob(os.path.join(workdir, "wandb", "offline-run-*", "run-*.wandb"))
