@@ -567,6 +567,14 @@ def help_text(doc: str | None, specs: abc.Mapping[str, str | None]) -> str:
 # Parsing and running.
 
 
+def _next_value(argv: list[str], i: int) -> tuple[str | None, int]:
+  """``--NAME.FIELD VALUE`` (the value as the next argument): (VALUE or None, position used)."""
+  nxt = argv[i + 1] if i + 1 < len(argv) else None
+  if nxt is not None and not nxt.startswith("-"):
+    return nxt, i + 1
+  return None, i
+
+
 def _split_overrides(argv: list[str]) -> list[str]:
   """Moves every ``--NAME.FIELD[=VALUE]`` of a config flag into that flag; returns the rest."""
   names = {cf.name: cf for cf in _CONFIG_FLAGS}
@@ -584,11 +592,7 @@ def _split_overrides(argv: list[str]) -> list[str]:
       if negated:
         raise UsageError(f"{arg}: a sweep lists its values, e.g. --{name}.{path}=true,false")
       if not has_value:
-        nxt = argv[i + 1] if i + 1 < len(argv) else None
-        if nxt is not None and not nxt.startswith("-"):
-          text, i = nxt, i + 1
-        else:
-          text = None
+        text, i = _next_value(argv, i)
       sweeps[name].given.append((path, text))
     elif m and m.group(2) in names:
       negated, name, path, has_value, text = m.groups()
@@ -597,11 +601,7 @@ def _split_overrides(argv: list[str]) -> list[str]:
           raise UsageError(f"{arg}: --no{name}.FIELD takes no value")
         text = "false"
       elif not has_value:
-        nxt = argv[i + 1] if i + 1 < len(argv) else None
-        if nxt is not None and not nxt.startswith("-"):
-          text, i = nxt, i + 1
-        else:
-          text = None
+        text, i = _next_value(argv, i)
       names[name].overrides.append((path, text))
     else:
       rest.append(arg)

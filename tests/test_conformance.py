@@ -45,6 +45,14 @@ def load_config(name, arg="runlocal"):
   return config
 
 
+def chance_of(results) -> float:
+  """The accuracy of guessing: over a task's classes (task-IL) or over every class (class-IL)."""
+  classes = results["tasks"]
+  if results["config"]["incremental"] == "task":
+    return float(np.mean([1.0 / len(c) for c in classes]))
+  return 1.0 / sum(len(c) for c in classes)
+
+
 class Interrupted(BaseException):
   """Ends a run inside its task, like a kill (not an Exception: nothing on the way catches it)."""
 
@@ -89,11 +97,7 @@ def test_runs_reports_and_beats_chance(name, full_runs):
   R = np.asarray(r["accuracy_matrix"], dtype=float)
   T = R.shape[0]
   assert R.shape == (T, T) and np.all((R >= 0) & (R <= 1))
-  classes = r["tasks"]
-  if r["config"]["incremental"] == "task":
-    chance = float(np.mean([1.0 / len(c) for c in classes]))
-  else:
-    chance = 1.0 / sum(len(c) for c in classes)
+  chance = chance_of(r)
   assert r["acc"] > chance + 0.15, (r["acc"], chance)
   assert len(r["density_per_task"]) == T
   assert r["model_bytes"]["total"] > 0
@@ -179,11 +183,7 @@ def test_with_batchnorm_promises_hold_and_resume_is_identical(name, bn_runs, tmp
   r = bn_runs(name)
   assert r["config"]["norm"] in ("batch", "task_batch")
   R = np.asarray(r["accuracy_matrix"], dtype=float)
-  classes = r["tasks"]
-  if r["config"]["incremental"] == "task":
-    chance = float(np.mean([1.0 / len(c) for c in classes]))
-  else:
-    chance = 1.0 / sum(len(c) for c in classes)
+  chance = chance_of(r)
   assert r["acc"] > chance + 0.1, (r["acc"], chance)
   if getattr(methods.module(name), "FORGETS_NOTHING", False):
     for i in range(R.shape[0]):
