@@ -329,6 +329,10 @@ class Checkpointer:
   def save(self, step: int, state: PyTree, meta: abc.Mapping[str, Any]) -> None:
     """Saves ``state`` and ``meta`` as checkpoint ``step``, then its checksums.
 
+    When a save fails, the previous checkpoints are left intact, what the failed save wrote is
+    removed (orbax's temporary directory) or set aside as incomplete (a step renamed into place
+    before its checksums were written), and this object stays usable.
+
     Args:
       step: an int greater than :meth:`latest_step`.
       state: pytree of arrays (see the package docstring).
@@ -339,9 +343,6 @@ class Checkpointer:
       reliability.StorageError: a storage fault (full disk, quota, read-only file system, I/O
         error) stopped the write; one line naming the step, the folder and the cause.
       Exception: whatever else orbax raised while writing.
-      In both cases the previous checkpoints are left intact, what the failed save wrote is
-      removed (orbax's temporary directory) or set aside as incomplete (a step renamed into place
-      before its checksums were written), and this object stays usable.
     """
     previous = self.latest_step()
     step = check_new_step(step, previous, self.checkpoint_dir)
