@@ -85,10 +85,7 @@ class UsageError(Exception):
   """A command-line mistake; ``str(error)`` is one line naming it and the fix (exit status 2)."""
 
 
-def one_line(e: BaseException) -> str:
-  """The message of ``e`` on one line (multi-line messages joined with '; ')."""
-  parts = [p.strip() for p in str(e).splitlines() if p.strip()]
-  return "; ".join(parts) or type(e).__name__
+one_line = reliability.one_line
 
 
 # --------------------------------------------------------------------------------------------------
@@ -222,15 +219,7 @@ class ConfigFlag:
 def check_names(config) -> None:
   """ValueError if ``config.method`` / ``config.model`` / a ``model_kwargs`` key is not known."""
   from sparse_cl_jax import experiment  # pylint: disable=g-import-not-at-top  # loads JAX
-  from sparse_cl_jax import methods  # pylint: disable=g-import-not-at-top
-  from sparse_cl_jax import models  # pylint: disable=g-import-not-at-top
-  if config.method not in methods.REGISTRY:
-    raise ValueError(f"config.method={config.method!r} is not a method; choose one of "
-                     f"{sorted(methods.REGISTRY)}")
-  if config.model not in models.MODEL_NAMES:
-    raise ValueError(f"config.model={config.model!r} is not a model; choose one of "
-                     f"{list(models.MODEL_NAMES)}")
-  experiment.check_model_kwargs(config)
+  experiment.check_names(config)
 
 
 def _caller_module() -> str:
@@ -338,13 +327,8 @@ def _no_such_field(path: str, config, flag: str, group: str | None = None) -> Us
   known = config_lib.field_paths(config)
   if group is not None:
     known = [k for k in known if k.startswith(group + ".")]
-  near = (difflib.get_close_matches(path, known, n=3, cutoff=0.85) or
-          difflib.get_close_matches(path, known, n=3, cutoff=0.6))
-  if not near:  # a typo in the last part only: compare the last parts
-    last = path.rsplit(".", 1)[-1]
-    near = [k for k in known if k.rsplit(".", 1)[-1] in
-            difflib.get_close_matches(last, [x.rsplit(".", 1)[-1] for x in known], n=3)]
-  hint = (f"; did you mean {', '.join(f'--{flag}.{n}' for n in near[:3])}?" if near else
+  near = config_lib.closest_fields(path, known)
+  hint = (f"; did you mean {', '.join(f'--{flag}.{n}' for n in near)}?" if near else
           f"; --help --{flag}=... lists every field")
   return UsageError(f"no such field: --{flag}.{path}{hint}")
 

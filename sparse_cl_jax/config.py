@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 import ml_collections
@@ -238,3 +239,14 @@ def field_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str
     else:
       out.append(path)
   return out
+
+
+def closest_fields(field: str, known: list[str]) -> list[str]:
+  """Up to three dotted fields of ``known`` closest to ``field`` (for "did you mean")."""
+  near = (difflib.get_close_matches(field, known, n=3, cutoff=0.85) or
+          difflib.get_close_matches(field, known, n=3, cutoff=0.6))
+  if not near:  # a typo in the last part only: compare the last parts
+    last = field.rsplit(".", 1)[-1]
+    near = [k for k in known if k.rsplit(".", 1)[-1] in
+            difflib.get_close_matches(last, [x.rsplit(".", 1)[-1] for x in known], n=3)]
+  return near[:3]

@@ -91,6 +91,17 @@ def managed_field_message(name: str, flag: str = "config") -> str:
           "(config.num_tasks, config.dataset, config.incremental, config.multi_head)")
 
 
+def check_names(config) -> None:
+  """ValueError if ``config.method`` / ``config.model`` / a ``model_kwargs`` key is not known."""
+  if config.method not in methods.REGISTRY:
+    raise ValueError(f"config.method={config.method!r} is not a method; choose one of "
+                     f"{sorted(methods.REGISTRY)}")
+  if config.model not in models.MODEL_NAMES:
+    raise ValueError(f"config.model={config.model!r} is not a model; choose one of "
+                     f"{list(models.MODEL_NAMES)}")
+  check_model_kwargs(config)
+
+
 def check_model_kwargs(config) -> dict:
   """``config.model_kwargs`` as a dict; ValueError naming a key the model does not have."""
   extra = dict(config.get("model_kwargs") or {})

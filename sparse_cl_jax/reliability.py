@@ -631,3 +631,9 @@ def thread_storage_faults() -> list[tuple[str, BaseException]]:
   """``[(thread name, exception)]`` of the storage faults background threads died of."""
   with _thread_hook_lock:
     return list(_thread_faults)
+
+
+def one_line(e: BaseException) -> str:
+  """The message of ``e`` on one line (multi-line messages joined with '; ')."""
+  parts = [p.strip() for p in str(e).splitlines() if p.strip()]
+  return "; ".join(parts) or type(e).__name__

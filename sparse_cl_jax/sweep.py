@@ -62,7 +62,6 @@ import contextlib
 import copy
 import dataclasses
 import datetime
-import difflib
 import hashlib
 import itertools
 import json
@@ -85,8 +84,6 @@ from sparse_cl_jax import checkpoint
 from sparse_cl_jax import config as config_lib
 from sparse_cl_jax import experiment
 from sparse_cl_jax import logs
-from sparse_cl_jax import methods
-from sparse_cl_jax import models
 from sparse_cl_jax import reliability
 from sparse_cl_jax import runtime
 from sparse_cl_jax.train import lockstep as lockstep_lib
@@ -170,16 +167,6 @@ def _current(config: ml_collections.ConfigDict, field: str) -> tuple[bool, Any]:
       return False, None
     node = node[part]
   return True, node
-
-
-def _closest(field: str, known: list[str]) -> list[str]:
-  near = (difflib.get_close_matches(field, known, n=3, cutoff=0.85) or
-          difflib.get_close_matches(field, known, n=3, cutoff=0.6))
-  if not near:  # a typo in the last part only
-    last = field.rsplit(".", 1)[-1]
-    lasts = difflib.get_close_matches(last, [k.rsplit(".", 1)[-1] for k in known], n=3)
-    near = [k for k in known if k.rsplit(".", 1)[-1] in lasts]
-  return near[:3]
 
 
 def _type_ok(value: Any, current: Any) -> bool:
@@ -270,7 +257,7 @@ def _check_field(base: ml_collections.ConfigDict, field: str, values: abc.Sequen
   exists, current = _current(base, field)
   model_field = field.startswith("model_kwargs.") and field.count(".") == 1
   if not exists and not model_field:
-    near = _closest(field, config_lib.field_paths(base))
+    near = config_lib.closest_fields(field, config_lib.field_paths(base))
     hint = (f"; did you mean {', '.join(f'sweep.{n}' for n in near)}?" if near else
             "; --help --config=... lists every field")
     raise GridError(f"no such field: sweep.{field}{hint}")
@@ -316,15 +303,9 @@ def plan(base: ml_collections.ConfigDict, grid: abc.Mapping[str, abc.Sequence[An
       for field, value in overrides.items():
         _set(c, field, value)
       config_lib.validate(c)
-      if c.method not in methods.REGISTRY:
-        raise ValueError(f"config.method={c.method!r} is not a method; choose one of "
-                         f"{sorted(methods.REGISTRY)}")
-      if c.model not in models.MODEL_NAMES:
-        raise ValueError(f"config.model={c.model!r} is not a model; choose one of "
-                         f"{list(models.MODEL_NAMES)}")
-      experiment.check_model_kwargs(c)
+      experiment.check_names(c)
     except (ValueError, TypeError) as e:
-      message = _one_line(e)
+      message = reliability.one_line(e)
       for field in overrides:  # 'config.FIELD' of a swept field: the sweep's value
         message = re.sub(rf"(?<![\w.-])config\.{re.escape(field)}(?![\w.])", f"sweep.{field}",
                          message)
@@ -335,16 +316,11 @@ def plan(base: ml_collections.ConfigDict, grid: abc.Mapping[str, abc.Sequence[An
           for n, o, c, p in zip(names, combos, configs, classes)]
 
 
-def _one_line(e: BaseException) -> str:
-  parts = [p.strip() for p in str(e).splitlines() if p.strip()]
-  return "; ".join(parts) or type(e).__name__
-
-
 def _error_line(e: BaseException) -> str:
   """The one-line error of a cell: the message, with the type for unexpected exceptions."""
   if isinstance(e, (reliability.FaultError, checkpoint.RunFinishedError, ValueError, OSError)):
-    return _one_line(e)
-  return f"{type(e).__name__}: {_one_line(e)}"
+    return reliability.one_line(e)
+  return f"{type(e).__name__}: {reliability.one_line(e)}"
 
 
 # --------------------------------------------------------------------------------------------------

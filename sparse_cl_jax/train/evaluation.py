@@ -67,14 +67,13 @@ def outputs(env: steps.StepEnv, c, state: TrainState, x, n, view_task, current, 
   return jax.tree.map(lambda a: a.reshape((nb * eb,) + a.shape[2:])[:n_max], out)
 
 
-def accuracy_views(class_il: bool, t: int, current: int) -> tuple[int, int]:
-  """(view task, head task) that task ``t``'s accuracy after training ``current`` reads.
+def accuracy_view(class_il: bool, t: int, current: int) -> int:
+  """The task whose view and head task ``t``'s accuracy after training ``current`` reads.
 
   Task-IL reads task ``t``'s own view and head; class-IL the view of ``current`` and the logits
   of every class seen up to it.
   """
-  view = current if class_il else t
-  return view, view
+  return current if class_il else t
 
 
 def outputs_of(compiled, put, state: TrainState, data, *, view_task: int,

@@ -122,9 +122,8 @@ class Lockstep:
   # ----------------------------------------------------------------------------------------------
   # Programs.
 
-  def program(self, cell: str, kind: str, body, env, consts, single, put, **static_names):
+  def program(self, cell: str, kind: str, body, env, consts, single, put):
     """The cell's program ``kind``: a callable with the single-run program's signature."""
-    del static_names
 
     def call(*args, **static):
       return self._submit(_Request(cell=cell, kind=kind, body=body, env=env, consts=consts,

@@ -335,9 +335,9 @@ class Trainer:
                data: TaskData | None = None) -> float:
     """Accuracy on task ``t`` after training ``current`` (not recorded; used for the matrix)."""
     data = self.task_data(t, split) if data is None else data
-    view, head = evaluation.accuracy_views(self.class_il, t, current)
+    view = evaluation.accuracy_view(self.class_il, t, current)
     correct, total = self._eval_counts(state, data, jnp.int32(view), jnp.int32(current),
-                                       jnp.int32(head))
+                                       jnp.int32(view))
     total = float(total)
     return float(correct) / total if total else float("nan")
 
