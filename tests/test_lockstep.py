@@ -11,27 +11,19 @@
   to each cell's device.
 """
 
-import importlib.util
-import os
 import threading
 
 import jax
 import numpy as np
 import pytest
 
+from sparse_cl_jax import cli
 from sparse_cl_jax import experiment
 from sparse_cl_jax import reliability
 from sparse_cl_jax.train import lockstep as lockstep_lib
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 def _config(name="packnet", **fields):
-  spec = importlib.util.spec_from_file_location(f"lockstep_{name}",
-                                                os.path.join(_REPO, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config("runlocal")
+  c = cli.load_config_file(f"{name}:runlocal")
   c.progress = False
   c.num_tasks = 2
   c.epochs = 1

@@ -35,6 +35,8 @@ from sparse_cl_jax import reliability
 from sparse_cl_jax.checkpoint import checkpointer as checkpointer_lib
 from sparse_cl_jax.checkpoint import checksums
 
+import test_signals  # its helpers: the lines a terminal shows, the checkpoint steps
+
 _REPO = pathlib.Path(__file__).resolve().parent.parent
 PACKNET = _REPO / "configs" / "packnet.py"
 BAR_FLAGS = ["--config.epochs=40", "--config.checkpoint_every_epochs=0"]
@@ -54,22 +56,6 @@ def comparable(results):
   kept = {k: v for k, v in results.items() if k not in ("train_seconds", "trace_counts")}
   kept["config"] = {k: v for k, v in kept["config"].items() if k != "progress"}
   return json.dumps(kept, sort_keys=True, default=str)
-
-
-def rendered(text: str) -> list[str]:
-  """The lines a terminal shows for ``text`` ('\\r' returns to the line's start and overwrites)."""
-  out = []
-  for line in text.split("\n"):
-    shown = ""
-    for part in line.split("\r"):
-      shown = part + shown[len(part):]
-    out.append(shown.rstrip())
-  return [line for line in out if line]
-
-
-def steps(workdir):
-  folder = pathlib.Path(workdir) / checkpoint.CHECKPOINT_DIR
-  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +104,7 @@ def test_a_full_disk_inside_orbax_commit(clean, tmp_path):
                           "is intact; free space or move the workdir, then rerun the same "
                           "command)"), message
   assert info.value.errno == errno.ENOSPC
-  assert steps(tmp_path) == [1, 2, 3]
+  assert test_signals.steps(tmp_path) == [1, 2, 3]
   assert sorted(p.name for p in folder.iterdir()) == ["1", "2", "3"]  # nothing half-written left
   resumed = experiment.run(small(), str(tmp_path), print_summary=False)
   assert comparable(resumed) == comparable(clean)
@@ -139,7 +125,7 @@ def test_a_full_disk_after_orbax_commit_sets_the_step_aside(clean, tmp_path):
        pytest.raises(reliability.StorageError, match=r"^cannot write checkpoint step 3 to .*"
                      r"No space left on device.*the previous checkpoint, step 2 "):
     experiment.run(small(), str(tmp_path), print_summary=False)
-  assert steps(tmp_path) == [1, 2]
+  assert test_signals.steps(tmp_path) == [1, 2]
   aside = [p.name for p in (tmp_path / checkpoint.CORRUPT_DIR).iterdir()]
   assert len(aside) == 1 and aside[0].startswith("incomplete-step-3-"), aside
   resumed = experiment.run(small(), str(tmp_path), print_summary=False)
@@ -262,7 +248,7 @@ def test_a_diverging_run_prints_its_error_on_a_line_of_its_own(tmp_path):
   out = subprocess.run(cmd, capture_output=True, timeout=300, check=False, env=ENV)
   stderr = out.stderr.decode()
   assert out.returncode == 1 and "\r" in stderr  # a bar was drawn
-  last = rendered(stderr)[-1]
+  last = test_signals.rendered(stderr)[-1]
   assert last.startswith("error: training diverged at task 1 train epoch 1/"), last
   assert "Traceback" not in stderr
 
@@ -299,7 +285,8 @@ def test_a_full_tmpfs_stops_in_one_line_and_its_copy_resumes_identical(tmpfs, tm
   stderr = out.stderr.decode()
   assert out.returncode == 1, stderr[-3000:]
   assert "Traceback" not in stderr and "Exception ignored" not in stderr
-  shown = [line for line in rendered(stderr) if not line.startswith(("I1", "I0", "W1", "W0"))]
+  shown = [line for line in test_signals.rendered(stderr)
+           if not line.startswith(("I1", "I0", "W1", "W0"))]
   assert len(shown) == 1, shown
   assert re.match(rf"error: cannot write (checkpoint step \d+ to )?{re.escape(str(tmpfs))}/w[/:]",
                   shown[0]), shown[0]

@@ -8,26 +8,19 @@ step (weight decay) must give different programs, so the check can fail.
 
 import functools
 import hashlib
-import importlib.util
-import os
 
 import jax
 import jax.numpy as jnp
 import pytest
 
+from sparse_cl_jax import cli
 from sparse_cl_jax import experiment
 from sparse_cl_jax import sweep
 from sparse_cl_jax import train
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _config(name):
-  spec = importlib.util.spec_from_file_location(f"fields_{name}",
-                                                os.path.join(_REPO, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config("runlocal")
+  c = cli.load_config_file(f"{name}:runlocal")
   c.progress = False
   return c
 
