@@ -194,7 +194,8 @@ def search_schedule(plan: Plan, r: int, n_r: int, n_train: int):
     rr = plan.record["rounds"][r]
     planned, ms, stop_after = int(rr["planned_epochs"]), rr["milestone_epochs"], int(rr["epochs"])
   elif plan.mode == "prac" and plan.dynamic_iterations:
-    planned, ms = dynamic_schedule(plan.epochs, plan.milestones, n_r, n_train)
+    planned, ms = dynamic_schedule(plan.epochs, plan.milestones, n_r, n_train,
+                                   min_full_lr_epochs=plan.min_full_lr_epochs)
     stop_after = None
   else:
     planned, ms, stop_after = plan.epochs, plan.milestones, None
@@ -456,6 +457,7 @@ class Plan:
   rewind: str
   rewind_epoch: Any
   dynamic_iterations: bool
+  min_full_lr_epochs: int  # floor on a dynamic round's epochs before its first LR decay
   early_bird: bool
   eb_eps: float
   queue_length: int
@@ -501,7 +503,8 @@ def make_plan(config, ctx: base.Context) -> Plan:
       n_train=tuple(int(x) for x in np.asarray(stream.n_train)),
       offsets=tuple(int(np.asarray(stream.ids_train)[t, 0]) for t in range(ctx.num_tasks)),
       has_bs="batch_stats" in ctx.variables, rewind=pc.rewind, rewind_epoch=pc.rewind_epoch,
-      dynamic_iterations=bool(pc.dynamic_iterations), early_bird=bool(pc.early_bird),
+      dynamic_iterations=bool(pc.dynamic_iterations),
+      min_full_lr_epochs=int(pc.get("min_full_lr_epochs", 0)), early_bird=bool(pc.early_bird),
       eb_eps=float(pc.eb_eps), queue_length=int(pc.queue_length), data_rule=pc.data_rule,
       threshold=int(pc.threshold), data_rate=float(pc.data_rate),
       score_batches=int(pc.score_batches), batch_size=int(config.batch_size),
@@ -566,6 +569,9 @@ def check_config(config) -> None:
                                    or not 1 <= k < config.epochs):
     raise ValueError(f"config.prac.rewind_epoch={k!r} must be an integer in [1, config.epochs="
                      f"{config.epochs}) for rewind='rewind_lt' (weights after that many epochs)")
+  fl = pc.get("min_full_lr_epochs", 0)
+  if isinstance(fl, bool) or not isinstance(fl, int) or fl < 0:
+    raise ValueError(f"config.prac.min_full_lr_epochs={fl!r} must be an integer >= 0")
   sb = pc.score_batches
   if isinstance(sb, bool) or not isinstance(sb, int) or sb < 1:
     raise ValueError(f"config.prac.score_batches={sb!r} must be an integer >= 1")
@@ -775,16 +781,26 @@ def write_round_log(ops: Ops, state, t: int, r: int, ints: dict, floats: dict):
 # Dynamic iterations.
 
 
-def dynamic_schedule(epochs: int, milestone_epochs, subset: int, total: int):
-  """Epochs and LR milestone epochs of a round on ``subset`` of ``total`` examples (as coded).
+def dynamic_schedule(epochs: int, milestone_epochs, subset: int, total: int, *,
+                     min_full_lr_epochs: int = 0):
+  """Epochs and LR milestone epochs of a round on ``subset`` of ``total`` examples.
 
-  ``int(epochs * subset / total)`` epochs (at least 1) and ``int(m * subset / total)`` for every
-  milestone epoch ``m``; the authors' ``args.epochs`` / ``decreasing_lr`` rescaling.
+  As coded (``min_full_lr_epochs=0``): ``int(epochs * subset / total)`` epochs (at least 1) and
+  ``int(m * subset / total)`` for every milestone epoch ``m``; the authors' ``args.epochs`` /
+  ``decreasing_lr`` rescaling. With ``min_full_lr_epochs=k > 0`` a round whose first milestone
+  would come before epoch ``k`` is shifted: every milestone and the round's end move later by the
+  same number of epochs, so the round trains at least ``k`` epochs at the full learning rate and
+  keeps the scaled tail after its first decay (no milestones: at least ``k`` epochs).
   """
   if total <= 0 or not 0 <= subset <= total:
     raise ValueError(f"subset={subset} must be in [0, total={total}]")
   e = max(1, int(epochs * subset / total))
-  return e, [int(m * subset / total) for m in milestone_epochs]
+  ms = [int(m * subset / total) for m in milestone_epochs]
+  k = int(min_full_lr_epochs)
+  if k > 0:
+    shift = max(0, k - min(ms)) if ms else max(0, k - e)
+    e, ms = e + shift, [m + shift for m in ms]
+  return e, ms
 
 
 def milestone_fractions(epochs: int, milestone_epochs) -> tuple:
@@ -938,7 +954,8 @@ def sets_record(plan: Plan, m: dict, last: list) -> dict:
   """The last task's ``prac_sets`` record (:func:`prac_sets.encode_sets`)."""
   n = plan.n_train[-1]
   members = np.asarray(m["members"])[:, :n]
-  ms_rows = [dynamic_schedule(plan.epochs, plan.milestones, r["subset_size"], n)[1]
+  ms_rows = [dynamic_schedule(plan.epochs, plan.milestones, r["subset_size"], n,
+                              min_full_lr_epochs=plan.min_full_lr_epochs)[1]
              if plan.mode == "prac" and plan.dynamic_iterations else plan.milestones for r in last]
   if plan.record is not None and plan.mode != "prac":
     ms_rows = [plan.record["rounds"][r]["milestone_epochs"] for r in range(plan.rounds)]
