@@ -16,6 +16,13 @@ stopped and restarted.
 Results: ``WORKDIR/<mode>_s<seed>/results.json``, ``WORKDIR/summary.json`` and the markdown table
 printed at the end (also written to ``WORKDIR/table.md``). "Saved" compares a mode's cumulative
 search steps with the ``imp`` run of the same seed at the same density (measured, not analytic).
+
+Matched tickets, two rules: the paper's (Fig. 3: a ticket matches vanilla IMP when its mean test
+accuracy is within one standard deviation, over seeds, of IMP's at that density; a ticket above
+IMP's mean matches too) and the half-point rule (mean within 0.5 points below IMP's). For each
+mode, the highest sparsity at which it matches and the search steps it saved to get there. The
+paired table gives, per density, each mode's per-seed difference to PrAC (same seed: same split,
+initialisation and data order) as mean ± sd.
 """
 
 from __future__ import annotations
@@ -47,7 +54,8 @@ def load_config(arg: str):
   return module.get_config(arg)
 
 
-def run_one(root: str, mode: str, seed: int, preset: str, rounds: int = 0) -> dict:
+def run_one(root: str, mode: str, seed: int, preset: str, rounds: int = 0,
+            min_full_lr_epochs: int = -1) -> dict:
   workdir = os.path.join(root, f"{mode}_s{seed}")
   done = os.path.join(workdir, "results.json")
   if os.path.exists(done):
@@ -59,6 +67,8 @@ def run_one(root: str, mode: str, seed: int, preset: str, rounds: int = 0) -> di
   c.prac.mode = mode
   if rounds:
     c.prac.rounds = rounds
+  if min_full_lr_epochs >= 0:
+    c.prac.min_full_lr_epochs = min_full_lr_epochs
   if mode in USES_PRAC:
     c.prac.subset_from = os.path.join(root, f"prac_s{seed}")
   t0 = time.time()
@@ -109,6 +119,63 @@ def _ms(values, scale=100.0, digits=2):
   return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
 
 
+def matched(res, seeds, mode: str, rounds: int, rule: str):
+  """``(round, saved)``: the highest-sparsity round at which ``mode``'s tickets match vanilla IMP's
+  under ``rule`` ('sd': within one sd over seeds; 'half': within 0.5 points), and the mean over
+  seeds of the search steps saved against IMP to reach it; ``(None, None)`` if none matches."""
+  best = None
+  for r in range(rounds):
+    a = np.asarray([res[(mode, s)]["rounds"][r]["test_accuracy"] for s in seeds]) * 100
+    b = np.asarray([res[("imp", s)]["rounds"][r]["test_accuracy"] for s in seeds]) * 100
+    tol = b.std(ddof=1) if rule == "sd" else 0.5
+    if a.mean() >= b.mean() - tol:
+      best = r
+  if best is None:
+    return None, None
+  saved = np.mean([1 - res[(mode, s)]["rounds"][best]["steps_cumulative"]
+                   / res[("imp", s)]["rounds"][best]["steps_cumulative"] for s in seeds])
+  return best, saved
+
+
+def paired_lines(res, seeds, present, rounds) -> list:
+  """Per density: each mode's per-seed difference to PrAC (mode minus PrAC), mean ± sd."""
+  others = [m for m in present if m != "prac"]
+  lines = ["Paired by seed: each mode minus PrAC at each density (points; mean ± sd of the "
+           "per-seed differences; positive = the mode is above PrAC):\n"]
+  head = ["density"] + [LABELS[m] for m in others]
+  lines.append("| " + " | ".join(head) + " |")
+  lines.append("|" + "---|" * len(head))
+  for r in range(rounds):
+    row = [f"{100 * res[('prac', seeds[0])]['rounds'][r]['density']:.1f}%"]
+    for m in others:
+      d = [res[(m, s)]["rounds"][r]["test_accuracy"] - res[("prac", s)]["rounds"][r]
+           ["test_accuracy"] for s in seeds]
+      row.append(_ms(d, digits=2) + " (" + ", ".join(f"{100 * x:+.2f}" for x in d) + ")")
+    lines.append("| " + " | ".join(row) + " |")
+  lines.append("")
+  return lines
+
+
+def matched_lines(res, seeds, present, rounds) -> list:
+  """The paper's one-sd rule and the half-point rule, per mode."""
+  lines = ["Highest sparsity at which a mode's tickets match vanilla IMP's, and the search steps "
+           "saved to reach it (paper: within one sd of IMP; half-point: within 0.5 points):\n",
+           "| mode | 1-sd rule: density | saved | half-point rule: density | saved |",
+           "|---|---|---|---|---|"]
+  for m in present:
+    if m == "imp":
+      continue
+    row = [LABELS[m]]
+    for rule in ("sd", "half"):
+      r, saved = matched(res, seeds, m, rounds, rule)
+      row += (["none", "-"] if r is None else
+              [f"{100 * res[(m, seeds[0])]['rounds'][r]['density']:.1f}%",
+               f"{100 * saved:.1f}%"])
+    lines.append("| " + " | ".join(row) + " |")
+  lines.append("")
+  return lines
+
+
 def table(root: str, seeds, modes) -> str:
   res = {}
   for m in modes:
@@ -141,6 +208,9 @@ def table(root: str, seeds, modes) -> str:
       row.append(_ms([res[(m, s)]["rounds"][r]["test_accuracy"] for s in seeds]))
     lines.append("| " + " | ".join(row) + " |")
   lines.append("")
+  lines += paired_lines(res, seeds, present, rounds)
+  if "imp" in present and len(seeds) > 1:
+    lines += matched_lines(res, seeds, present, rounds)
   lines.append("Search cost per round (mean over seeds): the PrAC run's training-set size, "
                "epochs run and optimiser steps, vanilla IMP's steps, cumulative steps and the "
                "iterations PrAC saved against IMP to reach that density:\n")
@@ -196,6 +266,8 @@ def main():
   p.add_argument("--modes", default=",".join(ORDER))
   p.add_argument("--preset", default="fashion_mnist")
   p.add_argument("--rounds", type=int, default=0, help="override prac.rounds (0: the preset's)")
+  p.add_argument("--min-full-lr-epochs", type=int, default=-1,
+                 help="override prac.min_full_lr_epochs (-1: the preset's; 0: as coded)")
   p.add_argument("--table-only", action="store_true")
   p.add_argument("--dense", action="store_true", help="also train the dense reference")
   args = p.parse_args()
@@ -209,7 +281,7 @@ def main():
     t0 = time.time()
     for s in seeds:
       for m in [m for m in ORDER if m in modes or (m == "prac" and set(modes) & set(USES_PRAC))]:
-        run_one(args.workdir, m, s, args.preset, args.rounds)
+        run_one(args.workdir, m, s, args.preset, args.rounds, args.min_full_lr_epochs)
     if args.dense:
       for s in seeds:
         run_dense(args.workdir, s, args.preset)
