@@ -197,7 +197,7 @@ def upper_triangle(method: str) -> str:
 
 
 def _report(trainer: train.Trainer, state: train.TrainState, R, R_val, b,
-            train_seconds: float) -> dict:
+            train_seconds: float, R_views=None) -> dict:
   ctx = trainer.ctx
   rep = dict(trainer.method.report(ctx, state))
   own = rep.pop("ownership", None)
@@ -215,6 +215,9 @@ def _report(trainer: train.Trainer, state: train.TrainState, R, R_val, b,
                                       upper_triangle=upper_triangle(trainer.config.method)),
       "forgetting": metrics.forgetting(R),
       "average_accuracy_curve": metrics.average_accuracy_curve(R).tolist(),
+      # Both accuracy views (docs/guide.md); ``accuracy_matrix`` is the scenario's own one.
+      **({} if R_views is None else {
+          v: metrics.view_metrics(R_views[i]) for i, v in enumerate(metrics.ACCURACY_VIEWS)}),
       "density_per_task": rep.pop("density_per_task", [1.0] * ctx.num_tasks),
       "model_bytes": metrics.model_bytes(
           params, mask_bits=mask_bits, maskable=ctx.spec,
@@ -381,6 +384,7 @@ def _run_open(config, workdir: str, ckpt: checkpoint.Checkpointer, saved: dict, 
   state = trainer.init_state()
   R = np.full((T, T), np.nan)
   R_val = np.full((T, T), np.nan)
+  R_views = np.full((len(metrics.ACCURACY_VIEWS), T, T), np.nan)  # task-aware, task-agnostic
   start_task = 0
   train_seconds = 0.0
   like = jax.eval_shape(lambda s: s, state)
@@ -397,6 +401,8 @@ def _run_open(config, workdir: str, ckpt: checkpoint.Checkpointer, saved: dict, 
     saved.update(step=latest, meta=meta)
     R = np.array(meta["R"], dtype=float)
     R_val = np.array(meta["R_val"], dtype=float)
+    if "R_views" in meta:  # a checkpoint from before both views were kept: NaN rows
+      R_views = np.array(meta["R_views"], dtype=float)
     b = list(meta["b"])
     train_seconds = float(meta["train_seconds"])
     start_task = int(meta["task"])
@@ -414,7 +420,7 @@ def _run_open(config, workdir: str, ckpt: checkpoint.Checkpointer, saved: dict, 
   try:
     trainer.on_epoch = EpochLogger(trainer, run_log[0])
     results = _train_tasks(config, workdir, ckpt, trainer, state, save, progress, run_log[0],
-                           start_task=start_task, R=R, R_val=R_val, b=b,
+                           start_task=start_task, R=R, R_val=R_val, b=b, R_views=R_views,
                            train_seconds=train_seconds, stop_after_task=stop_after_task,
                            print_summary=print_summary)
     failed = False
@@ -429,28 +435,32 @@ def _run_open(config, workdir: str, ckpt: checkpoint.Checkpointer, saved: dict, 
 
 
 def _train_tasks(config, workdir, ckpt, trainer, state, save, progress, run_log, *, start_task,
-                 R, R_val, b, train_seconds, stop_after_task, print_summary):
+                 R, R_val, b, train_seconds, stop_after_task, print_summary, R_views):
   """The task loop of :func:`run` from ``start_task``; results at the end, None if stopped."""
   T = trainer.stream.num_tasks
   for t in range(start_task, T):
-    progress.update(R=R.tolist(), R_val=R_val.tolist(), b=b, train_seconds=train_seconds)
+    progress.update(R=R.tolist(), R_val=R_val.tolist(), b=b, train_seconds=train_seconds,
+                    R_views=R_views.tolist())
     trainer.begin_task(t)
     t0 = time.perf_counter()
     state = trainer.method.run_task(trainer, state, t)
     jax.block_until_ready(state)
     train_seconds += time.perf_counter() - t0
-    R[t] = trainer.accuracy_row(state, t, "test")
+    both = trainer.accuracy_row(state, t, "test", views=True)
+    R_views[:, t] = [[a[v] for a in both] for v in metrics.ACCURACY_VIEWS]
+    R[t] = R_views[int(trainer.class_il)][t]  # the scenario's own view
     R_val[t] = trainer.accuracy_row(state, t, "val")
     logging.info("after task %d: test accuracy %s", t + 1, np.round(R[t], 4).tolist())
     run_log.task_end(t, R[t].tolist(), float(np.nanmean(R[t, :t + 1])))
-    progress.update(R=R.tolist(), R_val=R_val.tolist(), b=b, train_seconds=train_seconds)
+    progress.update(R=R.tolist(), R_val=R_val.tolist(), b=b, train_seconds=train_seconds,
+                    R_views=R_views.tolist())
     save(state, {"task": t + 1, "op": 0, "epoch": 0, "op_log": {}})
     signum = reliability.stop_requested()
     if signum is not None and t + 1 < T:  # asked to stop (SIGTERM / SIGINT): this save is it
       raise reliability.RunInterrupted(signum, saved=True)
     if stop_after_task is not None and t + 1 >= stop_after_task and t + 1 < T:
       return None
-  results = _report(trainer, state, R, R_val, b, train_seconds)
+  results = _report(trainer, state, R, R_val, b, train_seconds, R_views)
   results["trace_counts"] = dict(trainer.trace_counts)
   # The plots first: results.json marks the run finished, so a run that cannot write its plots
   # (a full disk) is not finished and its rerun resumes from the last checkpoint and writes both.
@@ -461,6 +471,9 @@ def _train_tasks(config, workdir, ckpt, trainer, state, save, progress, run_log,
     print(f"\n{results['method']} on {config.dataset} ({config.scenario}, {T} tasks, "
           f"{config.incremental}-IL, model {config.model}): test accuracy matrix R[i, j]")
     print(metrics.summary_table(R, b=np.asarray(b), upper_triangle=upper_triangle(config.method)))
+    print("both accuracy views: " + "; ".join(
+        f"{v.replace('_', '-')} ACC {results[v]['acc']:.4f} BWT {results[v]['bwt']:.4f}"
+        for v in metrics.ACCURACY_VIEWS))
     print(f"density per task: {np.round(results['density_per_task'], 4).tolist()}  "
           f"model bytes: {results['model_bytes']['total']}  "
           f"train seconds: {train_seconds:.1f}")

@@ -552,7 +552,10 @@ def _write_run_plots(workdir, plots: pathlib.Path, results) -> list[pathlib.Path
 # Several runs.
 
 COMPARE_COLUMNS = ("run", "method", "dataset", "tasks", "ACC", "BWT", "forgetting",
+                   "ACC aware", "ACC agnostic", "BWT aware", "BWT agnostic",
                    "final density", "train s")
+# ACC, BWT, forgetting: the run's own accuracy view; then both views (results.json's
+# ``task_aware`` and ``task_agnostic``; "-" for a run written before they were kept).
 
 
 def load_finished(workdir: str | os.PathLike) -> dict[str, Any]:
@@ -578,7 +581,10 @@ def compare_rows(workdirs: abc.Sequence[str | os.PathLike]) -> list[dict[str, An
     dens = r.get("density_per_task") or [float("nan")]
     rows.append({"run": name, "method": r.get("method"), "dataset": c.get("dataset"),
                  "tasks": len(r["accuracy_matrix"]), "ACC": r["acc"], "BWT": r["bwt"],
-                 "forgetting": r.get("forgetting"), "final density": dens[-1],
+                 "forgetting": r.get("forgetting"),
+                 **{f"{k} {v.split('_')[1]}": (r.get(v) or {}).get(k.lower())
+                    for k in ("ACC", "BWT") for v in ("task_aware", "task_agnostic")},
+                 "final density": dens[-1],
                  "train s": r.get("train_seconds"), "path": str(w),
                  "curve": r.get("average_accuracy_curve")})
   return rows

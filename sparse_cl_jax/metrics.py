@@ -233,6 +233,28 @@ def forward_transfer(R, b, *, upper_triangle: str = "gem") -> dict[str, float]:
   raise ValueError(f"upper_triangle must be one of {UPPER_TRIANGLES}, got {upper_triangle!r}")
 
 
+ACCURACY_VIEWS = ("task_aware", "task_agnostic")
+
+
+def view_metrics(R) -> dict:
+  """One accuracy view's entry of ``results.json``: its matrix, ACC, BWT and forgetting.
+
+  The two views (:data:`ACCURACY_VIEWS`): *task-aware*, the prediction knows the example's task
+  (its head, or the argmax over its own classes); *task-agnostic*, it does not (the argmax over
+  every class seen so far). A run's ``accuracy_matrix`` is its scenario's view (task-IL:
+  task-aware, class-IL: task-agnostic); docs/guide.md explains both.
+
+  Args:
+    R: accuracy matrix ``[T, T]`` of the view.
+
+  Returns:
+    ``{"accuracy_matrix": R as lists, "acc", "bwt", "forgetting"}``.
+  """
+  R = _matrix(R)
+  return {"accuracy_matrix": R.tolist(), "acc": acc(R), "bwt": bwt(R),
+          "forgetting": forgetting(R)}
+
+
 def average_accuracy_curve(R) -> np.ndarray:
   """Mean accuracy over the tasks seen so far, after each task.
 

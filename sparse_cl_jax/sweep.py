@@ -29,10 +29,13 @@ exactly as it would alone (bit for bit on XLA:CPU for dense networks, see the Lo
   ``name``, ``overrides``, ``workdir``, ``program``, ``cells_in_program``, ``shared_with``,
   ``calls``, ``batched_calls``, ``largest_group`` (over every invocation that ran the cell: calls
   summed, the largest group the largest), ``status`` (``done``, ``diverged``, ``failed``,
-  ``pending``), ``error`` (one line), ``traceback`` (``failed`` only), ``acc``, ``bwt``),
+  ``pending``), ``error`` (one line), ``traceback`` (``failed`` only), ``acc``, ``bwt`` (the
+  run's own accuracy view) and ``acc_task_aware``, ``acc_task_agnostic``, ``bwt_task_aware``,
+  ``bwt_task_agnostic`` (both views)),
   ``split_programs``, ``wall_seconds`` (of this invocation) and ``max_parallel``.
 * At the end: ``WORKDIR/summary.md`` (printed too): one row per combination of the swept fields
-  other than ``seed``, ACC and BWT as mean ± sample sd over the finished seeds (n shown); and
+  other than ``seed``, ACC and BWT (the runs' own view, then task-aware and task-agnostic) as
+  mean ± sample sd over the finished seeds (n shown); and
   ``WORKDIR/compare.{md,csv,png}`` over the finished cells (:func:`logs.write_compare_files`).
 * Faults stay in their cell: a cell that diverges is ``diverged``, one that raises anything else
   ``failed``; the others go on, every file is written, and :func:`run` then raises
@@ -84,6 +87,7 @@ from sparse_cl_jax import checkpoint
 from sparse_cl_jax import config as config_lib
 from sparse_cl_jax import experiment
 from sparse_cl_jax import logs
+from sparse_cl_jax import metrics
 from sparse_cl_jax import reliability
 from sparse_cl_jax import runtime
 from sparse_cl_jax.train import lockstep as lockstep_lib
@@ -421,6 +425,9 @@ def _new_entry(cell: Cell, workdir: pathlib.Path, counts: dict, old: dict | None
 
 def _finish_entry(entry: dict, results: dict) -> None:
   entry.update(status="done", error=None, acc=results.get("acc"), bwt=results.get("bwt"))
+  for view in VIEWS:  # both accuracy views, when the run reports them
+    if view in results:
+      entry.update({f"{k}_{view}": results[view][k] for k in ("acc", "bwt")})
   entry.pop("traceback", None)
 
 
@@ -668,8 +675,15 @@ def _mean_sd(values: list[float]) -> str:
   return f"{v.mean():.4f} ± {v.std(ddof=1):.4f}"
 
 
+VIEWS = metrics.ACCURACY_VIEWS
+# The summary's columns of both accuracy views, and the cell entries' keys they read.
+VIEW_COLUMNS = {f"{k.upper()} {v.split('_')[1]}": f"{k}_{v}" for k in ("acc", "bwt")
+                for v in VIEWS}
+
+
 def summary_rows(record: dict) -> list[dict]:
-  """One row per combination of the swept fields other than ``seed``: values, n, ACC, BWT."""
+  """One row per combination of the swept fields other than ``seed``: values, n, ACC, BWT (the
+  runs' own accuracy view) and, for runs that report them, both views (:data:`VIEW_COLUMNS`)."""
   fields = [f for f in record["grid"] if f != "seed"]
   rows: dict[str, dict] = {}
   for e in record["cells"]:
@@ -679,10 +693,13 @@ def summary_rows(record: dict) -> list[dict]:
     if e["status"] == "done":
       row["acc"].append(e["acc"])
       row["bwt"].append(e["bwt"])
+      for key in VIEW_COLUMNS.values():
+        row.setdefault(key, []).append(e.get(key))
     else:
       row["not_done"][e["status"]] = row["not_done"].get(e["status"], 0) + 1
   return [{"values": r["values"], "n": len(r["acc"]), "ACC": _mean_sd(r["acc"]),
            "BWT": _mean_sd(r["bwt"]),
+           **{col: _mean_sd(r.get(key, [])) for col, key in VIEW_COLUMNS.items()},
            "not done": ", ".join(f"{n} {s}" for s, n in sorted(r["not_done"].items()))}
           for r in rows.values()]
 
@@ -692,10 +709,12 @@ def summary_table(record: dict) -> str:
   fields = [f for f in record["grid"] if f != "seed"]
   rows = summary_rows(record)
   extra = any(r["not done"] for r in rows)
-  head = (fields or ["cells"]) + ["n", "ACC", "BWT"] + (["not done"] if extra else [])
+  views = [c for c in VIEW_COLUMNS if any(r[c] != "-" for r in rows)]  # runs that report them
+  head = (fields or ["cells"]) + ["n", "ACC", "BWT"] + views + (["not done"] if extra else [])
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
     cols = [_value_text(v) for v in r["values"]] or ["all"]
-    cols += [str(r["n"]), r["ACC"], r["BWT"]] + ([r["not done"] or "-"] if extra else [])
+    cols += [str(r["n"]), r["ACC"], r["BWT"]] + [r[c] for c in views]
+    cols += [r["not done"] or "-"] if extra else []
     lines.append("| " + " | ".join(cols) + " |")
   return "\n".join(lines)

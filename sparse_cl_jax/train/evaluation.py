@@ -3,13 +3,32 @@
 Pure functions of the trainer's :class:`~sparse_cl_jax.train.steps.StepEnv` and constants ``c``
 (jitted once by the trainer). Evaluation never augments, runs the model with ``train=False`` and
 leaves the padding rows of a split out of every count.
+
+Two accuracy views come out of one evaluation program (:func:`eval_counts`): the run's own
+(task-aware for task-IL, task-agnostic for class-IL, exactly as before) and the other one:
+
+* class-IL, task-aware: the same logits, the argmax restricted to the classes of the example's
+  own task (no second forward pass).
+* task-IL, task-agnostic: the network as it is after the last task trained (``current``): the
+  method's view of ``current`` (``forward_params(..., current, current)``; for PackNet, CPG, DST
+  and CLNP the latest task's mask, which holds every earlier task's weights) and ``current``'s
+  per-task rows (BatchNorm), the argmax over the concatenated classes of every head ``0 ..
+  current``; right when it falls on the example's own head and label. A task-agnostic test
+  cannot use the example's task id, and the latest view is the one network that holds all the
+  tasks trained. On the diagonal (``t == current``) this is the same forward pass as the
+  task-aware view; below it, the views differ for methods with per-task masks and a second pass
+  runs (inside the same program, under ``lax.cond``); above it the example's head is not seen
+  yet, so the count is 0 without a pass. A single-head task-IL model has one head: the
+  task-agnostic view is its argmax under the latest view (the domain-incremental reading).
 """
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sparse_cl_jax import models
 from sparse_cl_jax.train import state as state_lib
 from sparse_cl_jax.train import steps
 
@@ -17,9 +36,71 @@ TrainState = state_lib.TrainState
 TaskData = state_lib.TaskData
 
 
+def _num_heads(env: steps.StepEnv) -> int:
+  """Heads the task-agnostic view reads: the model's (task-IL), 1 for a shared head."""
+  return 1 if env.class_il else int(getattr(env.model, "num_heads", 1))
+
+
+def _with_heads(env: steps.StepEnv, fn):
+  """``(fn(), heads)``: ``heads`` f32 [H, B, K] are every head's outputs on the features ``fn``'s
+  forward pass gives its top-level :class:`~sparse_cl_jax.models.MultiHead` (``None`` with one
+  head, or when the model has no such module)."""
+  num_heads = _num_heads(env)
+  heads, done = [], []
+
+  def grab(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    module = context.module
+    if (num_heads > 1 and not done and context.method_name == "__call__"
+        and isinstance(module, models.MultiHead)):
+      done.append(True)  # the calls below pass through this interceptor untouched
+      # The same module, unbound, applied to its own variables once per head.
+      alone, variables = module.clone(parent=None), {"params": module.variables["params"]}
+      heads.extend(alone.apply(variables, args[0], jnp.int32(s)).astype(jnp.float32)
+                   for s in range(num_heads))
+    return out
+
+  with nn.intercept_methods(grab):
+    out = fn()
+  return out, (jnp.stack(heads) if heads else None)
+
+
+def _agnostic_hit(env: steps.StepEnv, c, logits, heads, current, data_task, y):
+  """Task-IL, task-agnostic: the argmax over the classes of heads ``0 .. current`` lands on the
+  example's own head ``data_task`` and label ``y`` (one head: the argmax of ``logits``)."""
+  if heads is None:
+    if env.method.eval_logits is not None:
+      logits = env.method.eval_logits(logits)
+    return jnp.argmax(logits, -1) == y
+  if env.method.eval_logits is not None:
+    heads = jax.vmap(env.method.eval_logits)(heads)
+  num_heads, _, k = heads.shape
+  rows = jnp.minimum(jnp.arange(num_heads), c["head_mask"].shape[0] - 1)
+  usable = c["head_mask"][rows][:, :k] & (jnp.arange(num_heads) <= current)[:, None]  # [H, K]
+  flat = jnp.where(usable[:, None, :], heads, jnp.finfo(heads.dtype).min)
+  flat = jnp.transpose(flat, (1, 0, 2)).reshape(flat.shape[1], num_heads * k)
+  return jnp.argmax(flat, -1) == data_task * k + y
+
+
+def _aware_hit(env: steps.StepEnv, c, logits, data_task, y):
+  """Class-IL, task-aware: the argmax over the classes of the example's task ``data_task``."""
+  if env.method.eval_logits is not None:
+    logits = env.method.eval_logits(logits)
+  seen = c["head_mask"]  # class-IL: row t holds the classes of tasks 0 .. t
+  own = seen[data_task] & ~jnp.where(data_task > 0, seen[jnp.maximum(data_task - 1, 0)], False)
+  logits = jnp.where(own[None, :], logits, jnp.finfo(logits.dtype).min)
+  return jnp.argmax(logits, -1) == y
+
+
 def eval_counts(env: steps.StepEnv, c, state: TrainState, data: TaskData, view_task, current,
-                head_task):
-  """(correct, total) over the valid rows of ``data`` with the method's view of ``view_task``."""
+                head_task, data_task, views):
+  """Counts over the valid rows of ``data`` (task ``data_task``) with the method's view.
+
+  Returns f32 ``[correct, total, other]``: ``correct`` with the view of ``view_task`` and the
+  classes of ``head_task`` (the run's own accuracy view); ``other`` the correct predictions of the
+  other view (module docstring): class-IL task-aware, task-IL task-agnostic. A task-IL second
+  pass runs only when ``views`` (traced bool) is set.
+  """
   env.trace_counts["eval"] += 1
   eb = env.eval_batch_size
   n_max = data.x.shape[0]
@@ -27,19 +108,49 @@ def eval_counts(env: steps.StepEnv, c, state: TrainState, data: TaskData, view_t
   # The method's view is computed once, outside the batch loop.
   fp = env.method.forward_params(state.params, state.aux, state.method, view_task, current)
 
-  def body(i, acc):
+  def batch(i):
     pos = i * eb + jnp.arange(eb, dtype=jnp.int32)
     idx = steps.shard_batch(env, jnp.minimum(pos, n_max - 1))
     valid = (pos < data.n).astype(jnp.float32)
-    x = jnp.take(data.x, idx, axis=0)
-    y = jnp.take(data.y, idx, axis=0)
-    logits, _ = steps.apply_model(env, c, fp, state.batch_stats, x, view_task, train=False,
-                                  valid=steps.shard_batch(env, pos < data.n))
-    logits = steps.mask_logits(env, c, logits, head_task)
-    hit = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
-    return acc + jnp.stack([jnp.sum(hit * valid), jnp.sum(valid)])
+    return pos, valid, jnp.take(data.x, idx, axis=0), jnp.take(data.y, idx, axis=0)
 
-  return jax.lax.fori_loop(0, nb, body, jnp.zeros(2, jnp.float32))
+  def body(i, acc):
+    pos, valid, x, y = batch(i)
+    (raw, _), heads = _with_heads(env, lambda: steps.apply_model(
+        env, c, fp, state.batch_stats, x, view_task, train=False,
+        valid=steps.shard_batch(env, pos < data.n)))
+    logits = steps.mask_logits(env, c, raw, head_task)
+    hit = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+    if env.class_il:
+      other = _aware_hit(env, c, raw, data_task, y)
+    else:
+      other = _agnostic_hit(env, c, raw, heads, current, data_task, y)
+    return acc + jnp.stack([jnp.sum(hit * valid), jnp.sum(valid),
+                            jnp.sum(other.astype(jnp.float32) * valid)])
+
+  counts = jax.lax.fori_loop(0, nb, body, jnp.zeros(3, jnp.float32))
+  if env.class_il:
+    return counts
+
+  def latest_view():
+    """Task-IL, task-agnostic below the diagonal: the network of ``current`` on this data."""
+    fp_now = env.method.forward_params(state.params, state.aux, state.method, current, current)
+
+    def body_now(i, hits):
+      pos, valid, x, y = batch(i)
+      (raw, _), heads = _with_heads(env, lambda: steps.apply_model(
+          env, c, fp_now, state.batch_stats, x, current, train=False,
+          valid=steps.shard_batch(env, pos < data.n)))
+      hit = _agnostic_hit(env, c, raw, heads, current, data_task, y)
+      return hits + jnp.sum(hit.astype(jnp.float32) * valid)
+
+    return jax.lax.fori_loop(0, nb, body_now, jnp.zeros((), jnp.float32))
+
+  seen = (view_task < current) | (_num_heads(env) == 1)  # above it: the head is not seen yet
+  same = view_task == current
+  other = jax.lax.cond(jnp.asarray(views) & ~same & seen, latest_view,
+                       lambda: jnp.where(same, counts[2], 0.0))
+  return counts.at[2].set(other)
 
 
 def outputs(env: steps.StepEnv, c, state: TrainState, x, n, view_task, current, *,
@@ -74,6 +185,12 @@ def accuracy_view(class_il: bool, t: int, current: int) -> int:
   of every class seen up to it.
   """
   return current if class_il else t
+
+
+def both_views(class_il: bool, own: float, other: float) -> dict[str, float]:
+  """``{"task_aware", "task_agnostic"}`` from the run's own view and the other one."""
+  aware, agnostic = (other, own) if class_il else (own, other)
+  return {"task_aware": aware, "task_agnostic": agnostic}
 
 
 def outputs_of(compiled, put, state: TrainState, data, *, view_task: int,

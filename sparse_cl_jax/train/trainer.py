@@ -332,16 +332,27 @@ class Trainer:
     return value
 
   def accuracy(self, state: TrainState, t: int, *, split: str = "test", current: int,
-               data: TaskData | None = None) -> float:
-    """Accuracy on task ``t`` after training ``current`` (not recorded; used for the matrix)."""
+               data: TaskData | None = None, views: bool = False):
+    """Accuracy on task ``t`` after training ``current`` (not recorded; used for the matrix).
+
+    With ``views``, the pair ``{"task_aware": a, "task_agnostic": b}`` from the same evaluation
+    program (:func:`evaluation.eval_counts`); the run's own view (class-IL: task-agnostic) is the
+    number returned without it.
+    """
     data = self.task_data(t, split) if data is None else data
     view = evaluation.accuracy_view(self.class_il, t, current)
-    correct, total = self._eval_counts(state, data, jnp.int32(view), jnp.int32(current),
-                                       jnp.int32(view))
+    correct, total, other = self._eval_counts(state, data, jnp.int32(view), jnp.int32(current),
+                                              jnp.int32(view), jnp.int32(t), jnp.bool_(views))
     total = float(total)
-    return float(correct) / total if total else float("nan")
+    own = float(correct) / total if total else float("nan")
+    if not views:
+      return own
+    other = float(other) / total if total else float("nan")
+    return evaluation.both_views(self.class_il, own, other)
 
-  def accuracy_row(self, state: TrainState, current: int, split: str = "test") -> list[float]:
-    """Accuracy on every task after training ``current`` (one row of the accuracy matrix)."""
-    return [self.accuracy(state, j, split=split, current=current)
+  def accuracy_row(self, state: TrainState, current: int, split: str = "test",
+                   views: bool = False) -> list:
+    """Accuracy on every task after training ``current`` (one row of the accuracy matrix);
+    with ``views``, one ``{"task_aware", "task_agnostic"}`` pair per task."""
+    return [self.accuracy(state, j, split=split, current=current, views=views)
             for j in range(self.stream.num_tasks)]
