@@ -121,7 +121,7 @@ def get_config(arg: str | None = None):
     c.llt.retrain_epochs = 1
     c.eval_batch_size = 200
   elif arg in ("fashion_mnist", "fashion_mnist_digits"):
-    # The measured table of docs/results.md: small convnet, 1000 labeled images per task, the
+    # The measured table of docs/results.md: small convnet, 600 labeled images per task, the
     # rest of Fashion-MNIST's training split (labels discarded) as the unlabeled pool.
     c.dataset = "fashion_mnist"
     c.model = "small_convnet"
