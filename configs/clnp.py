@@ -59,23 +59,26 @@ Fields of ``config.clnp``:
 import ml_collections
 
 from sparse_cl_jax import config as config_lib
+from sparse_cl_jax import fields
 
 _THETAS = (0.0, 1e-3, 2e-3, 5e-3, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0, 1.5,
            2.0)
 
 
 def _clnp(**kw) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.l1 = (1e-5,)
-  c.grid_l1_scale = (1.0,)
-  c.grid_lr = ()
-  c.theta_grid = _THETAS
-  c.theta_scale = (1.0,)
-  c.theta_search = "shared"
-  c.margin = 0.005
-  c.finetune_epochs = 0
-  c.finetune_lr = 1e-4
-  c.finetune_l1 = (5e-5,)
+  f, Number, Seq = fields.field, fields.Number, fields.Seq
+  c = fields.Group()  # every field with its rule (sparse_cl_jax.fields); see the docstring
+  # (the number of entries per layer is checked against the model when the run is built)
+  c.l1 = f((1e-5,), Seq(Number(0), min_len=1))
+  c.grid_l1_scale = f((1.0,), Seq(Number(0)))
+  c.grid_lr = f((), Seq(Number(0, lo_open=True)))
+  c.theta_grid = f(_THETAS, Seq(Number(), min_len=1, increasing=True))
+  c.theta_scale = f((1.0,), Seq(Number(0), min_len=1))
+  c.theta_search = f("shared", fields.Choice(("shared", "per_layer")))
+  c.margin = f(0.005, Number(0))
+  c.finetune_epochs = f(0, fields.Int(0))
+  c.finetune_lr = f(1e-4, Number(0, lo_open=True))
+  c.finetune_l1 = f((5e-5,), Seq(Number(0), min_len=1))
   c.update(kw)
   return c
 

@@ -58,9 +58,9 @@ Fields of config.dst:
     default False: drop only the task's own trainable weights).
 """
 
-import ml_collections
-
 from sparse_cl_jax import config as config_lib
+from sparse_cl_jax import fields
+from sparse_cl_jax.methods import dst
 
 PRESETS = ("fashion_mnist", "runlocal", "cifar100_5", "cifar100_10", "cifar100_20",
            "mini_imagenet")
@@ -97,20 +97,22 @@ def get_config(arg: str | None = None):
       raise ValueError(f"unknown config argument {m!r}; presets {PRESETS}, modifiers {MODIFIERS}")
 
   c = config_lib.base("dst")
-  c.dst = ml_collections.ConfigDict()
-  c.dst.init = "uniform"
-  c.dst.growth = "random"
-  c.dst.growth_per_task = ()
-  c.dst.sparsity = 0.9
-  c.dst.update_every = 20
-  c.dst.drop_fraction = 0.5
-  c.dst.drop_fraction_final = 0.005
-  c.dst.t_end = 0.75
-  c.dst.new_weights = "zero"
-  c.dst.regrow = "zero"
-  c.dst.reset_moments = False
-  c.dst.mask_overlap = True
-  c.dst.drop_frozen = False
+  f, Number = fields.field, fields.Number
+  c.dst = fields.Group()  # every field with its rule (sparse_cl_jax.fields); see the docstring
+  c.dst.init = f("uniform", fields.Choice(dst.INITS))
+  c.dst.growth = f("random", fields.Choice(dst.GROWTH_MODES))
+  c.dst.growth_per_task = f((), fields.Seq(fields.Choice(dst.GROWTH_MODES),
+                                           lengths=(0, fields.Ref("num_tasks", top=True))))
+  c.dst.sparsity = f(0.9, Number(0, 1, hi_open=True))
+  c.dst.update_every = f(20, fields.Int(0))
+  c.dst.drop_fraction = f(0.5, Number(0, 1))
+  c.dst.drop_fraction_final = f(0.005, Number(0, 1), Number(0, fields.Ref("drop_fraction")))
+  c.dst.t_end = f(0.75, Number(0, 1, lo_open=True))
+  c.dst.new_weights = f("zero", fields.Choice(dst.WEIGHT_INITS))
+  c.dst.regrow = f("zero", fields.Choice(dst.WEIGHT_INITS))
+  c.dst.reset_moments = f(False, fields.Flag())
+  c.dst.mask_overlap = f(True, fields.Flag())
+  c.dst.drop_frozen = f(False, fields.Flag())
 
   c.optimizer = "adam"
   c.learning_rate = 1e-3

@@ -33,39 +33,51 @@ here: its preset runs without lottery teaching unless a pool is given.
 import ml_collections
 
 from sparse_cl_jax import config as config_lib
+from sparse_cl_jax import fields
+from sparse_cl_jax.methods import llt
 
 
 def llt_fields() -> ml_collections.ConfigDict:
   """The ``config.llt`` fields with their defaults (as coded where the authors fixed a value)."""
-  f = ml_collections.ConfigDict()
-  f.mode = "td"  # td | bu | dense | imp
+  field, Number, Int = fields.field, fields.Number, fields.Int  # pylint: disable=invalid-name
+  f = fields.Group()  # every field with its rule (sparse_cl_jax.fields)
+  f.mode = field("td", fields.Choice(llt.MODES))  # td | bu | dense | imp
   # Class-IL framework.
-  f.exemplars_per_class = 20  # as coded: 100 (CIFAR-10), 10 (CIFAR-100), 5 (Tiny-ImageNet)
-  f.exemplar_selection = "random"  # random | herding
-  f.gamma1 = 1.0  # weight of the KD terms
-  f.gamma2 = 0.5  # weight of the main (balanced) head's loss
+  # as coded: 100 (CIFAR-10), 10 (CIFAR-100), 5 (Tiny-ImageNet)
+  f.exemplars_per_class = field(20, Int(1))
+  f.exemplar_selection = field("random", fields.Choice(llt.SELECTIONS))  # or "herding"
+  f.gamma1 = field(1.0, Number(0))  # weight of the KD terms
+  f.gamma2 = field(0.5, Number(0))  # weight of the main (balanced) head's loss
   # Lottery teaching.
-  f.lottery_teaching = True
-  f.temperature = 2.0
-  f.knn = 3  # nearest pool images per exemplar (as coded 50)
-  f.pool = "auto"  # auto | none | npz:<path> | a dataset name (its training images)
-  f.pool_data_dir = ""  # data_dir of a named pool dataset
-  f.pool_max = 0  # 0 = every pool image; else a random subset of this many
-  f.knn_memory_mb = 64.0  # the largest [exemplars x pool] distance block on the device
+  f.lottery_teaching = field(True, fields.Flag())
+  f.temperature = field(2.0, Number(0, lo_open=True))
+  f.knn = field(3, Int(1))  # nearest pool images per exemplar (as coded 50)
+  # auto | none | npz:<path> | a dataset name (its training images)
+  f.pool = field("auto", fields.Text(nonempty=True))
+  f.pool_data_dir = field("", fields.Text())  # data_dir of a named pool dataset
+  f.pool_max = field(0, Int(0))  # 0 = every pool image; else a random subset of this many
+  # the largest [exemplars x pool] distance block on the device
+  f.knn_memory_mb = field(64.0, Number(0, lo_open=True))
   # Pruning.
-  f.curriculum = "auto"  # rounds after each task; auto = 1,1,2,3,5 (td) or uniform (imp)
-  f.prune_fraction = 0.2
-  f.retrain_epochs = 4  # as coded 30 (iter_epochs)
-  f.retrain_lr = 0.0005  # as coded lr / 100 = 1e-4
-  f.rewind = "auto"  # auto (td: init, bu: task, imp: none) | init | random | task | late | none
-  f.late_epoch = 1  # late rewinding: the weights after this epoch of task 1
+  # rounds after each task; auto = 1,1,2,3,5 (td) or uniform (imp)
+  f.curriculum = field("auto", fields.Text(pattern=r"auto|\s*\d+\s*(,\s*\d+\s*)*",
+                                           allowed="'auto' or comma-separated round counts"))
+  f.prune_fraction = field(0.2, Number(0, 1, lo_open=True, hi_open=True))
+  f.retrain_epochs = field(4, Int(0))  # as coded 30 (iter_epochs)
+  f.retrain_lr = field(0.0005, Number(0, lo_open=True))  # as coded lr / 100 = 1e-4
+  # auto (td: init, bu: task, imp: none) | init | random | task | late | none
+  f.rewind = field("auto", fields.Choice(llt.REWINDS))
+  # late rewinding: the weights after this epoch of task 1
+  f.late_epoch = field(1, Int(0), Number(hi=fields.Ref("epochs", top=True),
+                                          hint="late rewinding: the weights after that epoch of "
+                                               "task 1"))
   # Bottom-up.
-  f.bu_base_sparsity = 0.9
-  f.bu_max_drop = 0.02
-  f.bu_accept = 0.01
-  f.bu_regrow = 0.8  # fraction of the pruned positions re-grown
-  f.bu_max_rounds = 26
-  f.l1 = 0.0  # > 0: the l1-regularised BU variant (also usable with td / dense)
+  f.bu_base_sparsity = field(0.9, Number(0, 1, hi_open=True))
+  f.bu_max_drop = field(0.02, Number(0))
+  f.bu_accept = field(0.01, Number(0))
+  f.bu_regrow = field(0.8, Number(0, 1, lo_open=True))  # fraction of the pruned positions re-grown
+  f.bu_max_rounds = field(26, Int(1))
+  f.l1 = field(0.0, Number(0))  # > 0: the l1-regularised BU variant (also usable with td / dense)
   return f
 
 

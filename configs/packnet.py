@@ -9,9 +9,8 @@ Expected result: BWT exactly 0 (earlier tasks' outputs are bit-identical after l
 The CPG paper's PackNet baseline (as coded) prunes 60% of each task's weights per layer, one shot.
 """
 
-import ml_collections
-
 from sparse_cl_jax import config as config_lib
+from sparse_cl_jax import fields
 
 
 def get_config(arg: str | None = None):
@@ -25,10 +24,12 @@ def get_config(arg: str | None = None):
   c.optimizer = "sgd"
   c.learning_rate = 0.05
   c.momentum = 0.9
-  c.packnet = ml_collections.ConfigDict()
-  c.packnet.prune_fraction = 0.6
-  c.packnet.retrain_epochs = 5
-  c.packnet.retrain_lr = 0.005
+  c.packnet = fields.Group()  # every field with its rule (sparse_cl_jax.fields)
+  # of each layer's weights the task trained
+  c.packnet.prune_fraction = fields.field(0.6, fields.Number(0, 1, hi_open=True))
+  c.packnet.retrain_epochs = fields.field(5, fields.Int(0))
+  # 0 = config.learning_rate * 0.1
+  c.packnet.retrain_lr = fields.field(0.005, fields.Number(0))
   if arg == "runlocal":
     c.epochs = 2
     c.packnet.retrain_epochs = 1

@@ -25,9 +25,8 @@ Presets:
 Expected result: BWT exactly 0; later tasks limited by the task-1 backbone.
 """
 
-import ml_collections
-
 from sparse_cl_jax import config as config_lib
+from sparse_cl_jax import fields
 
 
 def _cpg_config_module():
@@ -45,14 +44,17 @@ def get_config(arg: str | None = None):
   c.optimizer = "sgd"
   c.learning_rate = 0.05
   c.momentum = 0.9
-  c.piggyback = ml_collections.ConfigDict()
-  c.piggyback.mask_init = 1e-2
-  c.piggyback.threshold = 5e-3
-  c.piggyback.mask_lr = 1e-4
-  c.piggyback.mask_lr_milestones = ()  # fractions of the mask epochs
-  c.piggyback.mask_lr_decay = 0.1
-  c.piggyback.epochs = 0  # epochs of tasks 2..T; 0 = config.epochs
-  c.piggyback.lr = 0.0  # head / BN learning rate of tasks 2..T; 0 = config.learning_rate
+  f, Number = fields.field, fields.Number
+  c.piggyback = fields.Group()  # every field with its rule (sparse_cl_jax.fields)
+  c.piggyback.mask_init = f(1e-2, Number())
+  c.piggyback.threshold = f(5e-3, Number())
+  c.piggyback.mask_lr = f(1e-4, Number(0, lo_open=True))
+  # fractions of the mask epochs
+  c.piggyback.mask_lr_milestones = f((), fields.Seq(Number(0, 1, lo_open=True, hi_open=True)))
+  c.piggyback.mask_lr_decay = f(0.1, Number(0))
+  c.piggyback.epochs = f(0, fields.Int(0))  # epochs of tasks 2..T; 0 = config.epochs
+  # head / BN learning rate of tasks 2..T; 0 = config.learning_rate
+  c.piggyback.lr = f(0.0, Number(0))
   if arg == "runlocal":
     c.epochs = 2
     c.hidden = (32,)

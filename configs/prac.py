@@ -35,27 +35,46 @@ As coded (cifar presets): SGD 0.1, momentum 0.9, wd 1e-4, batch 128, 182 epochs,
 import ml_collections
 
 from sparse_cl_jax import config as config_lib
+from sparse_cl_jax import fields
+from sparse_cl_jax.methods import prac
 
 CIFAR_MODELS = ("resnet20", "resnet56", "vgg16_bn")
 
 
 def prac_fields() -> ml_collections.ConfigDict:
-  p = ml_collections.ConfigDict()
-  p.mode = "prac"  # prac, imp, random_subset, random_prune, random_reinit, snip, grasp, synflow
-  p.rounds = 4  # prunes; round r's ticket has density 0.8 ** (r + 1)
-  p.rate = 0.2  # fraction of the remaining weights pruned per round
-  p.rewind = "lt"  # "lt": to the initialisation; "rewind_lt": to the weights after rewind_epoch
-  p.rewind_epoch = 3  # epochs of round 0 before the rewinding point (as coded: index 2 = 3rd)
-  p.data_rule = "zero_out"  # "zero_out" (forgotten > threshold or never learned) or "constant"
-  p.threshold = 0  # forgetting events an example needs beyond to be critical (zero_out)
-  p.data_rate = 0.2  # constant rule: keep int(N * (1 - data_rate) ** (r + 1)) most forgotten
-  p.early_bird = True  # prac mode: stop a round once the would-be mask settles
-  p.eb_eps = 0.08  # early-bird threshold on the normalised Hamming distance
-  p.queue_length = 5  # early-bird queue
-  p.dynamic_iterations = True  # prac mode: epochs and milestones scaled by |PrAC| / |D|
-  p.min_full_lr_epochs = 0  # dynamic rounds: epochs before the first decay, at least (0: as coded)
-  p.score_batches = 1  # snip / grasp: batches of the round's training set scored
-  p.subset_from = ""  # a finished prac run's results.json or workdir (baselines, transfer)
+  """``config.prac``: each field with its default and its rule (``sparse_cl_jax.fields``)."""
+  f, Number, Int = fields.field, fields.Number, fields.Int  # pylint: disable=invalid-name
+  p = fields.Group()
+  # prac, imp, random_subset, random_prune, random_reinit, snip, grasp, synflow
+  p.mode = f("prac", fields.Choice(prac.MODES))
+  p.rounds = f(4, Int(1, 100))  # prunes; round r's ticket has density 0.8 ** (r + 1)
+  # fraction of the remaining weights pruned per round
+  p.rate = f(0.2, Number(0, 1, lo_open=True, hi_open=True))
+  # "lt": to the initialisation; "rewind_lt": to the weights after rewind_epoch
+  p.rewind = f("lt", fields.Choice(prac.REWIND))
+  # epochs of round 0 before the rewinding point (as coded: index 2 = 3rd)
+  p.rewind_epoch = f(3, Int(1), Int(hi=fields.Ref("epochs", top=True), hi_open=True,
+                                   when=fields.when("rewind", "rewind_lt")))
+  # "zero_out" (forgotten > threshold or never learned) or "constant"
+  p.data_rule = f("zero_out", fields.Choice(prac.DATA_RULES))
+  p.threshold = f(0, Int(0))  # forgetting events an example needs beyond to be critical (zero_out)
+  # constant rule: keep int(N * (1 - data_rate) ** (r + 1)) most forgotten
+  p.data_rate = f(0.2, Number(0, 1, lo_open=True, hi_open=True))
+  p.early_bird = f(True, fields.Flag())  # prac mode: stop a round once the would-be mask settles
+  p.eb_eps = f(0.08, Number(0, 1))  # early-bird threshold on the normalised Hamming distance
+  p.queue_length = f(5, Int(1))  # early-bird queue
+  # prac mode: epochs and milestones scaled by |PrAC| / |D|
+  p.dynamic_iterations = f(True, fields.Flag())
+  # dynamic rounds: epochs before the first decay, at least (0: as coded)
+  p.min_full_lr_epochs = f(0, Int(0))
+  p.score_batches = f(1, Int(1))  # snip / grasp: batches of the round's training set scored
+  # a finished prac run's results.json or workdir (baselines, transfer)
+  p.subset_from = f("", fields.Text(), fields.Text(
+      nonempty=True, when=fields.when("mode", *prac.NEEDS_SOURCE),
+      hint="give a finished prac run's results.json (its per-round set sizes / masks)"),
+      fields.Text(pattern="", allowed="empty",
+                  when=fields.when("mode", *prac.MAY_USE_SOURCE, negate=True),
+                  hint=f"only modes {list(prac.MAY_USE_SOURCE)} read it"))
   return p
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import ml_collections
 
 from sparse_cl_jax import augment as augment_lib
+from sparse_cl_jax import fields
 
 DATASETS = ("digits", "fashion_mnist", "mnist", "cifar10", "cifar100", "tiny_imagenet",
             "mini_imagenet", "arrays")
@@ -28,74 +29,94 @@ INCREMENTAL = ("task", "class")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 NORMS = ("auto", "batch", "task_batch", "batch_stats_only", "none")
 WANDB_MODES = ("disabled", "offline", "online")
+EPOCH_LOOPS = ("auto", "device", "host")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+# config.class_order: "natural", "seed", "" (natural) or comma-separated class labels.
+CLASS_ORDER_PATTERN = r"natural|seed|\s*\d+\s*(,\s*\d+\s*)*"
+CLASS_ORDER_WORDS = "'natural', 'seed' or a comma-separated list of class labels"
 
 
 def base(method: str) -> ml_collections.ConfigDict:
-  """The shared fields with defaults that suit the embedded digits data."""
-  c = ml_collections.ConfigDict()
-  c.method = method
+  """The shared fields with defaults that suit the embedded digits data.
+
+  Each field is declared with its rule (:mod:`sparse_cl_jax.fields`); :func:`validate` checks them
+  and those of the method's group.
+  """
+  f = fields.field
+  Number, Int, Text = fields.Number, fields.Int, fields.Text  # pylint: disable=invalid-name
+  c = fields.Group()
+  c.method = f(method, Text(nonempty=True, hint="a registered method (sparse_cl_jax.methods)"))
   # Data.
-  c.dataset = "digits"
-  c.data_dir = ""  # "" = the source's default location
-  c.scenario = "split"
-  c.num_tasks = 5
-  c.incremental = "task"
-  c.class_order = "natural"  # "natural", "seed" (permutation from seed), or "3,1,..." explicit
-  c.val_fraction = 0.1
-  c.max_train_per_task = 0  # 0 = all
-  c.max_eval_per_task = 0  # 0 = all
+  c.dataset = f("digits", fields.Choice(DATASETS))
+  c.data_dir = f("", Text())  # "" = the source's default location
+  c.scenario = f("split", fields.Choice(SCENARIOS))
+  c.num_tasks = f(5, Int(1))
+  c.incremental = f("task", fields.Choice(INCREMENTAL))
+  # "natural", "seed" (permutation from seed), or "3,1,..." explicit
+  c.class_order = f("natural", Text(pattern=CLASS_ORDER_PATTERN, allowed=CLASS_ORDER_WORDS))
+  c.val_fraction = f(0.1, Number(0, 1, hi_open=True))
+  c.max_train_per_task = f(0, Int(0))  # 0 = all
+  c.max_eval_per_task = f(0, Int(0))  # 0 = all
   # Training augmentation on the device, inside the jitted step (never at evaluation):
   # "none", "crop_flip" (random crop with augment_padding zero pixels per side, then a horizontal
   # flip: the CIFAR protocol of the papers), "crop" or "flip". See sparse_cl_jax/augment.py.
-  c.augment = "none"
-  c.augment_padding = 4
+  c.augment = f("none", fields.Choice(augment_lib.AUGMENTS))
+  c.augment_padding = f(4, Int(0, hint="pixels of zero padding on each side before the random "
+                                        "crop; 4 for 32x32 CIFAR"))
   # 0 = images as read; else every image is resized to image_size x image_size (bilinear,
   # antialiased) once on the host before the stream is built (DST's miniImageNet: 32).
-  c.image_size = 0
+  c.image_size = f(0, Int(0, hint="0 = keep the size the images are read at"))
   # Model.
-  c.model = "mlp"
-  c.hidden = (256, 256)  # MLP only
-  c.norm = "auto"  # "auto": the method's preferred norm for models that have one
-  c.width_multiplier = 1.0
-  c.multi_head = True  # task-IL: one head per task; class-IL always uses one shared head
+  c.model = f("mlp", Text(nonempty=True, hint="a registered model (sparse_cl_jax.models)"))
+  c.hidden = f((256, 256), fields.Seq(Int(1)))  # MLP only
+  # "auto": the method's preferred norm for models that have one
+  c.norm = f("auto", fields.Choice(NORMS))
+  c.width_multiplier = f(1.0, Number(0, lo_open=True))
+  # task-IL: one head per task; class-IL always uses one shared head
+  c.multi_head = f(True, fields.Flag())
   # Further dataclass fields of the model, e.g. {"fc_layers": True} for CPG's VGG16-BN; checked
   # against the model's fields when it is built.
-  c.model_kwargs = ml_collections.ConfigDict()
+  c.model_kwargs = f(ml_collections.ConfigDict(),
+                     fields.Elsewhere("experiment.check_names (the model's dataclass fields)"))
   # Optimisation.
-  c.epochs = 10
-  c.batch_size = 64
-  c.eval_batch_size = 500
-  c.optimizer = "sgd"
-  c.learning_rate = 0.05
-  c.momentum = 0.9
-  c.nesterov = False
-  c.weight_decay = 0.0
-  c.lr_milestones = ()  # fractions of a phase's epochs, e.g. (0.5, 0.75)
-  c.lr_decay = 0.1
-  c.seed = 0
+  c.epochs = f(10, Int(1, hint="the training epochs of each task"))
+  c.batch_size = f(64, Int(1))
+  c.eval_batch_size = f(500, Int(1))
+  c.optimizer = f("sgd", fields.Choice(OPTIMIZERS))
+  c.learning_rate = f(0.05, Number(0, lo_open=True))
+  c.momentum = f(0.9, Number(0, 1, hi_open=True))
+  c.nesterov = f(False, fields.Flag())
+  c.weight_decay = f(0.0, Number(0))
+  # fractions of a phase's epochs, e.g. (0.5, 0.75)
+  c.lr_milestones = f((), fields.Seq(Number(0, 1, lo_open=True, hi_open=True)))
+  c.lr_decay = f(0.1, Number(0))
+  c.seed = f(0, Int(0, 2**63 - 1))
   # Running.
-  c.num_devices = 1  # 0 = all local devices (data parallel through jax.sharding)
-  c.checkpoint_every_epochs = 5  # 0 = only after every task
+  # 0 = all local devices (data parallel through jax.sharding)
+  c.num_devices = f(1, Int(0))
+  c.checkpoint_every_epochs = f(5, Int(0))  # 0 = only after every task
   # Stop the run (DivergenceError, nothing of the epoch saved) when an epoch's mean training loss
   # is above this or not finite; 0 = stop only on NaN/inf. Not part of the run's fingerprint.
-  c.divergence_threshold = 1e4
-  c.progress = True
+  c.divergence_threshold = f(1e4, Number(0))
+  c.progress = f(True, fields.Flag())
   # Execution (none of these changes results): how an epoch's batches are looped ("auto",
   # "device" = lax.fori_loop per chunk, "host" = one jitted step per batch; see runtime.py) and
   # the persistent compilation cache ("" = $SPARSE_CL_JAX_CACHE_DIR or ~/.cache/sparse_cl_jax/xla,
   # "none" = off, or a directory).
-  c.epoch_loop = "auto"
+  c.epoch_loop = f("auto", fields.Choice(EPOCH_LOOPS))
   # Arithmetic of the forward/backward pass: "float32", or "bfloat16" (mixed precision: params,
   # gradients, optimiser state and running statistics stay float32). Changes results slightly.
-  c.compute_dtype = "float32"
-  c.compilation_cache = ""
+  c.compute_dtype = f("float32", fields.Choice(COMPUTE_DTYPES))
+  c.compilation_cache = f("", Text())
   # Experiment trackers besides metrics.csv and TensorBoard (sparse_cl_jax/trackers.py): Weights &
   # Biases logs the run when mode is "offline" (files in WORKDIR/wandb/, no network) or "online";
   # needs the wandb extra. Not part of the run's fingerprint: a resumed run may switch it.
-  c.wandb = ml_collections.ConfigDict()
-  c.wandb.mode = "disabled"  # one of WANDB_MODES
-  c.wandb.project = "sparse_cl_jax"
-  c.wandb.entity = ""  # "" = the default entity of your W&B login
+  c.wandb = fields.Group()
+  c.wandb.mode = f("disabled", fields.Choice(WANDB_MODES))
+  c.wandb.project = f("sparse_cl_jax", Text(), Text(
+      nonempty=True, when=fields.when("mode", "disabled", negate=True),
+      hint="name the W&B project the run logs to"))
+  c.wandb.entity = f("", Text())  # "" = the default entity of your W&B login
   return c
 
 
@@ -116,21 +137,6 @@ def short_split_fashion_mnist(c: ml_collections.ConfigDict) -> ml_collections.Co
   return c
 
 
-def _check_choice(c, field: str, choices) -> None:
-  value = c[field]
-  if value not in choices:
-    raise ValueError(f"config.{field}={value!r} is not valid; choose one of {list(choices)}")
-
-
-def _check_positive(c, field: str, allow_zero: bool = False) -> None:
-  value = c[field]
-  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
-      value >= 0 if allow_zero else value > 0)
-  if not ok:
-    need = ">= 0" if allow_zero else "> 0"
-    raise ValueError(f"config.{field}={value!r} must be a number {need}")
-
-
 def class_order(c) -> Any:
   """The ``class_order`` argument of ``data.make_stream`` from the config string."""
   order = c.class_order
@@ -142,66 +148,24 @@ def class_order(c) -> Any:
     try:
       return [int(x) for x in order.split(",")]
     except ValueError:
-      raise ValueError(f"config.class_order={order!r} must be 'natural', 'seed' or a "
-                       "comma-separated list of class labels") from None
+      raise ValueError(f"config.class_order={order!r} must be {CLASS_ORDER_WORDS}") from None
   return list(order)
 
 
 def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Checks the shared fields; raises ``ValueError`` naming the bad field and value."""
+  """Checks every declared field of ``c`` and of its groups (the shared fields of :func:`base` and
+  the method's ``c.<method>`` group) against its rule (:mod:`sparse_cl_jax.fields`).
+
+  Raises:
+    ValueError: one line naming the first bad field, its value and what is allowed, e.g.
+      ``config.momentum=1.5 must be in [0, 1)``.
+  """
   for field in ("method", "dataset", "scenario", "num_tasks", "incremental", "model", "epochs",
                 "batch_size", "seed", "data_dir"):
     if field not in c:
       raise ValueError(f"config has no field {field!r} (start from sparse_cl_jax.config.base)")
-  _check_choice(c, "dataset", DATASETS)
-  _check_choice(c, "scenario", SCENARIOS)
-  _check_choice(c, "incremental", INCREMENTAL)
-  _check_choice(c, "optimizer", OPTIMIZERS)
-  _check_choice(c, "norm", NORMS)
-  if "epoch_loop" in c:
-    _check_choice(c, "epoch_loop", ("auto", "device", "host"))
-  if "compute_dtype" in c:
-    _check_choice(c, "compute_dtype", ("float32", "bfloat16"))
-  if "augment" in c:
-    augment_lib.check(c.augment, c.get("augment_padding", 4))
-  if "image_size" in c:
-    size = c.image_size
-    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-      raise ValueError(f"config.image_size={size!r} must be an integer >= 0 (0 = keep the size "
-                       "the images are read at)")
-  for field in ("num_tasks", "batch_size", "eval_batch_size", "learning_rate",
-                "width_multiplier"):
-    _check_positive(c, field)
-  if isinstance(c.epochs, bool) or not isinstance(c.epochs, int) or c.epochs < 1:
-    raise ValueError(f"config.epochs={c.epochs!r} must be an integer >= 1 (the training epochs of "
-                     "each task)")
-  for field in ("weight_decay", "momentum", "max_train_per_task", "max_eval_per_task",
-                "checkpoint_every_epochs", "num_devices"):
-    _check_positive(c, field, allow_zero=True)
-  if not isinstance(c.seed, int):
-    raise ValueError(f"config.seed={c.seed!r} must be an integer")
-  if not 0.0 <= c.val_fraction < 1.0:
-    raise ValueError(f"config.val_fraction={c.val_fraction!r} must be in [0, 1)")
-  if any(not 0.0 < m < 1.0 for m in c.lr_milestones):
-    raise ValueError(f"config.lr_milestones={tuple(c.lr_milestones)} must be fractions in (0, 1)")
-  if "divergence_threshold" in c:
-    _check_positive(c, "divergence_threshold", allow_zero=True)
-  class_order(c)
-  if "wandb" in c:
-    _check_wandb(c.wandb)
+  fields.check(c)
   return c
-
-
-def _check_wandb(w) -> None:
-  mode = w.get("mode", "disabled")
-  if mode not in WANDB_MODES:
-    raise ValueError(f"config.wandb.mode={mode!r} is not valid; choose one of {list(WANDB_MODES)}")
-  for field in ("project", "entity"):
-    value = w.get(field, "")
-    if not isinstance(value, str):
-      raise ValueError(f"config.wandb.{field}={value!r} must be a string")
-  if mode != "disabled" and not w.get("project"):
-    raise ValueError("config.wandb.project is empty; name the W&B project the run logs to")
 
 
 def to_dict(c: ml_collections.ConfigDict) -> dict:

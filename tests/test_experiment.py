@@ -215,7 +215,7 @@ def test_finished_run_not_overwritten(tmp_path):
     ("epochs", 0, "config.epochs=0 must be an integer >= 1"),
     ("num_tasks", 3, r"config.num_tasks=3 does not divide the 10 classes of "
      r"config.dataset='digits' .*choose num_tasks from \[1, 2, 5, 10\]"),
-    ("batch_size", 0, "config.batch_size=0 must be a number > 0"),
+    ("batch_size", 0, "config.batch_size=0 must be an integer >= 1"),
     ("class_order", "a,b", "config.class_order='a,b'"),
 ])
 def test_bad_config_values_named(field, value, match, tmp_path):

@@ -21,7 +21,7 @@ LAYERS = (
     ("core", ("types", "masks", "topk", "sparsity")),
     ("core", ("criteria",)),
     ("core", ("growth", "transforms", "schedules")),
-    ("harness", ("runtime", "reliability", "ops", "models", "augment", "config", "data",
+    ("harness", ("runtime", "reliability", "distributed", "ops", "models", "augment", "fields", "config", "data",
                  "protocol", "train", "metrics", "checkpoint", "trackers", "logs")),
     ("methods", ("methods",)),
     ("experiment", ("experiment", "sweep")),

@@ -105,7 +105,7 @@ def test_wandb_config_is_validated_and_off_by_default(tmp_path):
   with pytest.raises(ValueError, match=r"config\.wandb\.mode='offlin' is not valid"):
     config_lib.validate(c)
   c.wandb.mode, c.wandb.project = "offline", ""
-  with pytest.raises(ValueError, match=r"config\.wandb\.project is empty"):
+  with pytest.raises(ValueError, match=r"config\.wandb\.project='' must be a non-empty string"):
     config_lib.validate(c)
 
 

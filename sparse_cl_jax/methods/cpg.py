@@ -56,6 +56,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from sparse_cl_jax import fields
 from sparse_cl_jax import masks
 from sparse_cl_jax import metrics
 from sparse_cl_jax import runtime
@@ -74,49 +75,61 @@ STATS = ("goal", "val_trained", "sparsity", "val_compacted", "val_final", "attem
 
 def default_config(method: str = "cpg") -> ml_collections.ConfigDict:
   """``config.cpg`` with the as-coded CIFAR-100 settings (epochs come from the config); the
-  as-coded options that default to off are on in ``configs/cpg.py:cifar100``."""
-  c = ml_collections.ConfigDict()
-  c.picking = method == "cpg"
+  as-coded options that default to off are on in ``configs/cpg.py:cifar100``. Each field is
+  declared with its rule (:mod:`sparse_cl_jax.fields`)."""
+  f = fields.field
+  Number, Int, Flag = fields.Number, fields.Int, fields.Flag  # pylint: disable=invalid-name
+  lr = Number(0, lo_open=True)
+  c = fields.Group()
+  c.picking = f(method == "cpg", Flag())
   # Growth: parameter-count multipliers of the allocated network (channels grow by the square
-  # root when growth_counts == 'params', as coded).
-  c.levels = (1.0, 1.5) if method == "cpg" else (1.0, 1.5, 2.0)
-  c.growth_counts = "params"  # or 'channels'
+  # root when growth_counts == 'params', as coded); the first is the network a task starts at.
+  c.levels = f((1.0, 1.5) if method == "cpg" else (1.0, 1.5, 2.0),
+               fields.Seq(Number(0, lo_open=True), min_len=1, increasing=True, first=1.0))
+  c.growth_counts = f("params", fields.Choice(("params", "channels")))
   # Picking (Piggyback mask over old weights).
-  c.mask_init = 1e-2
-  c.mask_threshold = 5e-3
-  c.mask_lr = 5e-4
-  c.mask_lr_schedule = ((0.5, 0.2), (0.7, 0.0))  # (fraction of epochs, factor), cumulative
+  c.mask_init = f(1e-2, Number())
+  c.mask_threshold = f(5e-3, Number())
+  c.mask_lr = f(5e-4, lr)
+  # (fraction of epochs, factor), cumulative
+  c.mask_lr_schedule = f(((0.5, 0.2), (0.7, 0.0)),
+                         fields.Seq(fields.Seq(items=(Number(0, 1), Number(0)))))
   # Accuracy goal (always on validation data).
-  c.goal = "individual"  # one of GOALS
-  c.goal_values = ()  # for 'fixed': one value for all tasks or one per task
-  c.goal_epochs = 0  # reference training epochs; 0 = config.epochs
-  c.goal_repeats = 5  # 'fine_avg' / 'fine_max': independent fine-tuning sequences (paper: 5)
-  c.goal_finetune_lr = 0.0  # their lr for tasks after the first; 0 = config.learning_rate
-  c.goal_tolerance = 0.0  # as coded allow_acc_loss
-  c.min_train_acc = 0.0  # as coded 0.95 (a stage / a width counts only above it)
+  c.goal = f("individual", fields.Choice(GOALS, hint="'finetune' is now 'current_finetune'"))
+  # for 'fixed': one value for all tasks or one per task
+  c.goal_values = f((), fields.Seq(Number(0, 1), lengths=(0, 1, fields.Ref("num_tasks", top=True))),
+                    fields.Seq(min_len=1, when=fields.when("goal", "fixed"),
+                               hint="give the accuracy goal of every task, or one for all"))
+  c.goal_epochs = f(0, Int(0))  # reference training epochs; 0 = config.epochs
+  # 'fine_avg' / 'fine_max': independent fine-tuning sequences (paper: 5)
+  c.goal_repeats = f(5, Int(1))
+  c.goal_finetune_lr = f(0.0, Number(0))  # their lr after the first task; 0 = learning_rate
+  c.goal_tolerance = f(0.0, Number(0, 1))  # as coded allow_acc_loss
+  c.min_train_acc = f(0.0, Number(0, 1))  # as coded 0.95 (a stage / a width counts only above it)
   # Weight decay of the current task's maskable (conv / FC) weights only, as coded 4e-5 (the
   # authors' do_weight_decay_and_make_grads_zero: added to the gradient before the optimiser);
   # config.weight_decay would also decay heads, norm rows and biases.
-  c.weight_decay = 0.0
-  c.per_task_biases = False  # as coded True: every task keeps its own copy of the layer biases
+  c.weight_decay = f(0.0, Number(0))
+  c.per_task_biases = f(False, Flag())  # as coded True: every task has its own layer biases
   # As coded True: a task's BN row (affine and running statistics) starts from the previous
   # task's, as the authors' scripts load the previous task's checkpoint.
-  c.norm_from_previous = False
-  # Compaction.
-  c.stages = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
-  c.stage_epochs = 20
-  c.ramp_epochs = 4.0
-  c.prune_every = 10  # batches between mask updates
-  c.prune_lr = 1e-3
-  c.stop_at_first_miss = True  # paper; False = as coded (run every stage, keep the largest pass)
-  c.reserve_for_remaining = True  # as coded: prune even when the goal is missed at max width
+  c.norm_from_previous = f(False, Flag())
+  # Compaction: sparsities of the stages, each above the last.
+  c.stages = f((0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95),
+               fields.Seq(Number(0, 1, lo_open=True, hi_open=True), increasing=True))
+  c.stage_epochs = f(20, Int(1))
+  c.ramp_epochs = f(4.0, Number(0))
+  c.prune_every = f(10, Int(1))  # batches between mask updates
+  c.prune_lr = f(1e-3, lr)
+  c.stop_at_first_miss = f(True, Flag())  # paper; False = as coded (every stage, keep the best)
+  c.reserve_for_remaining = f(True, Flag())  # as coded: prune even if the max width misses
   # Retraining after compaction (tasks after the first, as coded).
-  c.retrain_epochs = 30
-  c.retrain_lr = 1e-3
-  c.retrain_mask_lr = 1e-4
-  c.retrain_patience = 5
-  c.retrain_reinit_mask = True
-  c.retrain_first_task = False
+  c.retrain_epochs = f(30, Int(0))
+  c.retrain_lr = f(1e-3, lr)
+  c.retrain_mask_lr = f(1e-4, lr)
+  c.retrain_patience = f(5, Int(0))  # 0 = no early stop
+  c.retrain_reinit_mask = f(True, Flag())
+  c.retrain_first_task = f(False, Flag())
   return c
 
 
@@ -942,24 +955,15 @@ def report(ctx, state, *, lay: Layout, levels) -> dict:
 
 
 def check_config(config, model) -> None:
-  """Raises ValueError for a config CPG / PAE cannot run (logs a warning for a doubtful one)."""
-  cc = config.cpg
+  """Raises ValueError for a config CPG / PAE cannot run with its model (logs a warning for a
+  doubtful one); ``config.validate`` checks the values of ``config.cpg`` (:func:`default_config`).
+  """
   if config.method not in ("cpg", "pae"):
     raise ValueError(f"cpg.make builds 'cpg' or 'pae', not {config.method!r}")
   if getattr(model, "norm", "none") == "batch":
     raise ValueError("CPG/PAE: norm='batch' shares BatchNorm running statistics across "
                      "tasks, so earlier tasks would silently forget; use norm='task_batch' (the "
                      "default) or 'batch_stats_only'")
-  if cc.goal == "finetune":
-    raise ValueError("config.cpg.goal='finetune' was renamed: 'current_finetune' is one fine-tune "
-                     "of the current network; the paper's goals are 'fine_avg' and 'fine_max'")
-  if cc.goal not in GOALS:
-    raise ValueError(f"config.cpg.goal={cc.goal!r}: choose one of {GOALS}")
-  repeats = int(cc.get("goal_repeats", 5))
-  if cc.goal in ("fine_avg", "fine_max") and repeats < 1:
-    raise ValueError(f"config.cpg.goal_repeats={repeats} must be >= 1 for goal={cc.goal!r}")
-  if float(cc.get("weight_decay", 0.0)) < 0:
-    raise ValueError(f"config.cpg.weight_decay={float(cc.weight_decay)} must be >= 0")
   if float(config.weight_decay) > 0:
     logging.warning("CPG: config.weight_decay=%g also decays heads, BatchNorm rows and biases; the "
                     "authors decay only the current task's conv/FC weights "

@@ -285,23 +285,6 @@ def view_masks(mstate, task, current) -> Any:
 # Configuration.
 
 
-def _check_config(dc, config) -> None:
-  sparsity_lib.check_sparsity(dc.sparsity, "config.dst.sparsity")
-  if dc.init not in INITS:
-    raise ValueError(f"config.dst.init={dc.init!r}; choose from {INITS}")
-  if int(dc.update_every) < 0:
-    raise ValueError(f"config.dst.update_every={dc.update_every!r} must be >= 0 (0 = static)")
-  for field in ("new_weights", "regrow"):
-    if dc[field] not in WEIGHT_INITS:
-      raise ValueError(f"config.dst.{field}={dc[field]!r}; choose from {WEIGHT_INITS}")
-  if not 0.0 <= float(dc.drop_fraction_final) <= float(dc.drop_fraction) <= 1.0:
-    raise ValueError("need 0 <= config.dst.drop_fraction_final <= config.dst.drop_fraction <= 1, "
-                     f"got {dc.drop_fraction_final} and {dc.drop_fraction}")
-  if not 0.0 < float(dc.get("t_end", 1.0)) <= 1.0:
-    raise ValueError(f"config.dst.t_end={dc.t_end!r} must be a fraction of the task's steps in "
-                     "(0, 1] (1.0 = update until the end, as coded)")
-
-
 def _check_setting(config, ctx: base.Context, modes: list[str]) -> None:
   """Refuses momentum growth without a first moment; warns about settings that forget."""
   if "momentum" in modes and config.optimizer == "sgd" and not config.momentum:
@@ -577,8 +560,7 @@ def make(config, ctx: base.Context) -> base.Method:
   changed positions; as coded False), ``mask_overlap`` (a task's mask may include earlier tasks'
   frozen weights; as coded True), ``drop_frozen`` (as coded False here, see the module docstring).
   """
-  dc = config.dst
-  _check_config(dc, config)
+  dc = config.dst  # its values follow the rules declared with each field (configs/dst_cl.py)
   T = ctx.num_tasks
   spec, rows = ctx.spec, ctx.task_rows
   modes = growth_schedule(dc.growth, dc.growth_per_task, T)

@@ -858,48 +858,14 @@ def parse_curriculum(value, num_tasks: int, mode: str) -> tuple[int, ...]:
 
 
 def _check(config) -> None:
-  lc = config.llt
-  if lc.mode not in MODES:
-    raise ValueError(f"config.llt.mode={lc.mode!r} is not valid; choose one of {list(MODES)}")
+  """What the rules of ``config.llt``'s fields (``configs/llt.py``) do not say: the scenario and
+  the sub-batches."""
   if config.incremental != "class":
     raise ValueError(f"config.incremental={config.incremental!r}: Lifelong Lottery Tickets is a "
                      "class-incremental method; set --config.incremental=class")
-  if lc.rewind not in REWINDS:
-    raise ValueError(f"config.llt.rewind={lc.rewind!r} is not valid; choose one of "
-                     f"{list(REWINDS)}")
-  if lc.exemplar_selection not in SELECTIONS:
-    raise ValueError(f"config.llt.exemplar_selection={lc.exemplar_selection!r} is not valid; "
-                     f"choose one of {list(SELECTIONS)}")
-  for field, low in (("exemplars_per_class", 1), ("knn", 1), ("bu_max_rounds", 1),
-                     ("retrain_epochs", 0), ("late_epoch", 0), ("pool_max", 0)):
-    v = lc[field]
-    if isinstance(v, bool) or not isinstance(v, int) or v < low:
-      raise ValueError(f"config.llt.{field}={v!r} must be an integer >= {low}")
-  for field in ("gamma1", "gamma2", "bu_max_drop", "bu_accept", "l1"):
-    v = lc[field]
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-      raise ValueError(f"config.llt.{field}={v!r} must be a number >= 0")
-  for field in ("temperature", "knn_memory_mb", "retrain_lr"):
-    v = lc[field]
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-      raise ValueError(f"config.llt.{field}={v!r} must be a number > 0")
-  for field, high_ok in (("prune_fraction", False), ("bu_regrow", True)):
-    v = lc[field]
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (
-        0 < v < 1 or (high_ok and v == 1)):
-      raise ValueError(f"config.llt.{field}={v!r} must be in (0, {'1]' if high_ok else '1)'}")
-  if not 0 <= lc.bu_base_sparsity < 1:
-    raise ValueError(f"config.llt.bu_base_sparsity={lc.bu_base_sparsity!r} must be in [0, 1)")
-  if lc.late_epoch > config.epochs:
-    raise ValueError(f"config.llt.late_epoch={lc.late_epoch} must be <= config.epochs="
-                     f"{config.epochs} (late rewinding: the weights after that epoch of task 1)")
   if config.batch_size < 4:
     raise ValueError(f"config.batch_size={config.batch_size} must be >= 4 (four sub-batches of "
                      "batch_size // 4 rows)")
-  pool = str(lc.pool)
-  if not pool:
-    raise ValueError("config.llt.pool='' is not valid; use 'auto', 'none', 'npz:<path>' or a "
-                     "dataset name")
 
 
 def resolved(config) -> dict:

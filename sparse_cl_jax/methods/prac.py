@@ -56,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sparse_cl_jax import config as config_lib
 from sparse_cl_jax import criteria
 from sparse_cl_jax import masks
 from sparse_cl_jax import models
@@ -538,49 +539,10 @@ def check_source(record: dict, config, ctx: base.Context) -> None:
 
 
 def check_config(config) -> None:
-  """One-line ValueErrors naming the field, the value and what is allowed."""
-  pc = config.prac
-
-  def choice(field, allowed):
-    v = pc[field]
-    if v not in allowed:
-      raise ValueError(f"config.prac.{field}={v!r} is not valid; choose one of {list(allowed)}")
-
-  choice("mode", MODES)
-  choice("rewind", REWIND)
-  choice("data_rule", DATA_RULES)
-  r = pc.rounds
-  if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= 100:
-    raise ValueError(f"config.prac.rounds={r!r} must be an integer in [1, 100]")
-  if not 0.0 < float(pc.rate) < 1.0:
-    raise ValueError(f"config.prac.rate={pc.rate!r} must be in (0, 1)")
-  if not 0.0 < float(pc.data_rate) < 1.0:
-    raise ValueError(f"config.prac.data_rate={pc.data_rate!r} must be in (0, 1)")
-  if not 0.0 <= float(pc.eb_eps) <= 1.0:
-    raise ValueError(f"config.prac.eb_eps={pc.eb_eps!r} must be in [0, 1]")
-  q = pc.queue_length
-  if isinstance(q, bool) or not isinstance(q, int) or q < 1:
-    raise ValueError(f"config.prac.queue_length={q!r} must be an integer >= 1")
-  th = pc.threshold
-  if isinstance(th, bool) or not isinstance(th, int) or th < 0:
-    raise ValueError(f"config.prac.threshold={th!r} must be an integer >= 0")
-  k = pc.rewind_epoch
-  if pc.rewind == "rewind_lt" and (isinstance(k, bool) or not isinstance(k, int)
-                                   or not 1 <= k < config.epochs):
-    raise ValueError(f"config.prac.rewind_epoch={k!r} must be an integer in [1, config.epochs="
-                     f"{config.epochs}) for rewind='rewind_lt' (weights after that many epochs)")
-  fl = pc.get("min_full_lr_epochs", 0)
-  if isinstance(fl, bool) or not isinstance(fl, int) or fl < 0:
-    raise ValueError(f"config.prac.min_full_lr_epochs={fl!r} must be an integer >= 0")
-  sb = pc.score_batches
-  if isinstance(sb, bool) or not isinstance(sb, int) or sb < 1:
-    raise ValueError(f"config.prac.score_batches={sb!r} must be an integer >= 1")
-  if pc.mode in NEEDS_SOURCE and not pc.subset_from:
-    raise ValueError(f"config.prac.subset_from='' but prac.mode={pc.mode!r} needs a finished prac "
-                     "run's results.json (its per-round set sizes / masks)")
-  if pc.subset_from and pc.mode not in MAY_USE_SOURCE:
-    raise ValueError(f"config.prac.subset_from={pc.subset_from!r} is not used by prac.mode="
-                     f"{pc.mode!r}; set it only for modes {list(MAY_USE_SOURCE)}")
+  """One-line ValueErrors naming the field, the value and what is allowed: the rules declared
+  with each field of ``config.prac`` (``configs/prac.py``) and the shared ones
+  (``config.validate``)."""
+  config_lib.validate(config)
 
 
 # --------------------------------------------------------------------------------------------------
