@@ -41,6 +41,7 @@ class Mutant:
 
 M = Mutant
 _PKG = "sparse_cl_jax/"
+_T_PRAC, _T_LLT = "tests/test_prac.py::", "tests/test_llt.py::"
 MUTANTS: tuple[Mutant, ...] = (
     # --- core: masks, topk, sparsity, criteria, growth, transforms, schedules.
     M("masks_visible_strict", _PKG + "masks.py", "(o >= 1) & (o <= owner)", "(o >= 1) & (o < owner)",
@@ -159,6 +160,41 @@ MUTANTS: tuple[Mutant, ...] = (
     M("prac_dynamic_epochs_round", _PKG + "methods/prac.py",
       "e = max(1, int(epochs * subset / total))", "e = max(1, round(epochs * subset / total))",
       ("tests/test_prac.py",)),
+    # Issue 23: tests that must fail on what matters (each mapped to the one test that kills it).
+    M("prac_cep_last_epoch_model", _PKG + "methods/prac.py",
+      'pred = prac_sets.predictions(trainer, state, t, best["params"], best["batch_stats"])',
+      "pred = prac_sets.predictions(trainer, state, t, state.params, state.batch_stats)",
+      (_T_PRAC + "test_the_disagreement_set_compares_round_0_and_round_r_best_validation_models",)),
+    M("prac_cep_against_previous_round", _PKG + "methods/prac_sets.py",
+      "return cet | cep, cet, cep, jnp.where(later, dense_pred, pred)",
+      "return cet | cep, cet, cep, pred",
+      (_T_PRAC + "test_the_disagreement_set_compares_round_0_and_round_r_best_validation_models",)),
+    M("prac_round_lr_milestones_unscaled", _PKG + "methods/prac.py",
+      "lr_milestones=milestone_fractions(planned, ms), epoch_end=epoch_end)",
+      "lr_milestones=milestone_fractions(plan.epochs, plan.milestones), epoch_end=epoch_end)",
+      (_T_PRAC + "test_every_later_round_trains_its_floor_of_epochs_at_the_full_rate",)),
+    M("prac_dynamic_milestones_round", _PKG + "methods/prac.py",
+      "ms = [int(m * subset / total) for m in milestone_epochs]",
+      "ms = [round(m * subset / total) for m in milestone_epochs]",
+      (_T_PRAC + "test_the_learning_rate_a_round_gets_by_hand",)),
+    M("llt_td_stash_rewinds_the_snapshot", _PKG + "methods/llt.py",
+      'start = rewind(s.params, m["mask"], src, setup.spec)',
+      'start = rewind(m["snap"], m["mask"], src, setup.spec)',
+      (_T_LLT + "test_td_rounds_stash_and_rewind_across_rounds_and_tasks",)),
+    M("llt_step_loss_kd_main_unweighted", _PKG + "methods/llt_step.py",
+      "return aux_ce + gamma1 * kd_aux + gamma2 * (main_ce + gamma1 * kd_main)",
+      "return aux_ce + gamma1 * kd_aux + gamma2 * main_ce + gamma1 * kd_main",
+      (_T_LLT + "test_step_loss_total_against_each_term_computed_by_hand",)),
+    M("llt_retrain_distils_the_next_query", _PKG + "methods/llt.py",
+      '"unl": state.method["unl"]})', '"unl": state.method["unl_next"]})',
+      (_T_LLT + "test_every_training_of_a_task_distils_from_its_own_stored_targets",)),
+    M("eval_agnostic_head_offset", _PKG + "train/evaluation.py",
+      "return jnp.argmax(flat, -1) == data_task * k + y", "return jnp.argmax(flat, -1) == data_task + y",
+      ("tests/test_views.py::test_task_agnostic_of_a_multi_head_run_is_the_argmax_over_every_seen_head",)),
+    M("eval_aware_every_seen_class", _PKG + "train/evaluation.py",
+      "  logits = jnp.where(own[None, :], logits, jnp.finfo(logits.dtype).min)",
+      "  logits = jnp.where(seen[data_task][None, :], logits, jnp.finfo(logits.dtype).min)",
+      ("tests/test_views.py::test_task_aware_of_a_class_il_run_is_the_argmax_over_the_task_classes",)),
     # --- the rest of the harness, the experiment and the command line.
     M("ops_pool_overlap_stride", _PKG + "ops.py",
       "j + (ow - 1) * sw + 1, x.shape[3]), (1, sh, sw, 1))",

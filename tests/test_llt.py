@@ -417,7 +417,9 @@ def td_run():
     calls.append({"t": t, "phase": kwargs["phase"], "lr": kwargs.get("lr"),
                   "targets": None if u is None else jax.device_get(
                       {"logits": u.data["logits"], "n": u.data["n"]})})
-    return train(state, t, **kwargs)
+    out = train(state, t, **kwargs)
+    calls[-1]["params_after"] = jax.device_get(out.params)
+    return out
 
   tr.train = spy
   state = tr.init_state()
@@ -477,6 +479,17 @@ def test_td_rounds_stash_and_rewind_across_rounds_and_tasks(td_run):
     for k, st, ini in zip(_kernels(m["next_mask"], spec), _kernels(m["start"], spec),
                           _kernels(init, spec)):
       np.testing.assert_array_equal(st, np.where(k, ini, 0.0))
+  # Task 2 prunes 3 rounds with 2 retrains between them: the stashed ticket's other leaves
+  # (biases) continue from the last retrain, not from the trained model the task is evaluated as.
+  last = [c for c in td_run["calls"] if c["t"] == 1][-1]
+  assert last["phase"] == "prune round 2"
+  others = [(st, la, sn) for st, la, sn, s in zip(
+      jax.tree.leaves(after[1]["m"]["start"]), jax.tree.leaves(last["params_after"]),
+      jax.tree.leaves(after[1]["m"]["snap"]), jax.tree.leaves(spec)) if not s]
+  assert others
+  for st, la, _ in others:
+    np.testing.assert_array_equal(st, la)
+  assert any(not np.array_equal(st, sn) for st, _, sn in others)
   m = after[2]["m"]
   assert list(m["rounds"]) == [2, 3, 2, 0, 0] and list(m["rewind"]) == [1, 1, 1, 0, 0]  # 'init'
   # remaining_weights: what the evaluated model of each task computes with.

@@ -403,6 +403,47 @@ def test_learning_rates_follow_the_milestones_scaled_to_each_round_set(reference
   assert "search 1" in checked and r["rounds"][1]["subset_size"] < n_all
 
 
+@pytest.mark.parametrize("min_full, want", [
+    # As coded: 7,800 of 54,000 examples (14.4%) with 8 epochs and x0.1 at epochs 4 and 6 (the
+    # Fashion-MNIST preset): int(8 * 0.144) = 1 epoch, milestones int(0.58) = int(0.87) = 0, so
+    # the round's one epoch runs at 1% of the learning rate.
+    (0, [0.01]),
+    # With at least 3 epochs at the full rate, both milestones and the end move 3 epochs later.
+    (3, [1.0, 1.0, 1.0, 0.01]),
+])
+def test_the_learning_rate_a_round_gets_by_hand(min_full, want):
+  """The schedule a search round hands the trainer, read back through the trainer's rule."""
+  planned, ms = prac.dynamic_schedule(8, [4, 6], 7800, 54000, min_full_lr_epochs=min_full)
+  fractions = prac.milestone_fractions(planned, ms)
+  got = [train.optim.lr_for_epoch(1.0, e, planned, fractions, 0.1) for e in range(planned)]
+  np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_every_later_round_trains_its_floor_of_epochs_at_the_full_rate(tmp_path):
+  """With ``min_full_lr_epochs=3`` every search round's first decay comes after its third epoch
+  (read from metrics.csv, the rates the optimiser really got), and each rate is the preset's
+  learning rate times 0.1 per milestone passed, the milestones moved by hand: round r on n_r of N
+  examples has ``e = int(6 n_r / N)`` epochs and milestones ``int(3 n_r / N)``,
+  ``int(4 n_r / N)``, all moved later by ``max(0, 3 - int(3 n_r / N))``."""
+  c = tiny(rounds=3, early_bird=False, min_full_lr_epochs=3)
+  r = experiment.run(c, str(tmp_path), print_summary=False)
+  with open(tmp_path / "metrics.csv") as f:
+    rows = [row for row in csv.DictReader(f) if row["phase"].startswith("search")]
+  n_all = r["rounds"][0]["subset_size"]
+  shifted = 0
+  for i, rnd in enumerate(r["rounds"]):
+    lrs = [float(row["learning_rate"]) for row in rows if row["phase"] == f"search {i}"]
+    n = rnd["subset_size"]
+    first, second = 3 * n // n_all, 4 * n // n_all
+    shift = max(0, 3 - first)
+    shifted += shift > 0
+    want = [c.learning_rate * c.lr_decay ** ((k >= first + shift) + (k >= second + shift))
+            for k in range(max(1, 6 * n // n_all) + shift)]
+    np.testing.assert_allclose(lrs, want, rtol=1e-6, err_msg=f"round {i}")
+    assert lrs[:3] == [c.learning_rate] * 3
+  assert shifted  # a later round's set is small enough that the floor moved its milestones
+
+
 class Killed(BaseException):
   """Stands in for SIGKILL (not an Exception: nothing on the way catches it)."""
 
