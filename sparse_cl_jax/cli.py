@@ -50,6 +50,7 @@ import os
 import re
 import shlex
 import sys
+import traceback
 from collections import abc
 from typing import Any, Callable
 
@@ -59,6 +60,7 @@ import ml_collections
 
 from sparse_cl_jax import checkpoint
 from sparse_cl_jax import config as config_lib
+from sparse_cl_jax import distributed
 from sparse_cl_jax import reliability
 
 FLAGS = flags.FLAGS
@@ -68,6 +70,15 @@ _PRINT_CONFIG = flags.DEFINE_bool(
     "--config.FIELD=VALUE lines and exit.")
 _TRACEBACK = flags.DEFINE_bool(
     "traceback", False, "On an error, show the full Python traceback instead of one line.")
+# One run over several processes (jax.distributed); see sparse_cl_jax/distributed.py.
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0 when the run spans several processes "
+    "(with --num_processes and --process_id; none of them: one process, or the processes of a "
+    "SLURM job, TPU pod slice, Open MPI or Kubernetes job, detected by JAX).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "How many processes the run spans (with --coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index, 0 ... num_processes-1 (0 writes the run's files).")
 
 _HELP = ("--help", "-help", "-h", "-?", "--helpshort", "-helpshort", "--helpfull", "-helpfull")
 # Errors a run reports in one line (exit status 1): their messages name the problem and the fix.
@@ -674,6 +685,20 @@ def _make_parser(doc: str | None, required: abc.Sequence[str], positional: bool)
   return parse
 
 
+def _guarded_main(main: Callable[[list[str]], Any], argv: list[str]):
+  """``main(argv)`` with its errors as one line and an exit status (see :func:`run`)."""
+  try:
+    return main(argv)
+  except UsageError as e:
+    if _TRACEBACK.value:
+      raise
+    _usage_exit(str(e))
+  except RUN_ERRORS as e:
+    if _TRACEBACK.value:
+      raise
+    sys.exit(f"error: {one_line(e)}")
+
+
 def run(main: Callable[[list[str]], Any], *, doc: str | None = None,
         required: abc.Sequence[str] = (), positional: bool = False) -> None:
   """``absl.app.run(main)`` with the command line of the module docstring.
@@ -692,15 +717,30 @@ def run(main: Callable[[list[str]], Any], *, doc: str | None = None,
 
   def guarded(argv):
     try:
-      return main(argv)
-    except UsageError as e:
-      if _TRACEBACK.value:
-        raise
-      _usage_exit(str(e))
-    except RUN_ERRORS as e:
-      if _TRACEBACK.value:
-        raise
+      several = distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                       _PROCESS_ID.value)
+    except ValueError as e:
+      _usage_exit(one_line(e))
+    except distributed.DistributedError as e:
       sys.exit(f"error: {one_line(e)}")
+    if not several:
+      return _guarded_main(main, argv)
+    # Several processes: an error stops this process at once (its one line names it), without
+    # waiting for the others at JAX's shutdown; a finished run leaves the runtime together.
+    try:
+      result = _guarded_main(main, argv)
+    except SystemExit as e:
+      code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+      line = e.code if isinstance(e.code, str) else None
+      if line and line.startswith("error: "):
+        line = distributed.error_line(line[len("error: "):])
+      distributed.exit_now(code, line)
+    except BaseException as e:  # pylint: disable=broad-except  # a collective lost its peer, ...
+      if _TRACEBACK.value:
+        traceback.print_exc()
+      distributed.exit_now(1, distributed.error_line(one_line(e)))
+    distributed.shutdown()
+    return result
 
   app.run(guarded, flags_parser=_make_parser(doc, tuple(required), positional))
 

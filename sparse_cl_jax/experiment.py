@@ -59,6 +59,7 @@ import numpy as np
 from sparse_cl_jax import checkpoint
 from sparse_cl_jax import config as config_lib
 from sparse_cl_jax import data as data_lib
+from sparse_cl_jax import distributed
 from sparse_cl_jax import logs
 from sparse_cl_jax import masks
 from sparse_cl_jax import methods
@@ -224,8 +225,7 @@ def _report(trainer: train.Trainer, state: train.TrainState, R, R_val, b,
           per_task_trees=[jax.device_get(state.batch_stats)]),
       "train_seconds": train_seconds,
       "num_params": int(sum(np.size(p) for p in jax.tree.leaves(params))),
-      "devices": [str(d) for d in jax.local_devices()[:max(1, int(trainer.config.num_devices)
-                                                            or jax.local_device_count())]],
+      "devices": _devices(trainer),
       "tasks": [list(map(int, c)) for c in trainer.stream.classes],
   }
   if own is not None:
@@ -236,6 +236,15 @@ def _report(trainer: train.Trainer, state: train.TrainState, R, R_val, b,
     out["capacity_total"] = metrics.capacity_total(maskable_own, ctx.num_tasks)
   out.update(rep)  # method-specific extras
   return out
+
+
+def _devices(trainer: train.Trainer) -> list[str]:
+  """The devices the run computed on (every process's, for a multi-process run)."""
+  if trainer.mesh is not None:
+    return [str(d) for d in trainer.mesh.devices.flat]
+  if trainer.replicated is not None:
+    return [str(d) for d in trainer.replicated.mesh.devices.flat]
+  return [str(jax.local_devices()[0])]
 
 
 def run(config, workdir: str, *, source: data_lib.Source | None = None,
@@ -261,6 +270,9 @@ def run(config, workdir: str, *, source: data_lib.Source | None = None,
     reliability.FaultError: the other faults (divergence, a workdir in use, no valid checkpoint).
   """
   config_lib.validate(config)
+  if not distributed.is_primary() and config.progress:  # process 0 shows the progress
+    config = config.copy_and_resolve_references()
+    config.progress = False
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ValueError(f"workdir {workdir} is a file, not a folder; pass a folder (it is created if "
                      "missing) as --workdir")
@@ -415,7 +427,8 @@ def _run_open(config, workdir: str, ckpt: checkpoint.Checkpointer, saved: dict, 
     b = [trainer.accuracy(state, j, current=j) for j in range(T)]
   run_log.append(logs.RunLog(
       workdir, resume_index=None if found is None else int(found[2].get("logged_epochs", 0)),
-      config=config_lib.to_dict(config), trackers=extra_trackers))
+      config=config_lib.to_dict(config), trackers=extra_trackers,
+      write=distributed.is_primary()))
   failed = True
   try:
     trainer.on_epoch = EpochLogger(trainer, run_log[0])
@@ -455,7 +468,7 @@ def _train_tasks(config, workdir, ckpt, trainer, state, save, progress, run_log,
     progress.update(R=R.tolist(), R_val=R_val.tolist(), b=b, train_seconds=train_seconds,
                     R_views=R_views.tolist())
     save(state, {"task": t + 1, "op": 0, "epoch": 0, "op_log": {}})
-    signum = reliability.stop_requested()
+    signum = reliability.stop_agreed(trainer.scope)
     if signum is not None and t + 1 < T:  # asked to stop (SIGTERM / SIGINT): this save is it
       raise reliability.RunInterrupted(signum, saved=True)
     if stop_after_task is not None and t + 1 >= stop_after_task and t + 1 < T:
@@ -464,10 +477,11 @@ def _train_tasks(config, workdir, ckpt, trainer, state, save, progress, run_log,
   results["trace_counts"] = dict(trainer.trace_counts)
   # The plots first: results.json marks the run finished, so a run that cannot write its plots
   # (a full disk) is not finished and its rerun resumes from the last checkpoint and writes both.
-  plots = logs.write_run_plots(workdir, results)
+  primary = distributed.is_primary()  # process 0 writes a multi-process run's files
+  plots = logs.write_run_plots(workdir, results) if primary else []
   results_path = ckpt.finish(results)
   run_log.finish(results)
-  if print_summary:
+  if print_summary and primary:
     print(f"\n{results['method']} on {config.dataset} ({config.scenario}, {T} tasks, "
           f"{config.incremental}-IL, model {config.model}): test accuracy matrix R[i, j]")
     print(metrics.summary_table(R, b=np.asarray(b), upper_triangle=upper_triangle(config.method)))

@@ -217,15 +217,22 @@ class RunLog:
     config_text: written once to TensorBoard's text tab (default: ``config`` as indented JSON).
     config: the run's config as a plain dict, for the trackers.
     trackers: further :class:`sparse_cl_jax.trackers.Tracker` objects (not yet started).
+    write: False for the processes other than 0 of a multi-process run: the log counts epochs
+      but writes nothing (process 0 writes the run's files).
   """
 
   def __init__(self, workdir: str | os.PathLike, *, resume_index: int | None,
                config_text: str | None = None, config: dict[str, Any] | None = None,
-               trackers: abc.Sequence[trackers_lib.Tracker] = ()):
+               trackers: abc.Sequence[trackers_lib.Tracker] = (), write: bool = True):
     self.workdir = pathlib.Path(workdir)
     self.csv_path = self.workdir / CSV_FILE
     self.tensorboard_dir = self.workdir / TENSORBOARD_DIR
     self.moved_to: pathlib.Path | None = None
+    if not write:
+      self.index = 0 if resume_index is None else int(resume_index)
+      self._t0 = time.time()
+      self.trackers = []
+      return
     if resume_index is None:
       self.moved_to = self._move_unfinished()
       self.index = 0

@@ -361,6 +361,28 @@ def stop_requested() -> int | None:
   return _stop_signum[0]
 
 
+# Set by sparse_cl_jax.distributed when the run spans several processes: (scope, local signal or
+# None) -> the signal any process of the run received, or None; every process asks at the same
+# points of the same scope.
+_stop_agreement: list = [None]
+
+
+def set_stop_agreement(agree) -> None:
+  """Installs (or, with None, removes) the agreement :func:`stop_agreed` consults."""
+  _stop_agreement[0] = agree
+
+
+def stop_agreed(scope: str = "run") -> int | None:
+  """:func:`stop_requested`, agreed by every process of the run (the same with one process).
+
+  Called where a run may stop to save (an epoch end, a task end): a signal that reached only some
+  processes stops all of them at the same point, so that their checkpoint is one.
+  """
+  local = stop_requested()
+  agree = _stop_agreement[0]
+  return local if agree is None else agree(scope, local)
+
+
 def request_stop(signum: int = signal.SIGTERM) -> None:
   """Asks the runs of this process to stop at their next epoch end, as the first signal does."""
   if _stop_signum[0] is None:

@@ -85,6 +85,7 @@ import numpy as np
 
 from sparse_cl_jax import checkpoint
 from sparse_cl_jax import config as config_lib
+from sparse_cl_jax import distributed
 from sparse_cl_jax import experiment
 from sparse_cl_jax import logs
 from sparse_cl_jax import metrics
@@ -399,7 +400,12 @@ class _Record:
     return next(c for c in self.data["cells"] if c["name"] == name)
 
   def write(self) -> None:
-    """Rewrites the file atomically, keys in the record's order (the grid's order matters)."""
+    """Rewrites the file atomically, keys in the record's order (the grid's order matters).
+
+    Only process 0 of a multi-process sweep writes it.
+    """
+    if not distributed.is_primary():
+      return
     with self.lock, reliability.writing(self.path):
       self.data["wall_seconds"] = round(time.perf_counter() - self.t0, 3)
       text = json.dumps(self.data, indent=2) + "\n"
@@ -471,6 +477,10 @@ def run(base: ml_collections.ConfigDict, grid: abc.Mapping[str, abc.Sequence[Any
   cells = plan(base, grid)
   workdir = pathlib.Path(workdir)
   fingerprint = _fingerprint(base, grid)
+  if not distributed.is_primary():  # process 0 checks, locks and writes the sweep's folder
+    return _run_other_process(cells, base, grid, workdir, fingerprint, command=command,
+                              base_overrides=base_overrides, max_parallel=max_parallel,
+                              stop_after_task=stop_after_task)
   stored = _check_workdir(workdir, fingerprint, overwrite)
   with reliability.writing(workdir):
     workdir.mkdir(parents=True, exist_ok=True)
@@ -487,6 +497,7 @@ def run(base: ml_collections.ConfigDict, grid: abc.Mapping[str, abc.Sequence[Any
           moved = checkpoint.workdir.move_aside(workdir)
         if moved is not None and print_summary:
           print(f"moved the previous content of {workdir} to {moved}", flush=True)
+      distributed.barrier(f"sweep {workdir}")  # the other processes start now
       return _run_locked(cells, base, grid, workdir, fingerprint, stored, command=command,
                          base_overrides=base_overrides, max_parallel=max_parallel,
                          stop_after_task=stop_after_task, print_summary=print_summary)
@@ -496,6 +507,28 @@ def run(base: ml_collections.ConfigDict, grid: abc.Mapping[str, abc.Sequence[Any
       raise
     finally:
       lock.release()
+
+
+def _run_other_process(cells: list[Cell], base, grid, workdir: pathlib.Path, fingerprint: dict,
+                       *, command, base_overrides, max_parallel, stop_after_task) -> dict:
+  """:func:`run` on a process other than 0 of a multi-process sweep: the same cells, in the same
+  order, computing their share of every batched program; it writes nothing of its own."""
+  with reliability.StopSignals(second="exit") as signals:
+    distributed.barrier(f"sweep {workdir}")  # process 0 has checked and prepared the folder
+    try:
+      return _run_locked(cells, base, grid, workdir, fingerprint, _read_stored(workdir),
+                         command=command, base_overrides=base_overrides,
+                         max_parallel=max_parallel, stop_after_task=stop_after_task,
+                         print_summary=False)
+    except reliability.RunInterrupted as e:
+      if signals.installed:
+        print(e.message, file=sys.stderr, flush=True)
+      raise
+
+
+def _read_stored(workdir: pathlib.Path) -> dict | None:
+  path = workdir / SWEEP_FILE
+  return _read_record(path) if path.is_file() else None
 
 
 def _run_locked(cells: list[Cell], base, grid, workdir: pathlib.Path, fingerprint: dict,
@@ -534,6 +567,8 @@ def _run_locked(cells: list[Cell], base, grid, workdir: pathlib.Path, fingerprin
   record.data["status"] = ("incomplete" if bad else
                            "done" if all(e["status"] == "done" for e in entries) else "pending")
   record.write()
+  if not distributed.is_primary():
+    return record.data
   summary = summary_table(record.data)
   with reliability.writing(workdir):
     (workdir / SUMMARY_FILE).write_text(summary + "\n", encoding="utf-8")

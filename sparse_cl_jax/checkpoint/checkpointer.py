@@ -8,6 +8,7 @@ lock and orbax's manager and wires them together (see the package docstring for 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
 import re
@@ -20,6 +21,7 @@ from absl import logging as absl_logging
 import jax
 import orbax.checkpoint as ocp
 
+from sparse_cl_jax import distributed
 from sparse_cl_jax import reliability
 from sparse_cl_jax.checkpoint import checksums as checksums_lib
 from sparse_cl_jax.checkpoint import jsonfiles
@@ -104,19 +106,31 @@ def remove_temporary_dirs(checkpoint_dir: pathlib.Path, step: int | None = None)
     shutil.rmtree(path, ignore_errors=True)
 
 
-def new_manager(checkpoint_dir: pathlib.Path, max_to_keep: int | None) -> ocp.CheckpointManager:
+def new_manager(checkpoint_dir: pathlib.Path, max_to_keep: int | None, *,
+                processes: int = 1, barrier_prefix: str | None = None) -> ocp.CheckpointManager:
   """Orbax's synchronous manager of ``checkpoint_dir``, keeping the ``max_to_keep`` latest steps.
 
-  The temporary directories of interrupted saves are removed first, synchronously.
+  The temporary directories of interrupted saves are removed first, synchronously. With several
+  ``processes`` (every one calls this, process 0 having created ``checkpoint_dir``), orbax runs
+  its multi-process protocol: every process takes part in each save and restore, process 0
+  finalizes; its barriers are the coordination service's, named with ``barrier_prefix`` (one per
+  workdir), so the checkpointers of a sweep's cells, in threads, never wait on each other.
   """
-  remove_temporary_dirs(checkpoint_dir)
+  multi = {}
+  if processes > 1:
+    multi["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
+        primary_host=0, active_processes=set(range(processes)),
+        barrier_sync_key_prefix=barrier_prefix)
+  else:
+    remove_temporary_dirs(checkpoint_dir)
   registry = ocp.handlers.create_default_handler_registry(
       state=ocp.StandardCheckpointHandler(), meta=ocp.JsonCheckpointHandler())
   options = ocp.CheckpointManagerOptions(
       preservation_policy=ocp.checkpoint_managers.LatestN(max_to_keep),
       enable_async_checkpointing=False,
       cleanup_tmp_directories=False,  # done above, not in a thread that nothing waits for
-      create=True,
+      create=processes <= 1,  # orbax refuses to create it with active_processes set
+      **multi,
   )
   return ocp.CheckpointManager(checkpoint_dir, options=options, handler_registry=registry)
 
@@ -299,6 +313,25 @@ class Checkpointer:
     self.corrupt_dir = self.workdir / workdir_lib.CORRUPT_DIR  # steps set aside, never deleted
     self.results_path = self.workdir / workdir_lib.RESULTS_FILE  # written by finish()
     self._manager = None
+    # Several processes (sparse_cl_jax.distributed): process 0 holds the lock and writes run.json,
+    # the checksums and the results; every process takes part in orbax's saves and restores.
+    self._processes = distributed.process_count()
+    self._primary = distributed.is_primary()
+    self._key = "ckpt-" + hashlib.sha1(str(self.workdir).encode()).hexdigest()[:16]
+    self.previous_dir, self._bound = None, True
+    self._lock = None
+    if self._primary:
+      self._open_primary(overwrite)
+    if self._processes > 1:  # the others open the workdir once process 0 has prepared it
+      distributed.barrier(f"{self._key}/open")
+      try:
+        self._manager = new_manager(self.checkpoint_dir, max_to_keep,
+                                    processes=self._processes, barrier_prefix=self._key)
+      except BaseException:
+        self._release()
+        raise
+
+  def _open_primary(self, overwrite: bool) -> None:
     # First of all: nothing in the workdir is touched (not even the cleanup of temporary
     # directories, which could be another process's save in progress) without the lock.
     self._lock = reliability.WorkdirLock(self.workdir)
@@ -309,10 +342,18 @@ class Checkpointer:
         # _bound: whether run.json holds this fingerprint.
         self.previous_dir, self._bound = workdir_lib.open_run(
             self.workdir, self.fingerprint, self.ignore_keys, overwrite)
-        self._manager = new_manager(self.checkpoint_dir, max_to_keep)
+        if self._processes > 1:
+          remove_temporary_dirs(self.checkpoint_dir)
+          self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        else:
+          self._manager = new_manager(self.checkpoint_dir, self.max_to_keep)
     except BaseException:
-      self._lock.release()
+      self._release()
       raise
+
+  def _release(self) -> None:
+    if self._lock is not None:
+      self._lock.release()
 
   def is_finished(self) -> bool:
     """Whether :meth:`finish` has written ``results.json``."""
@@ -350,9 +391,11 @@ class Checkpointer:
     try:
       self._bind()
       commit(self._manager, step, args)
-      self._write_checksums(step)
+      if self._primary:
+        self._write_checksums(step)
     except Exception as e:  # pylint: disable=broad-except  # re-raised, in one line if storage
-      self._discard_unfinished(step)
+      if self._primary:
+        self._discard_unfinished(step)
       intact = (f"the previous checkpoint, step {previous}, is intact" if previous is not None
                 else "no earlier checkpoint")
       fault = reliability.storage_error(
@@ -423,6 +466,8 @@ class Checkpointer:
         ones are in ``corrupt-checkpoints/`` now, or were set aside by an earlier attempt).
       ValueError: a step does not match ``like`` (not corruption: nothing is moved).
     """
+    if self._processes > 1:
+      return self._restore_newest_valid_together(like)
     while steps := self.all_steps():
       step = steps[-1]
       try:
@@ -433,6 +478,57 @@ class Checkpointer:
         absl_logging.warning("%s; moved it to %s; %s", e, dest, older)
         continue
       return step, state, meta
+    if quarantine.holds_corrupt(self.corrupt_dir):
+      raise reliability.NoValidCheckpointError(
+          f"no valid checkpoint to resume the run in {self.workdir}: the corrupt ones are in "
+          f"{self.corrupt_dir}; use --overwrite to move the run aside and start again (nothing "
+          "is deleted), or another --workdir")
+    return None
+
+  def _restore_newest_valid_together(self, like: PyTree):
+    """:meth:`restore_newest_valid` with several processes: process 0 verifies the checksums,
+    sets aside what fails and tells the others which step; then every process restores it."""
+    name = f"{self._key}/restore"
+    if self._primary:
+      try:
+        step = self._newest_verified()
+      except BaseException as e:
+        distributed.publish(name, "error " + reliability.one_line(e))
+        raise
+      distributed.publish(name, "none" if step is None else str(step))
+    else:
+      said = distributed.fetch(name)
+      if said.startswith("error "):
+        raise reliability.NoValidCheckpointError(f"process 0 could not restore the run in "
+                                                 f"{self.workdir}: {said[len('error '):]}")
+      step = None if said == "none" else int(said)
+      self._manager.reload()
+    if step is None:
+      return None
+    abstract, treedef = trees.abstract_like(like)
+    try:
+      state, meta = restore_step(self._manager, self.checkpoint_dir, step, abstract, treedef)
+    except reliability.CorruptCheckpointError as e:
+      if self._primary:
+        dest = self.set_aside(step)
+        raise reliability.CorruptCheckpointError(
+            f"{e}; moved it to {dest}; rerun the same command on every process to resume from "
+            "the next older step", step=step, file=e.file) from None
+      raise
+    return step, state, meta
+
+  def _newest_verified(self) -> int | None:
+    """The newest step whose checksums verify (the corrupt ones set aside), None if none."""
+    while steps := self.all_steps():
+      step = steps[-1]
+      try:
+        verify_step(self.checkpoint_dir, step)
+      except reliability.CorruptCheckpointError as e:
+        dest = self.set_aside(step, incomplete=isinstance(e, IncompleteCheckpointError))
+        older = f"trying step {steps[-2]}" if len(steps) > 1 else "no older checkpoint"
+        absl_logging.warning("%s; moved it to %s; %s", e, dest, older)
+        continue
+      return step
     if quarantine.holds_corrupt(self.corrupt_dir):
       raise reliability.NoValidCheckpointError(
           f"no valid checkpoint to resume the run in {self.workdir}: the corrupt ones are in "
@@ -454,6 +550,8 @@ class Checkpointer:
     NaN. Checkpoints are kept. ``results``: JSON-able dict (NumPy arrays and scalars converted).
     """
     results = jsonfiles.jsonable(dict(results), what="results", strict=True)
+    if not self._primary:  # process 0 writes the results of a multi-process run
+      return self.results_path
     with reliability.writing(self.results_path):
       self._bind()
       jsonfiles.write_json_atomic(self.results_path, results, strict=True)
@@ -480,7 +578,7 @@ class Checkpointer:
       if manager is not None:
         manager.close()
     finally:
-      self._lock.release()
+      self._release()
 
   def __enter__(self):
     return self

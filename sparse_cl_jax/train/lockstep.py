@@ -277,7 +277,12 @@ class Lockstep:
                         in_axes=(axes_c, *axes_a))(c, *a)
 
       self._batched[key] = jax.jit(batched)
-    outs = _unstack(self._batched[key](consts, *args), len(group))
+    result = self._batched[key](consts, *args)
+    if self.mesh is not None and jax.process_count() > 1:
+      # Several processes: each cell's share is gathered onto every device (the cells' own
+      # programs and host reads need it whole on every process).
+      return _unstack_everywhere(result, len(group), self.mesh)
+    outs = _unstack(result, len(group))
     if self.mesh is not None:
       outs = [r.put(o) for r, o in zip(group, outs)]
     return outs
@@ -310,3 +315,15 @@ def _stack_columns(columns):
 @functools.partial(jax.jit, static_argnums=1)
 def _unstack(tree, n: int):
   return [jax.tree.map(lambda a, i=i: a[i], tree) for i in range(n)]
+
+
+@functools.lru_cache(maxsize=None)
+def _unstack_replicated(n: int, mesh: jax.sharding.Mesh):
+  everywhere = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.jit(lambda tree: [jax.tree.map(lambda a, i=i: a[i], tree) for i in range(n)],
+                 out_shardings=everywhere)
+
+
+def _unstack_everywhere(tree, n: int, mesh: jax.sharding.Mesh):
+  """:func:`_unstack`, each part replicated over every device of ``mesh`` (all processes)."""
+  return _unstack_replicated(n, mesh)(tree)

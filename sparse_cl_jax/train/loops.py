@@ -176,7 +176,7 @@ def _epochs(trainer, op: Operation, state, bar):
     logging.log_every_n_seconds(logging.INFO, "task %d %s epoch %d/%d loss %.4f acc %.4f", 10,
                                 op.task + 1, op.phase, epoch + 1, op.epochs, loss, acc)
     every = int(c.checkpoint_every_epochs)
-    signum = reliability.stop_requested()
+    signum = reliability.stop_agreed(trainer.scope)
     if signum is not None:  # SIGTERM / SIGINT: save here (the operation done, if it is) and stop
       stop_here(trainer, state, op.op, op.epochs if stop else epoch + 1, signum)
     if stop:

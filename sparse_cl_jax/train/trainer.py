@@ -115,6 +115,8 @@ class Trainer:
     self._method = method
     self.ctx = ctx
     self.save_fn = save_fn
+    # What the processes of a multi-process run agree on at an epoch end is named by this.
+    self.scope = cell or "run"
     self.has_batch_stats = "batch_stats" in ctx.variables
     self.class_il = stream.incremental == "class"
     self.tx = method.wrap_tx(optim.make_base_tx(config))
@@ -130,8 +132,13 @@ class Trainer:
     self.last_train_stats: EpochStats | None = None
     self.last_train_epochs = 0
     self.last_train_steps = 0
-    self.placement = placement_lib.Placement(placement_lib.make_mesh(
-        config.num_devices, self.batch_size, self.eval_batch_size))
+    if lockstep is not None and jax.process_count() > 1:
+      # A sweep cell over several processes: replicated on every device, its batched programs
+      # split over the sweep's 'run' axis (train/lockstep.py); no 'data' axis inside the cell.
+      self.placement = placement_lib.Placement(None, placement_lib.everywhere())
+    else:
+      self.placement = placement_lib.Placement(placement_lib.make_mesh(
+          config.num_devices, self.batch_size, self.eval_batch_size))
     self.mesh, self.replicated = self.placement.mesh, self.placement.replicated
     self.env = steps.make_env(config, model, method, self.tx, self.aux_tx, self.class_il,
                               self.has_batch_stats, self.mesh)
