@@ -44,7 +44,7 @@ def _programs_hash(config) -> str:
       jnp.float32(0.1), jnp.float32(0.0), key).as_text()
   evals = jax.jit(functools.partial(train.evaluation.eval_counts, trainer.env)).lower(
       trainer._consts, state, trainer.task_data(0, "test"), jnp.int32(0), jnp.int32(0),  # pylint: disable=protected-access
-      jnp.int32(0)).as_text()
+      jnp.int32(0), jnp.int32(0), jnp.bool_(True)).as_text()
   return hashlib.sha256((steps + evals).encode()).hexdigest()
 
 
