@@ -79,6 +79,9 @@ _NUM_PROCESSES = flags.DEFINE_integer(
     "num_processes", None, "How many processes the run spans (with --coordinator_address).")
 _PROCESS_ID = flags.DEFINE_integer(
     "process_id", None, "This process's index, 0 ... num_processes-1 (0 writes the run's files).")
+_COORDINATOR_TIMEOUT = flags.DEFINE_integer(
+    "coordinator_timeout", 300, "Seconds a process waits for every process of the run to join "
+    "the coordinator before it stops with an error.", lower_bound=1)
 
 _HELP = ("--help", "-help", "-h", "-?", "--helpshort", "-helpshort", "--helpfull", "-helpfull")
 # Errors a run reports in one line (exit status 1): their messages name the problem and the fix.
@@ -718,7 +721,8 @@ def run(main: Callable[[list[str]], Any], *, doc: str | None = None,
   def guarded(argv):
     try:
       several = distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
-                                       _PROCESS_ID.value)
+                                       _PROCESS_ID.value,
+                                       timeout_seconds=_COORDINATOR_TIMEOUT.value)
     except ValueError as e:
       _usage_exit(one_line(e))
     except distributed.DistributedError as e:
