@@ -56,6 +56,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from sparse_cl_jax import config as config_lib
 from sparse_cl_jax import fields
 from sparse_cl_jax import masks
 from sparse_cl_jax import metrics
@@ -82,22 +83,23 @@ def default_config(method: str = "cpg") -> ml_collections.ConfigDict:
   lr = Number(0, lo_open=True)
   c = fields.Group()
   c.picking = f(method == "cpg", Flag())
-  # Growth: parameter-count multipliers of the allocated network (channels grow by the square
-  # root when growth_counts == 'params', as coded); the first is the network a task starts at.
+  # Growth: parameter multipliers of the allocated network, from the one a task starts at (channels
+  # grow by the square root when growth_counts == 'params', as coded).
   c.levels = f((1.0, 1.5) if method == "cpg" else (1.0, 1.5, 2.0),
                fields.Seq(Number(0, lo_open=True), min_len=1, increasing=True, first=1.0))
   c.growth_counts = f("params", fields.Choice(("params", "channels")))
-  # Picking (Piggyback mask over old weights).
-  c.mask_init = f(1e-2, Number())
+  c.mask_init = f(1e-2, Number())  # picking: a Piggyback mask over old weights
   c.mask_threshold = f(5e-3, Number())
   c.mask_lr = f(5e-4, lr)
   # (fraction of epochs, factor), cumulative
   c.mask_lr_schedule = f(((0.5, 0.2), (0.7, 0.0)),
                          fields.Seq(fields.Seq(items=(Number(0, 1), Number(0)))))
   # Accuracy goal (always on validation data).
-  c.goal = f("individual", fields.Choice(GOALS, hint="'finetune' is now 'current_finetune'"))
+  c.goal = f("individual", fields.Choice(GOALS, hint=(
+      "'finetune' was renamed: 'current_finetune' is one fine-tune of the current network; the "
+      "paper's goals are 'fine_avg' and 'fine_max'")))
   # for 'fixed': one value for all tasks or one per task
-  c.goal_values = f((), fields.Seq(Number(0, 1), lengths=(0, 1, fields.Ref("num_tasks", top=True))),
+  c.goal_values = f((), fields.Seq(Number(0), lengths=(0, 1, fields.Ref("num_tasks", top=True))),
                     fields.Seq(min_len=1, when=fields.when("goal", "fixed"),
                                hint="give the accuracy goal of every task, or one for all"))
   c.goal_epochs = f(0, Int(0))  # reference training epochs; 0 = config.epochs
@@ -956,8 +958,8 @@ def report(ctx, state, *, lay: Layout, levels) -> dict:
 
 def check_config(config, model) -> None:
   """Raises ValueError for a config CPG / PAE cannot run with its model (logs a warning for a
-  doubtful one); ``config.validate`` checks the values of ``config.cpg`` (:func:`default_config`).
-  """
+  doubtful one), after ``config.validate`` (the rules of :func:`default_config`'s fields)."""
+  config_lib.validate(config)
   if config.method not in ("cpg", "pae"):
     raise ValueError(f"cpg.make builds 'cpg' or 'pae', not {config.method!r}")
   if getattr(model, "norm", "none") == "batch":
