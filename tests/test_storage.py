@@ -242,9 +242,10 @@ def test_missing_dataset_prints_its_line_and_nothing_at_exit(tmp_path):
 
 
 def test_a_diverging_run_prints_its_error_on_a_line_of_its_own(tmp_path):
-  """``--config.learning_rate=inf`` with the progress bars on: the bar is cleared first."""
+  """A diverging run (``--config.learning_rate=1e30``; ``inf`` is refused before the run) with the
+  progress bars on: the bar is cleared first."""
   cmd = [sys.executable, str(_REPO / "experiments" / "main.py"), f"--config={PACKNET}:runlocal",
-         f"--workdir={tmp_path}", "--config.learning_rate=inf", "--config.progress=true"]
+         f"--workdir={tmp_path}", "--config.learning_rate=1e30", "--config.progress=true"]
   out = subprocess.run(cmd, capture_output=True, timeout=300, check=False, env=ENV)
   stderr = out.stderr.decode()
   assert out.returncode == 1 and "\r" in stderr  # a bar was drawn

@@ -273,6 +273,79 @@ def restore_step(manager: ocp.CheckpointManager, checkpoint_dir: pathlib.Path, s
   return state, dict(meta)
 
 
+def restore_together(ckpt: "Checkpointer", like: PyTree):
+  """:meth:`Checkpointer.restore_newest_valid` with several processes: process 0 verifies the
+  checksums, sets aside what fails and tells the others which step; then every process restores
+  it (``ckpt``'s private fields: this is the checkpointer's own code, outside the class).
+  """
+  name = f"{ckpt._key}/restore"
+  if ckpt._primary:
+    try:
+      step = newest_verified(ckpt)
+    except BaseException as e:
+      distributed.publish(name, "error " + reliability.one_line(e))
+      raise
+    distributed.publish(name, "none" if step is None else str(step))
+  else:
+    said = distributed.fetch(name)
+    if said.startswith("error "):
+      raise reliability.NoValidCheckpointError(f"process 0 could not restore the run in "
+                                               f"{ckpt.workdir}: {said[len('error '):]}")
+    step = None if said == "none" else int(said)
+    ckpt._manager.reload()
+  if step is None:
+    return None
+  abstract, treedef = trees.abstract_like(like)
+  try:
+    state, meta = restore_step(ckpt._manager, ckpt.checkpoint_dir, step, abstract, treedef)
+  except reliability.CorruptCheckpointError as e:
+    if ckpt._primary:
+      dest = ckpt.set_aside(step)
+      raise reliability.CorruptCheckpointError(
+          f"{e}; moved it to {dest}; rerun the same command on every process to resume from "
+          "the next older step", step=step, file=e.file) from None
+    raise
+  return step, state, meta
+
+
+def newest_verified(ckpt: "Checkpointer") -> int | None:
+  """The newest step whose checksums verify (the corrupt ones set aside), None if none."""
+  while steps := ckpt.all_steps():
+    step = steps[-1]
+    try:
+      verify_step(ckpt.checkpoint_dir, step)
+    except reliability.CorruptCheckpointError as e:
+      dest = ckpt.set_aside(step, incomplete=isinstance(e, IncompleteCheckpointError))
+      older = f"trying step {steps[-2]}" if len(steps) > 1 else "no older checkpoint"
+      absl_logging.warning("%s; moved it to %s; %s", e, dest, older)
+      continue
+    return step
+  if quarantine.holds_corrupt(ckpt.corrupt_dir):
+    raise reliability.NoValidCheckpointError(
+        f"no valid checkpoint to resume the run in {ckpt.workdir}: the corrupt ones are in "
+        f"{ckpt.corrupt_dir}; use --overwrite to move the run aside and start again (nothing "
+        "is deleted), or another --workdir")
+  return None
+
+
+def discard_unfinished(ckpt: "Checkpointer", step: int) -> None:
+  """After a failed save: its temporary directory removed, a step without checksums set aside.
+
+  Best effort (a read-only file system refuses both; the next open and the next restore do it).
+  """
+  remove_temporary_dirs(ckpt.checkpoint_dir, step)
+  step_dir = ckpt.checkpoint_dir / str(step)
+  try:
+    if step_dir.exists() and not (step_dir / checksums_lib.FILE).exists():
+      ckpt.set_aside(step, incomplete=True)
+  except OSError:
+    pass
+  try:
+    ckpt._manager.reload()
+  except Exception:  # pylint: disable=broad-except  # the step list is re-read on next use
+    pass
+
+
 # --------------------------------------------------------------------------------------------------
 # The checkpointer.
 
@@ -395,7 +468,7 @@ class Checkpointer:
         self._write_checksums(step)
     except Exception as e:  # pylint: disable=broad-except  # re-raised, in one line if storage
       if self._primary:
-        self._discard_unfinished(step)
+        discard_unfinished(self, step)
       intact = (f"the previous checkpoint, step {previous}, is intact" if previous is not None
                 else "no earlier checkpoint")
       fault = reliability.storage_error(
@@ -404,23 +477,6 @@ class Checkpointer:
       if fault is None:
         raise
       raise fault from e
-
-  def _discard_unfinished(self, step: int) -> None:
-    """After a failed save: its temporary directory removed, a step without checksums set aside.
-
-    Best effort (a read-only file system refuses both; the next open and the next restore do it).
-    """
-    remove_temporary_dirs(self.checkpoint_dir, step)
-    step_dir = self.checkpoint_dir / str(step)
-    try:
-      if step_dir.exists() and not (step_dir / checksums_lib.FILE).exists():
-        self.set_aside(step, incomplete=True)
-    except OSError:
-      pass
-    try:
-      self._manager.reload()
-    except Exception:  # pylint: disable=broad-except  # the step list is re-read on next use
-      pass
 
   def _write_checksums(self, step: int) -> None:
     """Records the SHA-256 of every file of committed ``step`` in its ``checksums.json``."""
@@ -467,7 +523,7 @@ class Checkpointer:
       ValueError: a step does not match ``like`` (not corruption: nothing is moved).
     """
     if self._processes > 1:
-      return self._restore_newest_valid_together(like)
+      return restore_together(self, like)
     while steps := self.all_steps():
       step = steps[-1]
       try:
@@ -478,57 +534,6 @@ class Checkpointer:
         absl_logging.warning("%s; moved it to %s; %s", e, dest, older)
         continue
       return step, state, meta
-    if quarantine.holds_corrupt(self.corrupt_dir):
-      raise reliability.NoValidCheckpointError(
-          f"no valid checkpoint to resume the run in {self.workdir}: the corrupt ones are in "
-          f"{self.corrupt_dir}; use --overwrite to move the run aside and start again (nothing "
-          "is deleted), or another --workdir")
-    return None
-
-  def _restore_newest_valid_together(self, like: PyTree):
-    """:meth:`restore_newest_valid` with several processes: process 0 verifies the checksums,
-    sets aside what fails and tells the others which step; then every process restores it."""
-    name = f"{self._key}/restore"
-    if self._primary:
-      try:
-        step = self._newest_verified()
-      except BaseException as e:
-        distributed.publish(name, "error " + reliability.one_line(e))
-        raise
-      distributed.publish(name, "none" if step is None else str(step))
-    else:
-      said = distributed.fetch(name)
-      if said.startswith("error "):
-        raise reliability.NoValidCheckpointError(f"process 0 could not restore the run in "
-                                                 f"{self.workdir}: {said[len('error '):]}")
-      step = None if said == "none" else int(said)
-      self._manager.reload()
-    if step is None:
-      return None
-    abstract, treedef = trees.abstract_like(like)
-    try:
-      state, meta = restore_step(self._manager, self.checkpoint_dir, step, abstract, treedef)
-    except reliability.CorruptCheckpointError as e:
-      if self._primary:
-        dest = self.set_aside(step)
-        raise reliability.CorruptCheckpointError(
-            f"{e}; moved it to {dest}; rerun the same command on every process to resume from "
-            "the next older step", step=step, file=e.file) from None
-      raise
-    return step, state, meta
-
-  def _newest_verified(self) -> int | None:
-    """The newest step whose checksums verify (the corrupt ones set aside), None if none."""
-    while steps := self.all_steps():
-      step = steps[-1]
-      try:
-        verify_step(self.checkpoint_dir, step)
-      except reliability.CorruptCheckpointError as e:
-        dest = self.set_aside(step, incomplete=isinstance(e, IncompleteCheckpointError))
-        older = f"trying step {steps[-2]}" if len(steps) > 1 else "no older checkpoint"
-        absl_logging.warning("%s; moved it to %s; %s", e, dest, older)
-        continue
-      return step
     if quarantine.holds_corrupt(self.corrupt_dir):
       raise reliability.NoValidCheckpointError(
           f"no valid checkpoint to resume the run in {self.workdir}: the corrupt ones are in "

@@ -187,6 +187,21 @@ def accuracy_view(class_il: bool, t: int, current: int) -> int:
   return current if class_il else t
 
 
+def task_accuracy(eval_counts, class_il: bool, state, data, t: int, current: int,
+                  views: bool = False):
+  """Accuracy on task ``t`` after training ``current`` from the evaluation program
+  ``eval_counts`` (:func:`eval_counts`); with ``views``, both views (:func:`both_views`)."""
+  view = accuracy_view(class_il, t, current)
+  correct, total, other = eval_counts(state, data, jnp.int32(view), jnp.int32(current),
+                                      jnp.int32(view), jnp.int32(t), jnp.bool_(views))
+  total = float(total)
+  own = float(correct) / total if total else float("nan")
+  if not views:
+    return own
+  other = float(other) / total if total else float("nan")
+  return both_views(class_il, own, other)
+
+
 def both_views(class_il: bool, own: float, other: float) -> dict[str, float]:
   """``{"task_aware", "task_agnostic"}`` from the run's own view and the other one."""
   aware, agnostic = (other, own) if class_il else (own, other)

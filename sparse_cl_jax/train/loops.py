@@ -30,6 +30,7 @@ import tqdm
 from sparse_cl_jax import reliability
 from sparse_cl_jax.train import oplog as oplog_lib
 from sparse_cl_jax.train import optim
+from sparse_cl_jax.train import sources as sources_lib
 from sparse_cl_jax.train import state as state_lib
 
 # Salt folded into an epoch's key to derive the augmentation keys (the permutation uses the key).
@@ -185,6 +186,18 @@ def _epochs(trainer, op: Operation, state, bar):
         and (epoch + 1) % every == 0 and epoch + 1 < op.epochs):
       trainer.save_fn(state, log.position(op.op, epoch + 1))
   return state
+
+
+def operation_data(trainer, t: int, data, sources):
+  """``(spec, data, batches per epoch, rows)`` of a training operation on task ``t``: its own
+  split, replacement ``data``, or the multi-source ``sources`` (placed on the device)."""
+  if sources is not None:
+    if data is not None:
+      raise ValueError("train(): pass either data= or sources=, not both")
+    return sources_lib.place(sources, trainer.put)
+  data = trainer.task_data(t) if data is None else data
+  nb = max(1, -(-int(data.n) // trainer.batch_size))
+  return None, data, nb, int(data.x.shape[0])
 
 
 def stop_here(trainer, state, op: int, epochs_done: int, signum: int):

@@ -44,6 +44,16 @@ def make_mesh(num_devices: int, batch_size: int, eval_batch_size: int):
   return jax.sharding.Mesh(np.array(devices), ("data",))
 
 
+def for_run(config, *, sweep_cell: bool = False) -> "Placement":
+  """The placement of a run (its ``'data'`` mesh from ``config.num_devices``), or of a sweep cell
+  over several processes: replicated on every device, its batched programs split over the
+  sweep's ``'run'`` axis (train/lockstep.py), no ``'data'`` axis inside the cell."""
+  if sweep_cell and jax.process_count() > 1:
+    return Placement(None, everywhere())
+  return Placement(make_mesh(config.num_devices, int(config.batch_size),
+                             int(config.eval_batch_size)))
+
+
 def everywhere() -> jax.sharding.NamedSharding:
   """Replicated over every device of every process (a sweep cell's placement with several
   processes: its programs run on all devices, batched ones split over the sweep's ``'run'``

@@ -132,13 +132,7 @@ class Trainer:
     self.last_train_stats: EpochStats | None = None
     self.last_train_epochs = 0
     self.last_train_steps = 0
-    if lockstep is not None and jax.process_count() > 1:
-      # A sweep cell over several processes: replicated on every device, its batched programs
-      # split over the sweep's 'run' axis (train/lockstep.py); no 'data' axis inside the cell.
-      self.placement = placement_lib.Placement(None, placement_lib.everywhere())
-    else:
-      self.placement = placement_lib.Placement(placement_lib.make_mesh(
-          config.num_devices, self.batch_size, self.eval_batch_size))
+    self.placement = placement_lib.for_run(config, sweep_cell=lockstep is not None)
     self.mesh, self.replicated = self.placement.mesh, self.placement.replicated
     self.env = steps.make_env(config, model, method, self.tx, self.aux_tx, self.class_il,
                               self.has_batch_stats, self.mesh)
@@ -280,15 +274,7 @@ class Trainer:
     self.last_train_stats = None
     self.last_train_epochs = self.last_train_steps = 0
     c = self.config
-    if sources is not None:
-      if data is not None:
-        raise ValueError("train(): pass either data= or sources=, not both")
-      spec, data, nb, n_rows = sources_lib.place(sources, self.put)
-    else:
-      spec = None
-      data = self.task_data(t) if data is None else data
-      nb = max(1, -(-int(data.n) // self.batch_size))
-      n_rows = int(data.x.shape[0])
+    spec, data, nb, n_rows = loops.operation_data(self, t, data, sources)
     if reset_optimizer and start == 0:
       state = self.reset_optimizer(state)
     op = loops.Operation(
@@ -347,15 +333,8 @@ class Trainer:
     number returned without it.
     """
     data = self.task_data(t, split) if data is None else data
-    view = evaluation.accuracy_view(self.class_il, t, current)
-    correct, total, other = self._eval_counts(state, data, jnp.int32(view), jnp.int32(current),
-                                              jnp.int32(view), jnp.int32(t), jnp.bool_(views))
-    total = float(total)
-    own = float(correct) / total if total else float("nan")
-    if not views:
-      return own
-    other = float(other) / total if total else float("nan")
-    return evaluation.both_views(self.class_il, own, other)
+    return evaluation.task_accuracy(self._eval_counts, self.class_il, state, data, t, current,
+                                    views)
 
   def accuracy_row(self, state: TrainState, current: int, split: str = "test",
                    views: bool = False) -> list:
