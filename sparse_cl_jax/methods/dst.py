@@ -85,6 +85,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sparse_cl_jax import config as config_lib
 from sparse_cl_jax import criteria
 from sparse_cl_jax import growth as growth_lib
 from sparse_cl_jax import masks
@@ -560,7 +561,8 @@ def make(config, ctx: base.Context) -> base.Method:
   changed positions; as coded False), ``mask_overlap`` (a task's mask may include earlier tasks'
   frozen weights; as coded True), ``drop_frozen`` (as coded False here, see the module docstring).
   """
-  dc = config.dst  # its values follow the rules declared with each field (configs/dst_cl.py)
+  config_lib.validate(config)  # the rules declared with each field (configs/dst_cl.py)
+  dc = config.dst
   T = ctx.num_tasks
   spec, rows = ctx.spec, ctx.task_rows
   modes = growth_schedule(dc.growth, dc.growth_per_task, T)
