@@ -222,3 +222,29 @@ def test_a_sweep_over_two_processes_gives_the_cells_of_one_process(tmp_path):
     assert b["status"] == "done" and b["cells_in_program"] == 4
     np.testing.assert_allclose(matrix(two / b["name"]), matrix(one / a["name"]), atol=0.005)
   assert "sweep of 4 cells" not in paths[1].read_text()
+
+
+def test_a_corrupt_newest_checkpoint_is_set_aside_and_all_processes_resume_from_the_older(
+    runs, tmp_path):
+  w = tmp_path / "w"
+  procs, _ = start(MAIN, w, *RUN_FLAGS, logs=tmp_path / "killed")
+  deadline = time.monotonic() + 240
+  while not (w / "checkpoints" / "2" / "checksums.json").exists():
+    assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+    time.sleep(0.02)
+  for p in procs:
+    p.send_signal(signal.SIGKILL)
+  finish(procs)
+  newest = max(int(p.name) for p in (w / "checkpoints").iterdir() if p.name.isdigit())
+  victim = next(p for p in sorted((w / "checkpoints" / str(newest) / "state").rglob("*"))
+                if p.is_file() and p.stat().st_size > 0)
+  with open(victim, "r+b") as f:
+    first = f.read(1)
+    f.seek(0)
+    f.write(bytes([first[0] ^ 0xFF]))
+  procs, paths = start(MAIN, w, *RUN_FLAGS, logs=tmp_path / "rerun")
+  assert finish(procs) == [0, 0], [p.read_text()[-2000:] for p in paths]
+  log0 = paths[0].read_text()
+  assert f"checkpoint step {newest}" in log0 and "is corrupt" in log0
+  assert any((w / "corrupt-checkpoints").iterdir())
+  np.testing.assert_array_equal(matrix(w), matrix(runs["two"]))
