@@ -92,7 +92,12 @@ def _tie_message(names: list[str]) -> str:
           "gradient, or pass on_tied_growth='ignore' if ties are expected")
 
 
-def _report_ties(flags, names: list[str], mode: str) -> None:
+def report_ties(flags, names: list[str], mode: str) -> None:
+  """Warns (``mode='warn'``) or raises (``'raise'``) naming the leaves whose growth was tied.
+
+  ``flags``: :attr:`DropGrowResult.tied_growth` as a ``[..., len(names)]`` bool array (any
+  leading axes: vmapped or stacked updates, a leaf is named if any of them tied).
+  """
   flags = np.asarray(flags, bool).reshape(-1, len(names)).any(axis=0)  # any leading vmap axes
   if not flags.any():
     return
@@ -190,9 +195,9 @@ def drop_and_grow(masks: types.Masks, drop_scores: types.Scores, grow_scores: ty
   if on_tied_growth != "ignore":
     names = masks_lib.paths(masks)
     if sparsity_lib.is_traced(tied):
-      jax.debug.callback(lambda f: _report_ties(f, names, on_tied_growth), jnp.stack(tied))
+      jax.debug.callback(lambda f: report_ties(f, names, on_tied_growth), jnp.stack(tied))
     else:
-      _report_ties(np.asarray(jnp.stack(tied)), names, on_tied_growth)
+      report_ties(np.asarray(jnp.stack(tied)), names, on_tied_growth)
   return DropGrowResult(unflat(new), unflat(dropped), unflat(grown), unflat(tied))
 
 

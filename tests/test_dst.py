@@ -285,6 +285,7 @@ def test_paper_presets_use_the_authors_resnet18_and_fwt_names():
 
 
 def test_earlier_subnetworks_bit_identical_and_no_retrace():
+  dst.clear_shared()  # the jitted phases are shared by the runs of a process: trace them afresh
   dst.TRACE_COUNTS.clear()
   c = _config("runlocal,erk")
   c.norm = "task_batch"

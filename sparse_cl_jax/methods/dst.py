@@ -77,6 +77,7 @@ from __future__ import annotations
 import collections
 import functools
 import math
+import threading
 from typing import Any, NamedTuple
 
 from absl import logging
@@ -92,6 +93,7 @@ from sparse_cl_jax import masks
 from sparse_cl_jax import schedules
 from sparse_cl_jax import sparsity as sparsity_lib
 from sparse_cl_jax import topk
+from sparse_cl_jax.data import normalization
 from sparse_cl_jax.methods import base
 
 DEFAULT_NORM = "task_batch"
@@ -213,7 +215,7 @@ def trainable(mstate, spec, rows, task) -> Any:
 
 
 def topology_update(mstate, params, *, fraction, growth: str, spec, key=None, grads=None,
-                    opt_state=None, drop_frozen: bool = False):
+                    opt_state=None, drop_frozen: bool = False, on_tied_growth: str = "warn"):
   """One drop-and-grow step of the current task's mask (pure; jit-compatible).
 
   Args:
@@ -226,6 +228,8 @@ def topology_update(mstate, params, *, fraction, growth: str, spec, key=None, gr
     grads: dense gradient tree (``'gradient'``).
     opt_state: optax state holding a first moment (``'momentum'``).
     drop_frozen: also drop reused weights of earlier tasks (as coded); default only the task's own.
+    on_tied_growth: :func:`growth.drop_and_grow`'s (``'ignore'``: the caller reads
+      ``tied_growth`` of the result).
 
   Returns:
     ``(new_mstate, growth.DropGrowResult)``: ``mask`` updated, ``used`` accumulated. Per layer the
@@ -252,7 +256,8 @@ def topology_update(mstate, params, *, fraction, growth: str, spec, key=None, gr
   else:
     raise ValueError(f"unknown DST growth mode {growth!r}; choose from {GROWTH_MODES}")
   res = growth_lib.drop_and_grow(mask, criteria.magnitude(params), scores, fraction, spec=spec,
-                                 drop_candidates=drop_cand, grow_candidates=grow_cand)
+                                 drop_candidates=drop_cand, grow_candidates=grow_cand,
+                                 on_tied_growth=on_tied_growth)
   new = dict(mstate)
   new["mask"] = res.masks
   new["used"] = growth_lib.mark_used(used, res.masks)
@@ -412,11 +417,15 @@ def drop_schedule(total_steps: int, *, drop_fraction: float, drop_fraction_final
   return end, sched
 
 
-def dense_grads(state, data, t, key, *, model, normalize, spec, rows, batch_size: int,
-                has_stats: bool, class_il: bool, head_mask):
-  """``dL/dw_eff`` at the task's masked weights on a random batch of its training data."""
+def dense_grads(state, data, t, key, run, *, model, spec, rows, batch_size: int, has_stats: bool,
+                class_il: bool):
+  """``dL/dw_eff`` at the task's masked weights on a random batch of its training data.
+
+  ``run``: the run's data-valued constants, ``{"mean", "std", "head_mask"}`` (the stream's
+  normalisation and class layout), arguments rather than constants of the compiled update.
+  """
   idx = jax.random.randint(key, (batch_size,), 0, jnp.maximum(data.n, 1))
-  x = normalize(jnp.take(data.x, idx, axis=0))
+  x = normalization.normalize(jnp.take(data.x, idx, axis=0), run["mean"], run["std"])
   y = jnp.take(data.y, idx, axis=0)
   eff = view_params(state.params, state.method, t, t, spec=spec, rows=rows)
 
@@ -428,23 +437,31 @@ def dense_grads(state, data, t, key, *, model, normalize, spec, rows, batch_size
     else:
       logits = model.apply(variables, x, task=t, train=True)
     if class_il:
-      logits = jnp.where(head_mask[t][None, :], logits, jnp.finfo(logits.dtype).min)
+      logits = jnp.where(run["head_mask"][t][None, :], logits, jnp.finfo(logits.dtype).min)
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
 
   return jax.grad(loss)(eff)
 
 
-def topology_step(state, data, t, fraction, key, *, mode: str, tx, spec, drop_frozen: bool,
+def topology_step(state, data, t, fraction, key, run, *, mode: str, tx, spec, drop_frozen: bool,
                   regrow: str, reset_moments: bool, fresh, grads_of):
   """Step 2's update: :func:`topology_update` at drop ``fraction``, then the grown weights set
   (zero, or ``fresh`` with ``regrow='init'``), optionally their optimiser moments reset, and the
-  task's update and regrowth counts raised. ``grads_of(state, data, t, key)``: the gradient that
-  ``'gradient'`` growth scores (:func:`dense_grads`)."""
+  task's update and regrowth counts raised. ``grads_of(state, data, t, key, run)``: the gradient
+  that ``'gradient'`` growth scores (:func:`dense_grads`; ``run``: its data-valued constants).
+
+  Returns ``(state, tied)``: ``tied`` holds the per-leaf tied-growth flags
+  (:class:`growth.TiedGrowthWarning`), read on the host after the task's training
+  (:func:`run_task`): a host callback inside the compiled update would keep it out of the
+  persistent compilation cache.
+  """
   TRACE_COUNTS[f"update_{mode}"] += 1
-  grads = grads_of(state, data, t, jax.random.fold_in(key, 2)) if mode == "gradient" else None
+  grads = (grads_of(state, data, t, jax.random.fold_in(key, 2), run) if mode == "gradient"
+           else None)
   m, res = topology_update(state.method, state.params, fraction=fraction, growth=mode,
                            spec=spec, key=jax.random.fold_in(key, 0), grads=grads,
-                           opt_state=state.opt_state, drop_frozen=drop_frozen)
+                           opt_state=state.opt_state, drop_frozen=drop_frozen,
+                           on_tied_growth="ignore")
   if regrow == "init":
     params = growth_lib.regrow(state.params, res.grown, mode="init",
                                init_params=fresh(jax.random.fold_in(key, 1)))
@@ -455,16 +472,23 @@ def topology_step(state, data, t, fraction, key, *, mode: str, tx, spec, drop_fr
     opt_state = growth_lib.reset_moments(tx, opt_state, res.changed)
   m["num_updates"] = m["num_updates"].at[t].add(1)
   m["num_regrown"] = m["num_regrown"].at[t].add(masks.count(res.grown, spec))
-  return state._replace(params=params, opt_state=opt_state, method=m)
+  tied = jnp.stack([jnp.asarray(f, jnp.bool_) for f in jax.tree.leaves(res.tied_growth)])
+  return state._replace(params=params, opt_state=opt_state, method=m), tied
 
 
-def topology_hook(update, data, task, *, schedule, end: int, key):
-  """The trainer's hook: ``update`` at ``schedule(steps_done)`` until ``T_end``, then nothing."""
+def topology_hook(update, data, task, *, schedule, end: int, key, run, tied: list):
+  """The trainer's hook: ``update`` at ``schedule(steps_done)`` until ``T_end``, then nothing.
+
+  Each update's tied-growth flags are appended to ``tied`` (device arrays: no synchronisation).
+  """
 
   def hook(st, steps_done):
     if steps_done > end:  # T_end: the topology is fixed for the rest of the task
       return st
-    return update(st, data, task, schedule(steps_done), jax.random.fold_in(key, steps_done))
+    st, flags = update(st, data, task, schedule(steps_done), jax.random.fold_in(key, steps_done),
+                       run)
+    tied.append(flags)
+    return st
 
   return hook
 
@@ -487,26 +511,31 @@ def finish_task(state, t, *, spec, per_task_stats: bool):
 
 
 def run_task(trainer, state, t: int, *, begin, finish, update_for, modes: list[str], dc, epochs,
-             batch_size: int):
+             batch_size: int, run, names: list[str]):
   """One task: its mask drawn (``begin``), sparse training with a drop-and-grow update every
   ``dc.update_every`` steps until ``T_end`` (``update_for(mode, tx)``: the jitted
-  :func:`topology_step` of growth ``mode``), then its weights frozen (``finish``)."""
+  :func:`topology_step` of growth ``mode``; ``run``: the run's data-valued constants), then its
+  weights frozen (``finish``). Tied growth in any update of the task warns once afterwards
+  (``names``: the leaves' paths)."""
   tt = jnp.int32(t)
   key = trainer.op_key(0)
   state = trainer.apply(state, lambda st: begin(st, tt, key))
   data = trainer.task_data(t)
   nb = max(1, math.ceil(int(data.n) / batch_size))
   every = int(dc.update_every)
-  hook = None
+  hook, tied = None, []
   if every > 0:
     end, sched = drop_schedule(nb * int(epochs), drop_fraction=float(dc.drop_fraction),
                                drop_fraction_final=float(dc.drop_fraction_final),
                                t_end=float(dc.get("t_end", 1.0)))
     update = update_for(modes[t], trainer.tx)
     train_key = jax.random.fold_in(trainer.op_key(0), _HOOK_SALT)  # the train op's own key
-    hook = topology_hook(update, data, tt, schedule=sched, end=end, key=train_key)
+    hook = topology_hook(update, data, tt, schedule=sched, end=end, key=train_key, run=run,
+                         tied=tied)
   state = trainer.train(state, t, epochs=epochs, phase=f"dst-{modes[t]}", hook=hook,
                         hook_every=every)
+  if tied:  # one transfer per task
+    growth_lib.report_ties(np.asarray(jax.device_get(jnp.stack(tied))), names, "warn")
   return trainer.apply(state, lambda st: finish(st, tt))
 
 
@@ -546,6 +575,44 @@ def report(ctx, state, *, spec, num_tasks: int, budget: Budget, overlap: bool, d
 
 
 # --------------------------------------------------------------------------------------------------
+# Jitted phases shared by the runs of a process.
+
+_SHARED: dict = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def _static(tree) -> tuple:
+  """A hashable stand-in for a tree of static leaves (bools, ints): its structure and leaves."""
+  leaves, treedef = jax.tree.flatten(tree)
+  return treedef, tuple(leaves)
+
+
+def shared_jit(key: tuple, make_fn):
+  """``jax.jit(make_fn())``, one per ``key`` in the process (the static setup it closes over).
+
+  Runs whose ``key`` is equal (the cells of a sweep that differ in seed, learning rate, ...)
+  share one trace and one executable; per-run values must be arguments, not closure constants.
+  A key that cannot be hashed (a model with unhashable fields) gets a function of its own. (Cells
+  that call a new one at the same moment wait for one trace and one compilation: jax's own.)
+  """
+  try:
+    hash(key)
+  except TypeError:
+    return jax.jit(make_fn())
+  with _SHARED_LOCK:
+    fn = _SHARED.get(key)
+    if fn is None:
+      fn = _SHARED[key] = jax.jit(make_fn())
+  return fn
+
+
+def clear_shared() -> None:
+  """Forgets the shared jitted functions (tests that count traces start from none)."""
+  with _SHARED_LOCK:
+    _SHARED.clear()
+
+
+# --------------------------------------------------------------------------------------------------
 # The method.
 
 
@@ -570,25 +637,40 @@ def make(config, ctx: base.Context) -> base.Method:
   budget = mask_budget(ctx.params, spec, float(dc.sparsity), dc.init)
   has_stats = "batch_stats" in ctx.variables
   per_task_stats = has_stats and getattr(ctx.model, "norm", "none") == "task_batch"
-  fresh = functools.partial(fresh_params, model=ctx.model,
-                            input_shape=(1,) + tuple(ctx.stream.input_shape))
-  begin = jax.jit(functools.partial(
-      begin_task, counts=budget.counts, spec=spec, overlap=bool(dc.mask_overlap),
-      new_weights=dc.new_weights, fresh=fresh, per_task_stats=per_task_stats,
-      init_stats=ctx.variables.get("batch_stats", {})))
-  finish = jax.jit(functools.partial(finish_task, spec=spec, per_task_stats=per_task_stats))
-  grads_of = functools.partial(
-      dense_grads, model=ctx.model, normalize=ctx.stream.normalize, spec=spec, rows=rows,
-      batch_size=int(config.batch_size), has_stats=has_stats,
-      class_il=ctx.stream.incremental == "class", head_mask=jnp.asarray(ctx.stream.head_mask))
-  updates: dict = {}  # one jitted update per growth mode
+  input_shape = (1,) + tuple(ctx.stream.input_shape)
+  fresh = functools.partial(fresh_params, model=ctx.model, input_shape=input_shape)
+  # The jitted phases are shared by every run of the process with the same static setup (the
+  # cells of a sweep trace and compile each once); what differs between runs is an argument.
+  uses_fresh = dc.new_weights == "init" or dc.regrow == "init"
+  setup = (_static(spec), _static(rows), per_task_stats,
+           (ctx.model, input_shape) if uses_fresh else None)
+  begin_jit = shared_jit(
+      ("begin", setup, _static(budget.counts), bool(dc.mask_overlap), dc.new_weights),
+      lambda: functools.partial(begin_task, counts=budget.counts, spec=spec,
+                                overlap=bool(dc.mask_overlap), new_weights=dc.new_weights,
+                                fresh=fresh, per_task_stats=per_task_stats))
+  init_stats = ctx.variables.get("batch_stats", {})
+  begin = lambda st, t, key: begin_jit(st, t, key, init_stats=init_stats)  # noqa: E731
+  finish = shared_jit(("finish", setup),
+                      lambda: functools.partial(finish_task, spec=spec,
+                                                per_task_stats=per_task_stats))
+  class_il = ctx.stream.incremental == "class"
+  grads_of = functools.partial(dense_grads, model=ctx.model, spec=spec, rows=rows,
+                               batch_size=int(config.batch_size), has_stats=has_stats,
+                               class_il=class_il)
+  run = {"mean": jnp.asarray(ctx.stream.mean, jnp.float32),
+         "std": jnp.asarray(ctx.stream.std, jnp.float32),
+         "head_mask": jnp.asarray(ctx.stream.head_mask)}
 
   def update_for(mode, tx):
-    if mode not in updates:
-      updates[mode] = jax.jit(functools.partial(
-          topology_step, mode=mode, tx=tx, spec=spec, drop_frozen=bool(dc.drop_frozen),
-          regrow=dc.regrow, reset_moments=dc.reset_moments, fresh=fresh, grads_of=grads_of))
-    return updates[mode]
+    key = ("update", mode, setup, bool(dc.drop_frozen), dc.regrow, bool(dc.reset_moments),
+           # tx only shapes the moments reset; the gradient's model and batch only its growth
+           tx if dc.reset_moments else None,
+           (ctx.model, int(config.batch_size), has_stats, class_il) if mode == "gradient"
+           else None)
+    return shared_jit(key, lambda: functools.partial(
+        topology_step, mode=mode, tx=tx, spec=spec, drop_frozen=bool(dc.drop_frozen),
+        regrow=dc.regrow, reset_moments=dc.reset_moments, fresh=fresh, grads_of=grads_of))
 
   def forward_params(params, aux, m, task, current):
     del aux
@@ -598,7 +680,8 @@ def make(config, ctx: base.Context) -> base.Method:
       name="dst",
       run_task=functools.partial(run_task, begin=begin, finish=finish, update_for=update_for,
                                  modes=modes, dc=dc, epochs=config.epochs,
-                                 batch_size=int(config.batch_size)),
+                                 batch_size=int(config.batch_size), run=run,
+                                 names=masks.paths(ctx.params)),
       init_state=lambda ctx: init_state(ctx.params, T),
       forward_params=forward_params,
       wrap_tx=base.freezing_tx,
