@@ -1,7 +1,9 @@
 """DST for CL (issue 5): exact counts, growth picks, frozen subnetworks, one trace per step kind."""
 
+import functools
 import importlib.util
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -10,10 +12,12 @@ import optax
 import pytest
 
 from sparse_cl_jax import experiment
+from sparse_cl_jax import growth
 from sparse_cl_jax import masks
 from sparse_cl_jax import sparsity
 from sparse_cl_jax import transforms
 from sparse_cl_jax.methods import dst
+from sparse_cl_jax.train import state as train_state
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,6 +83,27 @@ def test_gradient_and_momentum_growth_pick_hand_computed_positions(mode):
   np.testing.assert_array_equal(new["mask"]["k"]["kernel"], [0, 0, 0, 0, 1, 1, 0, 1])
   np.testing.assert_array_equal(new["used"]["k"]["kernel"], [1, 1, 0, 0, 1, 1, 0, 1])
   assert bool(new["mask"]["b"]["bias"].all()) and not res.changed["b"]["bias"].any()
+
+
+def test_tied_growth_is_returned_by_the_compiled_update_and_warned_after_the_task():
+  m, params = _hand_case()
+  m = {**m, "num_updates": jnp.zeros(2, jnp.int32), "num_regrown": jnp.zeros(2, jnp.int32)}
+  state = train_state.TrainState(params=params, batch_stats={}, opt_state=(), aux={},
+                                 aux_opt_state=(), method=m, step=jnp.int32(0))
+  zero = lambda st, data, t, key, run: jax.tree.map(jnp.zeros_like, st.params)  # noqa: E731
+  update = jax.jit(functools.partial(dst.topology_step, mode="gradient", tx=None, spec=SPEC,
+                                     drop_frozen=False, regrow="zero", reset_moments=False,
+                                     fresh=None, grads_of=zero))
+  tied = []
+  hook = dst.topology_hook(update, None, jnp.int32(0), schedule=lambda s: jnp.float32(0.5),
+                           end=10, key=jax.random.key(0), run={}, tied=tied)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # nothing is reported inside the update
+    hook(state, 2)
+  # A zero gradient ties every growth candidate of the kernel; the bias takes no part.
+  np.testing.assert_array_equal(np.asarray(tied[0]), [False, True])
+  with pytest.warns(growth.TiedGrowthWarning, match="k/kernel"):
+    growth.report_ties(np.stack([np.asarray(f) for f in tied]), masks.paths(params), "warn")
 
 
 def test_drop_frozen_option_drops_reused_weights():
