@@ -900,13 +900,20 @@ def init(model: nn.Module, key: Array, input_shape: Sequence[int]) -> Variables:
     ``{'params': ...}`` plus ``'batch_stats'`` when the model has running statistics.
   """
   shape = tuple(input_shape)
-
-  @jax.jit
-  def _init(k):
-    return model.init(k, jnp.zeros(shape, jnp.float32), task=0, train=False)
-
-  variables = _init(key)
+  try:
+    hash(model)
+  except TypeError:  # a model with unhashable fields: a trace of its own
+    variables = jax.jit(functools.partial(_init_variables, model, shape=shape))(key)
+  else:  # equal models share one trace (the cells of a sweep)
+    variables = _init_shared(model, key, shape)
   return {c: variables[c] for c in ('params', 'batch_stats') if c in variables}
+
+
+def _init_variables(model: nn.Module, key: Array, shape: tuple[int, ...]) -> Variables:
+  return model.init(key, jnp.zeros(shape, jnp.float32), task=0, train=False)
+
+
+_init_shared = jax.jit(_init_variables, static_argnums=(0, 2))
 
 
 def hidden_activations(state: Mapping[str, Any]) -> dict[str, Array]:
