@@ -57,6 +57,9 @@ def jit_body(body, env: steps.StepEnv, consts, **jit_kwargs):
   """
   if "donate_argnums" in jit_kwargs:
     jit_kwargs["donate_argnums"] = tuple(i + 1 for i in jit_kwargs["donate_argnums"])
+  if env.mesh is not None:  # the state stays replicated (GSPMD may leave per-row values split)
+    jit_kwargs.setdefault("out_shardings", jax.sharding.NamedSharding(
+        env.mesh, jax.sharding.PartitionSpec()))
   jitted = jax.jit(functools.partial(body, env), **jit_kwargs)
   return lambda *args, **kwargs: jitted(consts, *args, **kwargs)
 
