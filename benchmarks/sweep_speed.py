@@ -2,13 +2,17 @@ r"""Sweeps against their runs one after another, each its own process (issue 21)
 
   python benchmarks/sweep_speed.py --workdir=/tmp/sweep_bench            # the bar and runs/hour
   python benchmarks/sweep_speed.py --workdir=/tmp/sb --only=bar           # the bar only
+  python benchmarks/sweep_speed.py --workdir=/tmp/sb --only=bar --bar=dst_cl --repeats=5
 
 The bar: for ``packnet`` and ``dst_cl`` ``:runlocal`` with ``--sweep.seed=0,1
 --sweep.learning_rate=LR,2LR``, the sweep (one process, ``experiments/sweep.py``) against the four
 cells run alone (four ``experiments/main.py`` processes, one after another), both with a warm
-compilation cache (everything is run once before it is timed). Prints the wall times, their
-ratio, how many cells shared one program, and the largest difference between a cell's accuracy
-matrix and the same cell run alone.
+compilation cache (everything is run once before it is timed). ``--repeats=N`` times both N
+times, alternating (the four singles, then the sweep, then the singles again ...), and reports
+the median of the N ratios (each ratio from one round, back to back) beside the medians of the
+wall times; also the CPU time (user + system) of the same processes and its ratio, which other
+jobs on a shared machine disturb less than the wall time, and the load average at the end. Prints how many cells shared one program and the largest difference between a cell's
+accuracy matrix and the same cell run alone.
 
 Runs per hour: a 5-task Split-Digits stream on LeNet-300-100 and on the small convnet (PackNet,
 2 epochs + 1 retraining epoch per task): one run alone against sweeps of 4 and 8 seeds.
@@ -27,6 +31,7 @@ import json
 import os
 import pathlib
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -36,12 +41,20 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PY = sys.executable
 
 
-def _run(cmd: list[str]) -> float:
+def _run_cpu(cmd: list[str]) -> tuple[float, float]:
+  """Runs ``cmd``: its wall time and the CPU time (user + system) of the process, in seconds."""
+  before = resource.getrusage(resource.RUSAGE_CHILDREN)
   start = time.perf_counter()
   done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+  wall = time.perf_counter() - start
+  after = resource.getrusage(resource.RUSAGE_CHILDREN)
   if done.returncode != 0:
     raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
-  return time.perf_counter() - start
+  return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def _run(cmd: list[str]) -> float:
+  return _run_cpu(cmd)[0]
 
 
 def _fresh(path: pathlib.Path) -> str:
@@ -49,15 +62,15 @@ def _fresh(path: pathlib.Path) -> str:
   return str(path)
 
 
-def _single(config: str, workdir: pathlib.Path, overrides: dict, extra: list[str]) -> float:
+def _single(config: str, workdir: pathlib.Path, overrides: dict, extra: list[str], run=_run):
   args = [f"--config.{k}={v}" for k, v in overrides.items()]
-  return _run([PY, "experiments/main.py", f"--config={config}", f"--workdir={_fresh(workdir)}",
+  return run([PY, "experiments/main.py", f"--config={config}", f"--workdir={_fresh(workdir)}",
                *extra, *args])
 
 
-def _sweep(config: str, workdir: pathlib.Path, grid: dict, extra: list[str]) -> float:
+def _sweep(config: str, workdir: pathlib.Path, grid: dict, extra: list[str], run=_run):
   args = [f"--sweep.{k}={','.join(map(str, v))}" for k, v in grid.items()]
-  return _run([PY, "experiments/sweep.py", f"--config={config}", f"--workdir={_fresh(workdir)}",
+  return run([PY, "experiments/sweep.py", f"--config={config}", f"--workdir={_fresh(workdir)}",
                *extra, *args])
 
 
@@ -69,10 +82,11 @@ def _matrix(workdir) -> list:
   return json.loads(pathlib.Path(workdir, "results.json").read_text())["accuracy_matrix"]
 
 
-def bar(root: pathlib.Path) -> list[dict]:
+def bar(root: pathlib.Path, names=("packnet", "dst_cl"), repeats: int = 1) -> list[dict]:
   import importlib.util  # pylint: disable=g-import-not-at-top
+  import statistics  # pylint: disable=g-import-not-at-top
   rows = []
-  for name in ("packnet", "dst_cl"):
+  for name in names:
     spec = importlib.util.spec_from_file_location(f"bar_{name}", ROOT / "configs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -84,8 +98,12 @@ def bar(root: pathlib.Path) -> list[dict]:
     _sweep(config, root / f"{name}_warm", grid, [])
     for i, c in enumerate(cells):
       _single(config, root / f"{name}_warm_single{i}", c, [])
-    singles = [_single(config, root / f"{name}_single{i}", c, []) for i, c in enumerate(cells)]
-    sweep = _sweep(config, root / f"{name}_sweep", grid, [])
+    rounds = []
+    for _ in range(repeats):  # alternating: the four singles, then the sweep
+      singles = [_single(config, root / f"{name}_single{i}", c, [], _run_cpu)
+                 for i, c in enumerate(cells)]
+      sweep = _sweep(config, root / f"{name}_sweep", grid, [], _run_cpu)
+      rounds.append((sum(w for w, _ in singles), sweep[0], sum(c for _, c in singles), sweep[1]))
     diffs = []
     for cell in _cells(root / f"{name}_sweep"):
       i = cells.index({k: cell["overrides"][k] for k in ("seed", "learning_rate")})
@@ -94,8 +112,14 @@ def bar(root: pathlib.Path) -> list[dict]:
     shared = max(c.get("cells_in_program", 1) for c in _cells(root / f"{name}_sweep"))
     largest = max(len(c.get("shared_with", [])) + 1 for c in _cells(root / f"{name}_sweep"))
     rows.append({"case": f"bar {name}:runlocal seed 0,1 x lr {lr},{2 * lr}",
-                 "singles_s": round(sum(singles), 2), "sweep_s": round(sweep, 2),
-                 "ratio": round(sweep / sum(singles), 3), "cells_in_program": shared,
+                 "singles_s": round(statistics.median(r[0] for r in rounds), 2),
+                 "sweep_s": round(statistics.median(r[1] for r in rounds), 2),
+                 "ratio": round(statistics.median(r[1] / r[0] for r in rounds), 3),
+                 "ratios": [round(r[1] / r[0], 3) for r in rounds],
+                 "singles_cpu_s": round(statistics.median(r[2] for r in rounds), 2),
+                 "sweep_cpu_s": round(statistics.median(r[3] for r in rounds), 2),
+                 "cpu_ratio": round(statistics.median(r[3] / r[2] for r in rounds), 3),
+                 "load_average": os.getloadavg()[0], "cells_in_program": shared,
                  "largest_group": largest, "max_abs_diff_vs_alone": max(diffs)})
     print(json.dumps(rows[-1]), flush=True)
   return rows
@@ -192,6 +216,8 @@ def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--only", choices=("bar", "rph", "methods"), default=None)
+  parser.add_argument("--bar", default="packnet,dst_cl", help="the presets of the bar")
+  parser.add_argument("--repeats", type=int, default=1, help="alternating rounds of the bar")
   a = parser.parse_args()
   root = pathlib.Path(a.workdir)
   root.mkdir(parents=True, exist_ok=True)
@@ -199,7 +225,7 @@ def main() -> int:
                     "cpus": os.cpu_count()}), flush=True)
   rows = []
   if a.only in (None, "bar"):
-    rows += bar(root)
+    rows += bar(root, [n for n in a.bar.split(",") if n], max(1, a.repeats))
   if a.only in (None, "rph"):
     rows += runs_per_hour(root)
   if a.only in (None, "methods"):
