@@ -39,8 +39,8 @@ ROWS = {
     "td_own": ("TD tickets (LT), own-distribution pool", "fashion_mnist", "td", True),
 }
 # (a, b): the paired differences a - b reported besides "minus dense"
-PAIRS = (("td", "td_nolt"), ("dense", "dense_nolt"), ("td", "imp"), ("td", "td_own"),
-         ("bu", "dense"), ("td", "dense"))
+PAIRS = (("td", "td_nolt"), ("td_own", "td_nolt"), ("dense", "dense_nolt"), ("td", "imp"),
+         ("td", "td_own"), ("bu", "dense"), ("td", "dense"), ("imp", "dense"))
 
 
 def load_config(arg: str):
