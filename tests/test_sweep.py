@@ -171,7 +171,8 @@ def test_cells_share_programs_and_equal_runs_alone(swept, tmp_path):
     assert np.array_equal(np.array(alone["accuracy_matrix"]), np.array(got[c["name"]])), c["name"]
     assert alone["acc"] == c["acc"] and alone["bwt"] == c["bwt"]
   summary = (workdir / "summary.md").read_text()
-  assert summary.splitlines()[0] == "| learning_rate | n | ACC | BWT |"
+  assert summary.splitlines()[0] == (
+      "| learning_rate | n | ACC | BWT | ACC aware | ACC agnostic | BWT aware | BWT agnostic |")
   assert summary.splitlines()[2].startswith("| 0.05 | 2 | ")
   for f in ("compare.md", "compare.csv", "compare.png"):
     assert (workdir / f).exists()
