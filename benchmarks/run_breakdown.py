@@ -30,6 +30,7 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -179,6 +180,7 @@ def main(argv):
   with t.part("rest of experiment.run"):
     results = experiment.run(config, workdir, print_summary=False)
   run_s = time.perf_counter() - start
+  shutil.rmtree(workdir, ignore_errors=True)
   startup = _AGE_AT_START + (_IMPORTS_DONE - _T0)
   parts = {"start-up (interpreter, imports)": round(startup, 3)}
   parts.update({k: round(v, 3) for k, v in t.own.most_common()})
