@@ -35,6 +35,7 @@ bench: $(STAMP) fashion-mnist
 	$(BIN)/python benchmarks/core_overhead.py
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/python benchmarks/peer_pytorch.py
+	$(BIN)/python benchmarks/run_breakdown.py
 
 ## make mutants: single-site bugs planted one at a time in a copy of the checkout; prints the
 ## kill rate of the test files mapped to each (tests/mutants.py; slow, not part of make test).
