@@ -736,13 +736,16 @@ def run(main: Callable[[list[str]], Any], *, doc: str | None = None,
     except SystemExit as e:
       code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
       line = e.code if isinstance(e.code, str) else None
+      if code in (0, 130, 143):  # done, or a signal's stop: every process stops there, saved
+        distributed.exit_now(code, line)
       if line and line.startswith("error: "):
         line = distributed.error_line(line[len("error: "):])
-      distributed.exit_now(code, line)
+      distributed.stop_all(code, line, reason=line or f"it exited with status {code} (its "
+                           "error is on its own output)")
     except BaseException as e:  # pylint: disable=broad-except  # a collective lost its peer, ...
       if _TRACEBACK.value:
         traceback.print_exc()
-      distributed.exit_now(1, distributed.error_line(one_line(e)))
+      distributed.stop_all(1, distributed.error_line(one_line(e)))
     distributed.shutdown()
     return result
 

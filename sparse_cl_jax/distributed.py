@@ -288,6 +288,59 @@ def error_line(message: str) -> str:
   return f"error: {who()}: {message}"
 
 
+_ERROR = "sparse_cl_jax/error"
+_ACK = "sparse_cl_jax/ack/{}"
+ACK_SECONDS = 5.0
+
+
+def stop_all(code: int, line: str | None, reason: str | None = None) -> None:
+  """Ends this process with ``line`` after telling the others why (they stop with one line too).
+
+  ``reason``: what the others are told when it is not ``line`` (e.g. ``line`` was printed already).
+
+  The message goes through the coordination service; process 0, which hosts it, waits up to
+  :data:`ACK_SECONDS` for the others' watchdogs to read it before it ends (its end would cut the
+  others off the service, which JAX turns into a native abort).
+  """
+  c = client()
+  if c is not None:
+    stop_watchdog(done=False)
+    try:
+      c.key_value_set(_ERROR, f"{jax.process_index()}\t{reason or line}")
+    except Exception:  # pylint: disable=broad-except  # another process announced first
+      pass
+    if jax.process_index() == 0:
+      waiting = set(range(1, jax.process_count()))
+      deadline = time.monotonic() + ACK_SECONDS
+      while waiting and time.monotonic() < deadline:
+        for i in sorted(waiting):
+          try:
+            c.key_value_try_get(_ACK.format(i))
+            waiting.discard(i)
+          except Exception:  # pylint: disable=broad-except  # not yet
+            pass
+        time.sleep(0.1)
+  exit_now(code, line)
+
+
+def _stop_for_another(c, me: int, n: int) -> bool:
+  """The watchdog's check for another process's :func:`stop_all`: stops this one if there is."""
+  try:
+    said = c.key_value_try_get(_ERROR)
+  except Exception:  # pylint: disable=broad-except  # NOT_FOUND: nobody stopped
+    return False
+  sender, _, line = said.partition("\t")
+  if int(sender) == me:
+    return False
+  try:
+    c.key_value_set(_ACK.format(me), "1")
+  except Exception:  # pylint: disable=broad-except
+    pass
+  reason = re.sub(r"^error: process \d+ of \d+: ", "", line)
+  exit_now(1, f"error: process {me} of {n}: process {sender} stopped the run: {reason}")
+  return True
+
+
 def exit_now(code: int, line: str | None = None) -> None:
   """Prints ``line`` on stderr and ends this process at once (no shutdown barrier to wait on)."""
   if line:
@@ -367,6 +420,8 @@ def _watch(stop: threading.Event, interval: float, stale_after: float) -> None:
       exit_now(1, f"error: process {me} of {n}: lost contact with the run's coordinator "
                f"(process 0: {reliability.one_line(e)[:120]}); this process stops too; rerun "
                "the same command on every process to resume from the last checkpoint")
+      return
+    if _stop_for_another(c, me, n):
       return
     for i, value in values.items():
       if value == "done":

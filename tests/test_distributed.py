@@ -248,3 +248,14 @@ def test_a_corrupt_newest_checkpoint_is_set_aside_and_all_processes_resume_from_
   assert f"checkpoint step {newest}" in log0 and "is corrupt" in log0
   assert any((w / "corrupt-checkpoints").iterdir())
   np.testing.assert_array_equal(matrix(w), matrix(runs["two"]))
+
+
+def test_an_error_of_process_0_stops_every_process_in_one_line(runs, tmp_path):
+  """Rerunning a finished run: process 0 refuses it; the other says why and stops too."""
+  procs, paths = start(MAIN, runs["two"], *RUN_FLAGS, logs=tmp_path / "again")
+  assert finish(procs, timeout=120) == [1, 1]
+  first, second = (error_lines(p) for p in paths)
+  assert len(first) == 1 and "already finished" in first[0], first
+  assert len(second) == 1 and second[0].startswith(
+      "error: process 1 of 2: process 0 stopped the run: run in"), second
+  assert "Check failure" not in paths[1].read_text()
