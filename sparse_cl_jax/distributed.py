@@ -16,9 +16,10 @@ What the package adds to JAX's runtime:
   (its key-value store and barriers; no device collective, so threads of a sweep may call them in
   any order);
 * a watchdog: when another process of the run stops (a crash, ``kill -9``, a lost node), this one
-  stops within a few seconds with one line naming the process, instead of waiting on a collective
-  until JAX's heartbeat timeout aborts it. The rerun of the same command on every process resumes
-  from the last checkpoint.
+  stops within about 10 seconds with one line naming the process, instead of waiting on a
+  collective until JAX's heartbeat timeout aborts it; when another process stops on an error
+  (:func:`stop_all`), this one stops with one line saying which process and why. The rerun of the
+  same command on every process resumes from the last checkpoint.
 
 The coordination service's client is reached through ``jax._src.distributed`` (JAX has no public
 handle on its key-value store); :func:`client` is the one place that does so.
