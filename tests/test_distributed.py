@@ -60,6 +60,20 @@ def finish(procs, timeout=300):
   return [p.wait(timeout=timeout) for p in procs]
 
 
+def wait_for_checkpoint(procs, workdir, step: int, timeout: float = 240.0) -> None:
+  """Until ``step``'s checksums are written (the step is complete) while every process runs."""
+  deadline = time.monotonic() + timeout
+  while not (workdir / "checkpoints" / str(step) / "checksums.json").exists():
+    assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+    time.sleep(0.02)
+
+
+def kill_all(procs) -> None:
+  for p in procs:
+    p.send_signal(signal.SIGKILL)
+  finish(procs)
+
+
 def matrix(workdir):
   with open(pathlib.Path(workdir) / "results.json") as f:
     return np.asarray(json.load(f)["accuracy_matrix"], float)
@@ -149,13 +163,8 @@ def test_only_process_0_reports(runs):
 def test_both_processes_killed_after_the_first_checkpoint_resume_identical(runs, tmp_path):
   w = tmp_path / "w"
   procs, _ = start(MAIN, w, *RUN_FLAGS, logs=tmp_path / "killed")
-  deadline = time.monotonic() + 240
-  while not (w / "checkpoints" / "1" / "checksums.json").exists():
-    assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
-    time.sleep(0.02)
-  for p in procs:
-    p.send_signal(signal.SIGKILL)
-  finish(procs)
+  wait_for_checkpoint(procs, w, 1)
+  kill_all(procs)
   assert not (w / "results.json").exists()
   procs, paths = start(MAIN, w, *RUN_FLAGS, logs=tmp_path / "rerun")
   assert finish(procs) == [0, 0], [p.read_text()[-2000:] for p in paths]
@@ -166,10 +175,7 @@ def test_both_processes_killed_after_the_first_checkpoint_resume_identical(runs,
 def test_a_process_that_dies_stops_the_other_in_one_line(tmp_path):
   w = tmp_path / "w"
   procs, paths = start(MAIN, w, *RUN_FLAGS, "--config.epochs=400")
-  deadline = time.monotonic() + 240
-  while not (w / "checkpoints" / "1" / "checksums.json").exists():
-    assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
-    time.sleep(0.02)
+  wait_for_checkpoint(procs, w, 1)
   procs[1].send_signal(signal.SIGKILL)
   t0 = time.monotonic()
   code = procs[0].wait(timeout=60)
@@ -189,10 +195,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_point_and_resumes_identic
   assert finish(procs) == [0, 0], [p.read_text()[-2000:] for p in paths]
   w = tmp_path / "w"
   procs, paths = start(MAIN, w, *flags, logs=tmp_path / "stopped")
-  deadline = time.monotonic() + 240
-  while not (w / "checkpoints" / "1" / "checksums.json").exists():
-    assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
-    time.sleep(0.02)
+  wait_for_checkpoint(procs, w, 1)
   procs[1].send_signal(signal.SIGTERM)  # only one of them, as a node-local preemption would
   codes = finish(procs, timeout=120)
   assert codes == [143, 143], [p.read_text()[-2000:] for p in paths]
@@ -228,13 +231,8 @@ def test_a_corrupt_newest_checkpoint_is_set_aside_and_all_processes_resume_from_
     runs, tmp_path):
   w = tmp_path / "w"
   procs, _ = start(MAIN, w, *RUN_FLAGS, logs=tmp_path / "killed")
-  deadline = time.monotonic() + 240
-  while not (w / "checkpoints" / "2" / "checksums.json").exists():
-    assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
-    time.sleep(0.02)
-  for p in procs:
-    p.send_signal(signal.SIGKILL)
-  finish(procs)
+  wait_for_checkpoint(procs, w, 2)
+  kill_all(procs)
   newest = max(int(p.name) for p in (w / "checkpoints").iterdir() if p.name.isdigit())
   victim = next(p for p in sorted((w / "checkpoints" / str(newest) / "state").rglob("*"))
                 if p.is_file() and p.stat().st_size > 0)
