@@ -85,7 +85,11 @@ def detected_cluster() -> str | None:
   """The cluster JAX's own detection finds (SLURM, TPU pod, Open MPI, Kubernetes), or None.
 
   Only when it holds more than one process: a single-task SLURM job runs as one process.
+  ``SPARSE_CL_JAX_DETECT_CLUSTER=0`` turns the detection off (e.g. one process started by hand
+  inside a many-task allocation, which would otherwise wait for the others that never come).
   """
+  if os.environ.get("SPARSE_CL_JAX_DETECT_CLUSTER", "1").lower() in ("0", "false", "no", "off"):
+    return None
   try:
     from jax._src import clusters  # pylint: disable=g-import-not-at-top
     kinds = list(clusters.ClusterEnv._cluster_types)  # pylint: disable=protected-access

@@ -118,6 +118,23 @@ def test_no_flags_and_one_process_are_a_plain_run():
   assert distributed.check_flags("localhost:1234", 2, 1) is True
 
 
+def test_jax_detects_a_slurm_job_of_several_tasks_unless_turned_off(monkeypatch):
+  for k in [k for k in os.environ if k.startswith(("SLURM_", "OMPI_", "KUBERNETES_"))]:
+    monkeypatch.delenv(k)
+  assert distributed.detected_cluster() is None
+  monkeypatch.setenv("SLURM_JOB_ID", "7")
+  monkeypatch.setenv("SLURM_STEP_NODELIST", "node[1-2]")
+  monkeypatch.setenv("SLURM_PROCID", "1")
+  monkeypatch.setenv("SLURM_LOCALID", "0")
+  monkeypatch.setenv("SLURM_NTASKS", "2")
+  assert distributed.detected_cluster() == "SlurmCluster"
+  monkeypatch.setenv("SPARSE_CL_JAX_DETECT_CLUSTER", "0")
+  assert distributed.detected_cluster() is None
+  monkeypatch.delenv("SPARSE_CL_JAX_DETECT_CLUSTER")
+  monkeypatch.setenv("SLURM_NTASKS", "1")  # one task: a plain run
+  assert distributed.detected_cluster() is None
+
+
 def test_a_flag_error_exits_2_before_anything_is_written(tmp_path):
   w = tmp_path / "w"
   r = subprocess.run([sys.executable, MAIN, f"--workdir={w}", *RUN_FLAGS, "--num_processes=2",
