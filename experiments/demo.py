@@ -12,6 +12,7 @@ import os
 from absl import flags
 
 from sparse_cl_jax import cli
+from sparse_cl_jax import distributed
 from sparse_cl_jax import experiment
 from sparse_cl_jax import logs
 
@@ -27,6 +28,8 @@ def main(argv):
     config.progress = False
     runs[name] = os.path.join(_WORKDIR.value, name)
     experiment.run(config, runs[name], overwrite=True)
+  if not distributed.is_primary():  # process 0 writes and prints a multi-process demo's summary
+    return
   rows = logs.compare_rows(list(runs.values()))
   table = logs.compare_table(rows)
   logs.write_compare_files(rows, _WORKDIR.value, title="5-task Split-Digits, task-IL, test split")

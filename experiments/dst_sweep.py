@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from sparse_cl_jax import cli
+from sparse_cl_jax import distributed
 from sparse_cl_jax import experiment
 from sparse_cl_jax import reliability
 
@@ -106,9 +107,12 @@ def main(argv):
                              ("fwt", r["fwt"]["subnetwork"]),
                              ("train_seconds", r["train_seconds"]), ("seeds", int(seed))):
             cell[key].append(value)
-          print(f"{init} + {g} s={s} seed={seed}: ACC {r['acc']:.4f} BWT {r['bwt']:.4f} "
-                f"FWT {r['fwt']['subnetwork']:.4f}", flush=True)
+          if distributed.is_primary():
+            print(f"{init} + {g} s={s} seed={seed}: ACC {r['acc']:.4f} BWT {r['bwt']:.4f} "
+                  f"FWT {r['fwt']['subnetwork']:.4f}", flush=True)
   wall = time.time() - t0
+  if not distributed.is_primary():  # process 0 writes and prints a multi-process sweep's tables
+    return
   md = table(cells, inits, growths, sparsities)
   device = f"{jax.devices()[0].device_kind} ({os.cpu_count()} cores, {platform.machine()})"
   meta = {"command": " ".join(sys.argv), "wall_seconds": wall, "device": device,
