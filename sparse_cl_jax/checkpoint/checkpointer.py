@@ -15,7 +15,7 @@ import re
 import shutil
 import sys
 from collections import abc
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging as absl_logging
 import jax
@@ -310,16 +310,23 @@ def restore_together(ckpt: "Checkpointer", like: PyTree):
 
 def newest_verified(ckpt: "Checkpointer") -> int | None:
   """The newest step whose checksums verify (the corrupt ones set aside), None if none."""
+  found = newest_valid(ckpt, lambda step: verify_step(ckpt.checkpoint_dir, step))
+  return None if found is None else found[0]
+
+
+def newest_valid(ckpt: "Checkpointer", attempt: Callable[[int], Any]) -> tuple[int, Any] | None:
+  """``(step, attempt(step))`` for the newest step whose ``attempt`` raises no
+  :class:`reliability.CorruptCheckpointError`; every newer step is set aside with a one-line
+  warning. None when the run has no checkpoint; :class:`reliability.NoValidCheckpointError` when
+  it had some but none is valid."""
   while steps := ckpt.all_steps():
     step = steps[-1]
     try:
-      verify_step(ckpt.checkpoint_dir, step)
+      return step, attempt(step)
     except reliability.CorruptCheckpointError as e:
       dest = ckpt.set_aside(step, incomplete=isinstance(e, IncompleteCheckpointError))
       older = f"trying step {steps[-2]}" if len(steps) > 1 else "no older checkpoint"
       absl_logging.warning("%s; moved it to %s; %s", e, dest, older)
-      continue
-    return step
   if quarantine.holds_corrupt(ckpt.corrupt_dir):
     raise reliability.NoValidCheckpointError(
         f"no valid checkpoint to resume the run in {ckpt.workdir}: the corrupt ones are in "
@@ -524,22 +531,8 @@ class Checkpointer:
     """
     if self._processes > 1:
       return restore_together(self, like)
-    while steps := self.all_steps():
-      step = steps[-1]
-      try:
-        state, meta = self.restore(step, like=like)
-      except reliability.CorruptCheckpointError as e:
-        dest = self.set_aside(step, incomplete=isinstance(e, IncompleteCheckpointError))
-        older = f"trying step {steps[-2]}" if len(steps) > 1 else "no older checkpoint"
-        absl_logging.warning("%s; moved it to %s; %s", e, dest, older)
-        continue
-      return step, state, meta
-    if quarantine.holds_corrupt(self.corrupt_dir):
-      raise reliability.NoValidCheckpointError(
-          f"no valid checkpoint to resume the run in {self.workdir}: the corrupt ones are in "
-          f"{self.corrupt_dir}; use --overwrite to move the run aside and start again (nothing "
-          "is deleted), or another --workdir")
-    return None
+    found = newest_valid(self, lambda step: self.restore(step, like=like))
+    return None if found is None else (found[0], *found[1])
 
   def set_aside(self, step: int, *, incomplete: bool = False) -> pathlib.Path:
     """Moves step ``step`` to ``corrupt-checkpoints/[incomplete-]step-<step>-<timestamp>``."""
