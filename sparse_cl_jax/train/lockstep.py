@@ -281,7 +281,7 @@ class Lockstep:
     if self.mesh is not None and jax.process_count() > 1:
       # Several processes: each cell's share is gathered onto every device (the cells' own
       # programs and host reads need it whole on every process).
-      return _unstack_everywhere(result, len(group), self.mesh)
+      return _unstack_replicated(len(group), self.mesh)(result)
     outs = _unstack(result, len(group))
     if self.mesh is not None:
       outs = [r.put(o) for r, o in zip(group, outs)]
@@ -312,18 +312,16 @@ def _stack_columns(columns):
   return [jnp.stack(column) for column in columns]
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _unstack(tree, n: int):
+def _parts(tree, n: int):
+  """The ``n`` runs of a stacked tree, one tree each."""
   return [jax.tree.map(lambda a, i=i: a[i], tree) for i in range(n)]
+
+
+_unstack = jax.jit(_parts, static_argnums=1)
 
 
 @functools.lru_cache(maxsize=None)
 def _unstack_replicated(n: int, mesh: jax.sharding.Mesh):
-  everywhere = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.jit(lambda tree: [jax.tree.map(lambda a, i=i: a[i], tree) for i in range(n)],
-                 out_shardings=everywhere)
-
-
-def _unstack_everywhere(tree, n: int, mesh: jax.sharding.Mesh):
-  """:func:`_unstack`, each part replicated over every device of ``mesh`` (all processes)."""
-  return _unstack_replicated(n, mesh)(tree)
+  """:func:`_unstack` of ``n`` runs, each part replicated over every device of ``mesh``."""
+  return jax.jit(functools.partial(_parts, n=n),
+                 out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))

@@ -44,22 +44,15 @@ def make_mesh(num_devices: int, batch_size: int, eval_batch_size: int):
   return jax.sharding.Mesh(np.array(devices), ("data",))
 
 
-def for_run(config, *, sweep_cell: bool = False) -> "Placement":
-  """The placement of a run (its ``'data'`` mesh from ``config.num_devices``), or of a sweep cell
-  over several processes: replicated on every device, its batched programs split over the
-  sweep's ``'run'`` axis (train/lockstep.py), no ``'data'`` axis inside the cell."""
-  if sweep_cell and jax.process_count() > 1:
-    return Placement(None, everywhere())
+def for_run(config, *, run_mesh: jax.sharding.Mesh | None = None) -> "Placement":
+  """The placement of a run (its ``'data'`` mesh from ``config.num_devices``), or, given the
+  sweep's ``run_mesh`` with several processes, of a sweep cell: replicated on every device of
+  that mesh, its batched programs split over its ``'run'`` axis (train/lockstep.py), no
+  ``'data'`` axis inside the cell."""
+  if run_mesh is not None and jax.process_count() > 1:
+    return Placement(None, jax.sharding.NamedSharding(run_mesh, jax.sharding.PartitionSpec()))
   return Placement(make_mesh(config.num_devices, int(config.batch_size),
                              int(config.eval_batch_size)))
-
-
-def everywhere() -> jax.sharding.NamedSharding:
-  """Replicated over every device of every process (a sweep cell's placement with several
-  processes: its programs run on all devices, batched ones split over the sweep's ``'run'``
-  axis)."""
-  return jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ("run",)),
-                                    jax.sharding.PartitionSpec())
 
 
 class Placement:

@@ -135,7 +135,8 @@ class Trainer:
     self.last_train_stats: EpochStats | None = None
     self.last_train_epochs = 0
     self.last_train_steps = 0
-    self.placement = placement_lib.for_run(config, sweep_cell=lockstep is not None)
+    self.placement = placement_lib.for_run(
+        config, run_mesh=None if lockstep is None else lockstep.mesh)
     self.mesh, self.replicated = self.placement.mesh, self.placement.replicated
     self.env = steps.make_env(config, model, method, self.tx, self.aux_tx, self.class_il,
                               self.has_batch_stats, self.mesh)
