@@ -477,53 +477,43 @@ def run(base: ml_collections.ConfigDict, grid: abc.Mapping[str, abc.Sequence[Any
   cells = plan(base, grid)
   workdir = pathlib.Path(workdir)
   fingerprint = _fingerprint(base, grid)
-  if not distributed.is_primary():  # process 0 checks, locks and writes the sweep's folder
-    return _run_other_process(cells, base, grid, workdir, fingerprint, command=command,
-                              base_overrides=base_overrides, max_parallel=max_parallel,
-                              stop_after_task=stop_after_task)
-  stored = _check_workdir(workdir, fingerprint, overwrite)
-  with reliability.writing(workdir):
-    workdir.mkdir(parents=True, exist_ok=True)
-  lock = reliability.WorkdirLock(workdir)
+  # Several processes (sparse_cl_jax.distributed): process 0 checks, locks and writes the sweep's
+  # folder; the others run the same cells in the same order, computing their share of every
+  # batched program, and write nothing of their own.
+  primary = distributed.is_primary()
+  stored = _check_workdir(workdir, fingerprint, overwrite) if primary else None
+  lock = None
+  if primary:
+    with reliability.writing(workdir):
+      workdir.mkdir(parents=True, exist_ok=True)
+    lock = reliability.WorkdirLock(workdir)
   # Signals: every cell saves at its next epoch end; a second signal exits at once (the cell
   # threads would outlive a KeyboardInterrupt in this one).
   with reliability.StopSignals(second="exit") as signals, \
        reliability.quiet_storage_faults_in_threads():
-    with reliability.writing(workdir):
-      lock.acquire()
+    if lock is not None:
+      with reliability.writing(workdir):
+        lock.acquire()
     try:
-      if overwrite:
+      if primary and overwrite:
         with reliability.writing(workdir):
           moved = checkpoint.workdir.move_aside(workdir)
         if moved is not None and print_summary:
           print(f"moved the previous content of {workdir} to {moved}", flush=True)
-      distributed.barrier(f"sweep {workdir}")  # the other processes start now
+      distributed.barrier(f"sweep {workdir}")  # the others start once the folder is prepared
+      if not primary:
+        stored = _read_stored(workdir)
       return _run_locked(cells, base, grid, workdir, fingerprint, stored, command=command,
                          base_overrides=base_overrides, max_parallel=max_parallel,
-                         stop_after_task=stop_after_task, print_summary=print_summary)
+                         stop_after_task=stop_after_task,
+                         print_summary=print_summary and primary)
     except reliability.RunInterrupted as e:
       if signals.installed:  # the sweep owns the signals: the one line is its to print
         print(e.message, file=sys.stderr, flush=True)
       raise
     finally:
-      lock.release()
-
-
-def _run_other_process(cells: list[Cell], base, grid, workdir: pathlib.Path, fingerprint: dict,
-                       *, command, base_overrides, max_parallel, stop_after_task) -> dict:
-  """:func:`run` on a process other than 0 of a multi-process sweep: the same cells, in the same
-  order, computing their share of every batched program; it writes nothing of its own."""
-  with reliability.StopSignals(second="exit") as signals:
-    distributed.barrier(f"sweep {workdir}")  # process 0 has checked and prepared the folder
-    try:
-      return _run_locked(cells, base, grid, workdir, fingerprint, _read_stored(workdir),
-                         command=command, base_overrides=base_overrides,
-                         max_parallel=max_parallel, stop_after_task=stop_after_task,
-                         print_summary=False)
-    except reliability.RunInterrupted as e:
-      if signals.installed:
-        print(e.message, file=sys.stderr, flush=True)
-      raise
+      if lock is not None:
+        lock.release()
 
 
 def _read_stored(workdir: pathlib.Path) -> dict | None:
