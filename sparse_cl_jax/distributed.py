@@ -130,7 +130,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     who = (f"process {process_id} of {num_processes}" if several else f"this {cluster} process")
     where = f" at {coordinator_address}" if coordinator_address else ""
     if several:  # JAX aborts the process (a native stack trace) when these fail; say it first
-      _check_coordinator(coordinator_address, process_id, num_processes, timeout_seconds)
+      _check_coordinator(coordinator_address, process_id, who, timeout_seconds)
     try:
       jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                  initialization_timeout=int(timeout_seconds),
@@ -172,7 +172,7 @@ def _agree_on_stop(scope: str, local: int | None) -> int | None:
   return found
 
 
-def _check_coordinator(address: str, process_id: int, num_processes: int,
+def _check_coordinator(address: str, process_id: int, process: str,
                        timeout_seconds: float) -> None:
   """Process 0: its port is free; the others: process 0's port accepts connections in time.
 
@@ -181,14 +181,13 @@ def _check_coordinator(address: str, process_id: int, num_processes: int,
   """
   host, port = address.rsplit(":", 1)
   host, port = host.strip("[]"), int(port)
-  who_ = f"process {process_id} of {num_processes}"
   if process_id == 0:
     try:
       with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind(("", port))
     except OSError as e:
-      raise DistributedError(f"{who_}: cannot serve the coordinator on port {port} ({e.strerror}); "
+      raise DistributedError(f"{process}: cannot serve the coordinator on port {port} ({e.strerror}); "
                              "pick a free port in --coordinator_address on every process") from None
     return
   deadline = time.monotonic() + timeout_seconds
@@ -199,7 +198,7 @@ def _check_coordinator(address: str, process_id: int, num_processes: int,
     except OSError as e:
       if time.monotonic() > deadline:
         raise DistributedError(
-            f"{who_} cannot reach the coordinator at {address} within {timeout_seconds:.0f} s "
+            f"{process} cannot reach the coordinator at {address} within {timeout_seconds:.0f} s "
             f"({e.strerror or e}); start process 0 with the same --coordinator_address (its "
             "host name or address and a free port) and check that this host can reach it") from None
       time.sleep(0.5)
