@@ -34,6 +34,7 @@ words appended to its message. Every field of every preset has a rule
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 import re
@@ -125,20 +126,21 @@ def _fmt(x) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class Rule:
+class Rule(abc.ABC):
   """What a field allows. :meth:`problem` is ``None`` for an allowed value, else the words after
   ``config.FIELD=VALUE`` in the error (``'must be in [0, 1)'``)."""
 
+  @abc.abstractmethod
   def problem(self, value, ctx: Context) -> str | None:
-    raise NotImplementedError
+    """None if ``value`` is allowed, else the words of the error."""
 
   def refs(self) -> tuple[Ref, ...]:
     """The other fields the rule reads (bounds, lengths, its condition)."""
     return (self.when.ref,) if getattr(self, "when", None) else ()
 
+  @abc.abstractmethod
   def noun(self, ctx: Context, plural: bool = False) -> str:
     """What the rule allows as a noun phrase ('a number in (0, 1)', 'integers >= 1')."""
-    raise NotImplementedError
 
 
 def _full(rule, words: str | None, ctx: Context) -> str | None:
