@@ -14,8 +14,15 @@ Why this module exists (measured, see ``docs/results.md`` and ``benchmarks/peer_
   :func:`max_pool` takes the maximum over the window's strided slices instead: the backward pass
   is a few element-wise selects. The forward values are identical; the gradient is identical
   except where several elements of one window tie for the maximum (``select_and_scatter`` gives
-  it all to the first one, this splits it), which after a ReLU only happens at 0, where the ReLU
-  passes no gradient anyway.
+  it all to the first one, this splits it evenly, as ``jnp.max`` does). Windows that tile the
+  input (2x2 stride 2) have their own backward pass that computes the split in one element-wise
+  pass (``_tiled_max``).
+* A convolution of a one-channel input (a grey-scale first layer) is a sum of shifted images
+  (``_shifted_sum``): XLA:CPU's convolution runs such inputs several times slower.
+* The kernel gradient hands its padding to the convolution and keeps its transpose apart: XLA:CPU
+  emits a transpose fused with a pad as a slow element-by-element loop.
+
+Issue 27 measured each of these on ``benchmarks/cpu_step.py`` (``docs/results.md``).
 
 Whether these replace the stock ops is decided in :mod:`sparse_cl_jax.runtime` (per backend: on
 by default on CPU, off on GPU/TPU where cuDNN/XLA handle the stock ops well). Both functions
@@ -90,12 +97,41 @@ def _forward(x, w, strides, pads, dilation, precision):
                                   dimension_numbers=_NHWC, precision=precision)
 
 
+def _shifted_sum(x, w, strides, pads, dilation):
+  """A one-channel convolution as ``KH * KW`` shifted images times a kernel row, added up.
+
+  XLA:CPU's convolution runs a one-channel input (a grey-scale first layer) at a small fraction
+  of its speed on wider inputs (a 128 x 28 x 28 x 1 -> 32 convolution took 2.2 ms, the sum of
+  nine scaled shifts 0.8 ms, ``benchmarks/cpu_step.py``), and XLA fuses the sum with the bias
+  and the ReLU that follow. The taps are added in a fixed order, so values match
+  ``lax.conv_general_dilated`` to float rounding.
+  """
+  kh, kw, _, _ = w.shape
+  xp = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)])
+  oh = (xp.shape[1] - (kh - 1) * dilation[0] - 1) // strides[0] + 1
+  ow = (xp.shape[2] - (kw - 1) * dilation[1] - 1) // strides[1] + 1
+  out = None
+  for i in range(kh):
+    for j in range(kw):
+      r, c = i * dilation[0], j * dilation[1]
+      part = lax.slice(xp, (0, r, c, 0), (xp.shape[0], r + (oh - 1) * strides[0] + 1,
+                                          c + (ow - 1) * strides[1] + 1, 1),
+                       (1, strides[0], strides[1], 1)) * w[i, j, 0][None, None, None, :]
+      out = part if out is None else out + part
+  return out
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def _conv(x, w, strides, pads, dilation, precision):
   return _forward(x, w, strides, pads, dilation, precision)
 
 
 def _conv_fwd(x, w, strides, pads, dilation, precision):
+  """The forward pass of a differentiated convolution. A one-channel input is a sum of shifted
+  images here (:func:`_shifted_sum`), which XLA fuses with the bias and ReLU of a training step;
+  without a gradient (evaluation), the convolution above is the faster one."""
+  if x.shape[3] == 1 and x.dtype == w.dtype == jnp.float32:
+    return _shifted_sum(x, w, strides, pads, dilation), (x, w)
   return _forward(x, w, strides, pads, dilation, precision), (x, w)
 
 
@@ -129,17 +165,20 @@ def _kernel_grad(x, dy, w_shape, strides, pads, dilation, precision):
   (dilated by the stride); the window moves by the kernel dilation.
   """
   kh, kw = w_shape[0], w_shape[1]
-  cfg = [(0, 0, 0)]
+  x_pads = []
   for ax, (k, s, d, (lo, _)) in enumerate(zip((kh, kw), strides, dilation, pads)):
     size_out = dy.shape[1 + ax]
     needed = (k - 1) * d + (size_out - 1) * s + 1  # extent of x_pad that the output reads
-    high = needed - lo - x.shape[1 + ax]
-    cfg.append((lo, high, 0))
-  cfg.append((0, 0, 0))
-  x_pad = lax.pad(x, jnp.zeros((), x.dtype), cfg)
-  lhs = jnp.transpose(x_pad, (3, 1, 2, 0))  # [C_in, H, W, N]
+    x_pads.append((lo, needed - lo - x.shape[1 + ax]))
+  if any(lo < 0 or hi < 0 for lo, hi in x_pads):  # cropping: pad (and crop) explicitly
+    cfg = [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in x_pads] + [(0, 0, 0)]
+    x, x_pads = lax.pad(x, jnp.zeros((), x.dtype), cfg), [(0, 0), (0, 0)]
+  # The padding goes to the convolution and the transpose stands alone: fused with a pad (or with
+  # its producer), XLA:CPU emits the transpose as a slow element-by-element loop (3.5 ms instead
+  # of 0.4 ms for a 128 x 14 x 14 x 32 input).
+  lhs = lax.optimization_barrier(jnp.transpose(x, (3, 1, 2, 0)))  # [C_in, H, W, N]
   rhs = jnp.transpose(dy, (1, 2, 0, 3))  # [OH, OW, N, C_out]
-  out = lax.conv_general_dilated(lhs, rhs, dilation, 'VALID', rhs_dilation=strides,
+  out = lax.conv_general_dilated(lhs, rhs, dilation, x_pads, rhs_dilation=strides,
                                  dimension_numbers=_NHWC, precision=precision)
   return jnp.transpose(out, (1, 2, 0, 3))  # [KH, KW, C_in, C_out]
 
@@ -176,7 +215,7 @@ def max_pool(x, window_shape: Sequence[int], strides: Sequence[int] | None = Non
   oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
   if (kh, kw) == (sh, sw) and h == oh * sh and w == ow * sw:
     # Non-overlapping windows that tile the input: one reshape and one reduction.
-    return jnp.max(x.reshape(x.shape[0], oh, kh, ow, kw, x.shape[3]), axis=(2, 4))
+    return _tiled_max(x, kh, kw)
   out = None
   for i in range(kh):
     for j in range(kw):
@@ -184,3 +223,41 @@ def max_pool(x, window_shape: Sequence[int], strides: Sequence[int] | None = Non
                                          j + (ow - 1) * sw + 1, x.shape[3]), (1, sh, sw, 1))
       out = part if out is None else jnp.maximum(out, part)
   return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _tiled_max(x, kh: int, kw: int):
+  """Maximum over non-overlapping ``kh x kw`` windows that tile ``x`` [B, H, W, C].
+
+  Without a gradient (evaluation) a ``reduce_window``, which XLA:CPU runs about twice as fast as
+  the reshape below inside a whole forward pass; with one, the reshape, which XLA fuses with the
+  ReLU before it. Both give the same values (a maximum is exact).
+  """
+  neg = -jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
+  return lax.reduce_window(x, jnp.array(neg, x.dtype), lax.max, (1, kh, kw, 1), (1, kh, kw, 1),
+                           'VALID')
+
+
+def _tiled_max_fwd(x, kh, kw):
+  b, h, w, c = x.shape
+  y = jnp.max(x.reshape(b, h // kh, kh, w // kw, kw, c), axis=(2, 4))
+  return y, (x, y)
+
+
+def _tiled_max_bwd(kh, kw, res, dy):
+  """The gradient ``jnp.max`` gives (split evenly over the elements that tie for the maximum),
+  written per window position so that XLA computes it in one element-wise pass: the automatic
+  gradient counts the ties in a separate reduction and broadcasts the quotient back, three passes
+  over the input that cost more than the convolutions beside them on XLA:CPU."""
+  x, y = res
+  b, h, w, c = x.shape
+  xr = x.reshape(b, h // kh, kh, w // kw, kw, c)
+  hit = [[xr[:, :, i, :, j, :] == y for j in range(kw)] for i in range(kh)]
+  ties = sum(t.astype(dy.dtype) for row in hit for t in row)
+  share = dy / ties
+  parts = [jnp.stack([jnp.where(t, share, jnp.zeros((), dy.dtype)) for t in row], axis=3)
+           for row in hit]  # each [B, H/kh, W/kw, kw, C]
+  return (jnp.stack(parts, axis=2).reshape(x.shape),)  # [B, H/kh, kh, W/kw, kw, C]
+
+
+_tiled_max.defvjp(_tiled_max_fwd, _tiled_max_bwd)

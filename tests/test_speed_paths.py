@@ -40,6 +40,12 @@ CONV_CASES = [
     ((2, 16, 16, 3), (7, 7, 3, 5), (2, 2), ((3, 3), (3, 3)), (1, 1)),
     ((2, 8, 8, 3), (1, 1, 3, 5), (2, 2), "VALID", (1, 1)),
     ((2, 12, 12, 3), (3, 3, 3, 4), (3, 3), ((0, 2), (1, 0)), (1, 1)),
+    ((2, 10, 10, 3), (3, 3, 3, 4), (2, 2), "VALID", (1, 1)),  # last row unread: cropped
+    # One input channel: the forward pass is a sum of shifted images (ops._shifted_sum).
+    ((2, 9, 9, 1), (3, 3, 1, 4), (1, 1), ((1, 1), (1, 1)), (1, 1)),
+    ((2, 11, 10, 1), (3, 3, 1, 4), (2, 1), "VALID", (2, 2)),
+    ((2, 12, 12, 1), (3, 3, 1, 4), (3, 3), ((0, 2), (1, 0)), (1, 1)),
+    ((2, 10, 10, 1), (5, 5, 1, 3), (2, 2), "SAME", (1, 1)),
 ]
 
 
@@ -78,6 +84,34 @@ def test_conv_gradient_inside_fori_loop_equals_top_level():
   np.testing.assert_allclose(looped, 2 * top, rtol=1e-5, atol=1e-4)
 
 
+def test_one_channel_training_forward_is_a_shifted_sum_and_evaluation_a_convolution():
+  x1, w1 = _normal((2, 8, 8, 1)), _normal((3, 3, 1, 4))
+  x3, w3 = _normal((2, 8, 8, 3)), _normal((3, 3, 3, 4))
+  pads = ((1, 1), (1, 1))
+  train = lambda x, w: ops._conv_fwd(x, w, (1, 1), pads, (1, 1), None)[0]  # noqa: E731
+  evaluate = lambda x, w: ops.conv_general_dilated(x, w, (1, 1), pads, dimension_numbers=_NHWC)  # noqa: E731
+  with runtime.use_fast_ops(True):
+    assert "conv_general_dilated" not in str(jax.make_jaxpr(train)(x1, w1))
+    assert "conv_general_dilated" in str(jax.make_jaxpr(train)(x3, w3))
+    assert "conv_general_dilated" in str(jax.make_jaxpr(evaluate)(x1, w1))
+    np.testing.assert_allclose(train(x1, w1), evaluate(x1, w1), rtol=1e-5, atol=1e-5)
+
+
+def test_conv_second_order_gradient_matches_lax():
+  """GraSP differentiates a gradient again (a Hessian-vector product): the custom backward pass,
+  its transposes and its optimization barrier must be differentiable and exact."""
+  for xs, ws in (((2, 8, 8, 1), (3, 3, 1, 4)), ((2, 8, 8, 3), (3, 3, 3, 4))):
+    x, w, v = _normal(xs), _normal(ws), _normal(ws)
+
+    def hvp(conv):
+      loss = lambda w: jnp.sum(jnp.sin(conv(x, w, (1, 1), "SAME", dimension_numbers=_NHWC)))  # noqa: E731
+      return jax.jit(lambda w: jax.grad(lambda w: jnp.vdot(jax.grad(loss)(w), v))(w))(w)
+
+    with runtime.use_fast_ops(True):
+      fast = hvp(ops.conv_general_dilated)
+    np.testing.assert_allclose(fast, hvp(lax.conv_general_dilated), rtol=1e-4, atol=1e-4)
+
+
 def test_conv_takes_the_stock_path_when_off_or_unsupported():
   x, w = _normal((2, 6, 6, 4)), _normal((3, 3, 2, 4))
   with runtime.use_fast_ops(True):
@@ -112,6 +146,25 @@ def test_max_pool_values_and_gradients_match_flax(window, strides, padding, shap
   np.testing.assert_array_equal(p1, nn.max_pool(x, window, strides, padding))
   np.testing.assert_allclose(y1, y2, rtol=1e-6)
   np.testing.assert_array_equal(g1, g2)
+
+
+def test_max_pool_splits_the_gradient_of_a_tie_like_jnp_max():
+  """Positive ties are common (a constant background gives equal activations): the gradient is
+  split evenly over the tied elements, as the automatic gradient of ``jnp.max`` does."""
+  x = 0.1 * _normal((1, 4, 2, 2))
+  x = x.at[0, :2].set(0.7)  # window 1: a four-way tie
+  x = x.at[0, 2, :, :].set(2.0)  # window 2: a two-way tie
+  weights = _normal((1, 2, 1, 2))
+
+  def grad(pool):
+    return jax.jit(jax.grad(lambda x: jnp.sum(pool(x) * weights)))(x)
+
+  reference = lambda x: jnp.max(x.reshape(1, 2, 2, 1, 2, 2), axis=(2, 4))  # noqa: E731
+  with runtime.use_fast_ops(True):
+    fast = grad(lambda x: ops.max_pool(x, (2, 2), (2, 2)))
+  np.testing.assert_array_equal(fast, grad(reference))
+  np.testing.assert_allclose(fast[0, :2, :, 0], np.full((2, 2), weights[0, 0, 0, 0] / 4))
+  np.testing.assert_allclose(fast[0, 2, :, 1], np.full((2,), weights[0, 1, 0, 1] / 2))
 
 
 def test_max_pool_ties_after_relu_pass_no_gradient_either_way():

@@ -260,12 +260,24 @@ def test_a_diverging_run_prints_its_error_on_a_line_of_its_own(tmp_path):
 
 @pytest.fixture
 def tmpfs(tmp_path):
-  """A fresh 120 KiB tmpfs (skips unless this process may mount one)."""
+  """A fresh 120 KiB tmpfs: full before a run's first checkpoint (skips unless this process may
+  mount one)."""
+  yield from _mounted(tmp_path, "120k")
+
+
+@pytest.fixture
+def roomy_tmpfs(tmp_path):
+  """A fresh 4 MiB tmpfs: room for a short run (every file takes whole 4 KiB pages there, so a
+  run that fits 120 KiB on disk may not fit a 120 KiB tmpfs)."""
+  yield from _mounted(tmp_path, "4m")
+
+
+def _mounted(tmp_path, size: str):
   if os.geteuid() != 0 or not shutil.which("mount"):
     pytest.skip("mounting a tmpfs needs root")
   mnt = tmp_path / f"tmpfs-{uuid.uuid4().hex[:6]}"
   mnt.mkdir()
-  done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=120k", "tmpfs", str(mnt)],
+  done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
                         capture_output=True, text=True, check=False)
   if done.returncode != 0:
     pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
@@ -302,8 +314,10 @@ def test_a_full_tmpfs_stops_in_one_line_and_its_copy_resumes_identical(tmpfs, tm
   assert comparable(experiment.load_results(str(roomy))) == comparable(reference)
 
 
-def test_a_read_only_workdir_is_refused_in_one_line(tmpfs):
-  assert launcher(tmpfs / "w", "--stop_after_task=1", "--config.progress=false").returncode == 0
+def test_a_read_only_workdir_is_refused_in_one_line(roomy_tmpfs):
+  tmpfs = roomy_tmpfs
+  first = launcher(tmpfs / "w", "--stop_after_task=1", "--config.progress=false")
+  assert first.returncode == 0, first.stderr.decode()[-2000:]
   before = sorted(str(p) for p in tmpfs.rglob("*"))
   subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
   out = launcher(tmpfs / "w", "--config.progress=false")
