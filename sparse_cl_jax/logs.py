@@ -148,6 +148,28 @@ class CsvLog(trackers_lib.Tracker):
     return [("per-epoch metrics (CSV)", str(self.path))]
 
 
+def _summary_writer_class():
+  """``tensorboardX.SummaryWriter``, imported without importing PyTorch.
+
+  tensorboardX's writer module imports ``torch`` whenever it is installed, only to accept torch
+  tensors; with PyTorch installed beside the library that import costs about 1 s of every run
+  (issue 27; the library hands the writer Python floats only). If neither module is loaded yet,
+  ``torch`` is marked unimportable for the duration of this one import (``sys.modules['torch'] =
+  None`` makes ``import torch`` raise ``ImportError``, which tensorboardX catches) and unmarked
+  right after, so a later ``import torch`` works as usual.
+  """
+  if "tensorboardX.writer" in sys.modules or "torch" in sys.modules:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    return SummaryWriter
+  sys.modules["torch"] = None
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  finally:
+    if "torch" in sys.modules and sys.modules["torch"] is None:
+      del sys.modules["torch"]
+  return SummaryWriter
+
+
 class TensorBoardLog(trackers_lib.Tracker):
   """TensorBoard event files (tensorboardX): ``train/*`` per epoch, ``test/*`` after each task.
 
@@ -161,8 +183,7 @@ class TensorBoardLog(trackers_lib.Tracker):
     self._writer = None
 
   def start(self, run: trackers_lib.RunInfo) -> None:
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-
+    SummaryWriter = _summary_writer_class()  # noqa: N806  (a class)
     self.logdir = pathlib.Path(run.workdir) / TENSORBOARD_DIR
     index = run.resume_index or 0
     with reliability.writing(self.logdir):

@@ -175,3 +175,25 @@ def test_compare_rows_table_and_files(tmp_path):
   (tmp_path / "c" / "checkpoints").mkdir(parents=True)
   with pytest.raises(ValueError, match="unfinished run"):
     logs.compare_rows([tmp_path / "c"])
+
+
+def test_tensorboard_writer_is_imported_without_torch_and_torch_still_imports(tmp_path):
+  """tensorboardX imports an installed PyTorch at import time (about 1 s of every run): the
+  library's import hides it for that one import, and ``import torch`` works afterwards."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  fake = tmp_path / "site" / "torch"
+  fake.mkdir(parents=True)
+  (fake / "__init__.py").write_text("import os\nTensor = type('Tensor', (), {})\n"
+                                    "open(os.environ['TORCH_MARK'], 'a').write('imported\\n')\n")
+  mark = tmp_path / "mark"
+  code = ("import sys\nfrom sparse_cl_jax import logs\nlogs._summary_writer_class()\n"
+          "assert 'torch' not in sys.modules, sys.modules.get('torch')\n"
+          "import tensorboardX.writer\nprint(tensorboardX.writer.numpy_compatible.__name__)\n"
+          "import torch\nprint('torch', type(torch).__name__)\n")
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), os.getcwd()]),
+         "TORCH_MARK": str(mark)}
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       check=False, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split() == ["ndarray", "torch", "module"]
+  assert mark.read_text() == "imported\n"  # once: by the user's import, not by tensorboardX
