@@ -14,11 +14,15 @@ first: their validation accuracies are the accuracy goals of CPG and PAE
 (``cpg.goal='fixed'``, ``cpg.goal_values``), exactly the as-coded "baseline accuracy" goal,
 without training the individual models a second time inside CPG.
 
-XLA's CPU convolution gradients are several times faster with oneDNN; the script sets
-``XLA_FLAGS=--xla_cpu_use_onednn=true`` unless ``--no-onednn`` (or XLA_FLAGS already names it).
-
 Results: ``WORKDIR/<method>/results.json`` per method, ``WORKDIR/summary.json`` and the markdown
 table printed at the end (and written to ``WORKDIR/table.md``).
+
+Over seeds (one workdir per seed, each run as above with ``--seed``)::
+
+  python benchmarks/cpg_results.py --seeds_of=/tmp/cpg_s0,/tmp/cpg_s1,/tmp/cpg_s2
+
+prints each method's mean ± sd and the paired comparisons behind the claims (CPG against PAE,
+PackNet and the individual models; PAE against PackNet), without running anything.
 """
 
 from __future__ import annotations
@@ -27,17 +31,13 @@ import argparse
 import importlib.util
 import json
 import os
-import sys
 import time
-
-_ONEDNN = "--xla_cpu_use_onednn=true"
-if "--no-onednn" not in sys.argv and "xla_cpu_use_onednn" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _ONEDNN).strip()
 
 import jax
 import numpy as np
 from absl import logging
 
+import _stats
 from sparse_cl_jax import config as config_lib
 from sparse_cl_jax import experiment
 
@@ -148,9 +148,59 @@ def table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+CLAIMS = (("CPG", "PAE"), ("CPG", "PackNet"), ("CPG", "Individual models"), ("PAE", "PackNet"))
+
+
+def seeds_table(workdirs) -> str:
+  """Mean ± sd per method over the seeds' ``summary.json``, then paired differences of ACC."""
+  rows = {}
+  seeds = []
+  for d in workdirs:
+    path = os.path.join(d, "summary.json")
+    if not os.path.exists(path):
+      raise SystemExit(f"no summary.json in {d}: run `cpg_results.py --workdir={d} --seed=S` "
+                       "first")
+    with open(path) as f:
+      summary = json.load(f)
+    seeds.append(summary["args"]["seed"])
+    for r in summary["rows"]:
+      rows.setdefault(r["method"], []).append(r)
+  if len(set(seeds)) != len(seeds):
+    raise SystemExit(f"the workdirs repeat a seed ({seeds}); give one workdir per seed")
+  full = {m: v for m, v in rows.items() if len(v) == len(workdirs)}
+  out = [f"Seeds {seeds}; mean ± sd over seeds (ACC and BWT in points).\n",
+         "| Method | ACC | BWT | BWT exactly 0 | Exp. (x) | Red. (x) | Stored MB |",
+         "|---|---|---|---|---|---|---|"]
+  for m, v in full.items():
+    out.append(f"| {m} | {_stats.mean_sd([100 * r['acc'] for r in v])} | "
+               f"{_stats.mean_sd([100 * r['bwt'] for r in v])} | "
+               f"{sum(r['bwt_exactly_zero'] for r in v)} of {len(v)} | "
+               f"{_stats.mean_sd([r['expansion'] for r in v])} | "
+               f"{_stats.mean_sd([r['redundant'] for r in v])} | "
+               f"{_stats.mean_sd([r['stored_mib'] for r in v], 3)} |")
+  out += ["", "Paired by seed, ACC (points): first minus second, mean ± sd, 95% t interval.\n",
+          "| Comparison | per seed | mean ± sd | 95% interval | verdict (first >= second) |",
+          "|---|---|---|---|---|"]
+  for a, b in CLAIMS:
+    if a in full and b in full:
+      p = _stats.paired([100 * r["acc"] for r in full[a]], [100 * r["acc"] for r in full[b]])
+      out.append(f"| {a} - {b} | {', '.join(f'{x:+.2f}' for x in p['diffs'])} | "
+                 f"{p['mean']:+.2f} ± {p['sd']:.2f} | [{p['low']:+.2f}, {p['high']:+.2f}] | "
+                 f"{_stats.verdict(p)} |")
+  if "CPG" in full and "PAE" in full:
+    out += ["", "Paired by seed, weights allocated at the end (Exp., x the 1x network): CPG minus "
+            "PAE (the paper: CPG needs fewer).\n", "| per seed | mean ± sd | 95% interval | "
+            "verdict (CPG < PAE) |", "|---|---|---|---|"]
+    p = _stats.paired([r["expansion"] for r in full["CPG"]], [r["expansion"] for r in full["PAE"]])
+    out.append(f"| {', '.join(f'{x:+.2f}' for x in p['diffs'])} | {p['mean']:+.2f} ± "
+               f"{p['sd']:.2f} | [{p['low']:+.2f}, {p['high']:+.2f}] | "
+               f"{_stats.verdict(p, claim_sign=-1)} |")
+  return "\n".join(out)
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--workdir", required=True)
+  p.add_argument("--workdir", default="", help="where the runs go (required unless --seeds_of)")
   p.add_argument("--methods", default=",".join(METHODS[:5]),
                  help=f"comma-separated subset of {METHODS}; finished ones are reused")
   p.add_argument("--rerun", action="store_true", help="run even methods with results.json")
@@ -159,8 +209,14 @@ def main():
   p.add_argument("--retrain_epochs", type=int, default=2, help="PackNet's retraining epochs")
   p.add_argument("--goal_tolerance", type=float, default=0.005)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--no-onednn", action="store_true", help="leave XLA_FLAGS alone")
+  p.add_argument("--seeds_of", default="", help="comma-separated workdirs of finished runs, one "
+                 "per seed: print the table over seeds and the paired comparisons, run nothing")
   args = p.parse_args()
+  if args.seeds_of:
+    print(seeds_table([d for d in args.seeds_of.split(",") if d]))
+    return
+  if not args.workdir:
+    raise SystemExit("give --workdir=DIR (where the runs go) or --seeds_of=DIR,DIR,...")
   logging.set_verbosity(logging.INFO)  # CPG / PAE log growth, stage accuracies and choices
   wanted = [m for m in args.methods.split(",") if m]
   for m in wanted:
