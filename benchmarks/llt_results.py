@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 
+import _stats
 from sparse_cl_jax import experiment
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,9 +74,7 @@ def run_one(root: str, row: str, seed: int) -> dict:
   return r
 
 
-def _ms(v):
-  v = np.asarray(v, float)
-  return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
+_ms = _stats.mean_sd
 
 
 def table(root: str, seeds, rows) -> str:

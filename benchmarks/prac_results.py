@@ -35,6 +35,7 @@ import time
 
 import numpy as np
 
+import _stats
 from sparse_cl_jax import experiment
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,12 +112,7 @@ def wall(root, mode, seed):
 
 
 def _ms(values, scale=100.0, digits=2):
-  v = np.asarray([x for x in values if x is not None], float) * scale
-  if not len(v):
-    return "-"
-  if len(v) == 1:
-    return f"{v[0]:.{digits}f}"
-  return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
+  return _stats.mean_sd([None if x is None else scale * x for x in values], digits)
 
 
 def matched(res, seeds, mode: str, rounds: int, rule: str):
