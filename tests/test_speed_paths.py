@@ -98,8 +98,8 @@ def test_one_channel_training_forward_is_a_shifted_sum_and_evaluation_a_convolut
 
 
 def test_conv_second_order_gradient_matches_lax():
-  """GraSP differentiates a gradient again (a Hessian-vector product): the custom backward pass
-  and its transposes must be differentiable and exact."""
+  """GraSP differentiates a gradient again (a Hessian-vector product): the custom backward pass,
+  its transposes and its optimization barrier must be differentiable and exact."""
   for xs, ws in (((2, 8, 8, 1), (3, 3, 1, 4)), ((2, 8, 8, 3), (3, 3, 3, 4))):
     x, w, v = _normal(xs), _normal(ws), _normal(ws)
 
