@@ -22,7 +22,8 @@ Why this module exists (measured, see ``docs/results.md`` and ``benchmarks/peer_
 * The kernel gradient hands its padding to the convolution and keeps its transpose apart: XLA:CPU
   emits a transpose fused with a pad as a slow element-by-element loop.
 
-Issue 27 measured each of these on ``benchmarks/cpu_step.py`` (``docs/results.md``).
+Issue 27 measured the training step before and after them with ``benchmarks/cpu_step.py``
+(``docs/results.md``).
 
 Whether these replace the stock ops is decided in :mod:`sparse_cl_jax.runtime` (per backend: on
 by default on CPU, off on GPU/TPU where cuDNN/XLA handle the stock ops well). Both functions
@@ -102,8 +103,8 @@ def _shifted_sum(x, w, strides, pads, dilation):
 
   XLA:CPU's convolution runs a one-channel input (a grey-scale first layer) at a small fraction
   of its speed on wider inputs (a 128 x 28 x 28 x 1 -> 32 convolution took 2.2 ms, the sum of
-  nine scaled shifts 0.8 ms, ``benchmarks/cpu_step.py``), and XLA fuses the sum with the bias
-  and the ReLU that follow. The taps are added in a fixed order, so values match
+  nine scaled shifts 0.8 ms, in a one-off measurement of issue 27), and XLA fuses the sum with
+  the bias and the ReLU that follow. The taps are added in a fixed order, so values match
   ``lax.conv_general_dilated`` to float rounding.
   """
   kh, kw, _, _ = w.shape
