@@ -38,6 +38,12 @@ def paired(a: Sequence[float], b: Sequence[float]) -> dict:
   return {"diffs": d, "mean": m, "sd": sd, "low": m - half, "high": m + half}
 
 
+def paired_cells(p: dict) -> str:
+  """A :func:`paired` result as markdown cells: per-seed differences | mean ± sd | interval."""
+  return (f"{', '.join(f'{x:+.2f}' for x in p['diffs'])} | {p['mean']:+.2f} ± {p['sd']:.2f} | "
+          f"[{p['low']:+.2f}, {p['high']:+.2f}]")
+
+
 def verdict(p: dict, claim_sign: int = 1) -> str:
   """"confirmed" when the 95% interval lies on the claimed side of 0, "refuted" when it lies on
   the other side, else "not decided by these seeds"."""

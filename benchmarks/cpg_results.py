@@ -184,17 +184,13 @@ def seeds_table(workdirs) -> str:
   for a, b in CLAIMS:
     if a in full and b in full:
       p = _stats.paired([100 * r["acc"] for r in full[a]], [100 * r["acc"] for r in full[b]])
-      out.append(f"| {a} - {b} | {', '.join(f'{x:+.2f}' for x in p['diffs'])} | "
-                 f"{p['mean']:+.2f} ± {p['sd']:.2f} | [{p['low']:+.2f}, {p['high']:+.2f}] | "
-                 f"{_stats.verdict(p)} |")
+      out.append(f"| {a} - {b} | {_stats.paired_cells(p)} | {_stats.verdict(p)} |")
   if "CPG" in full and "PAE" in full:
     out += ["", "Paired by seed, weights allocated at the end (Exp., x the 1x network): CPG minus "
             "PAE (the paper: CPG needs fewer).\n", "| per seed | mean ± sd | 95% interval | "
             "verdict (CPG < PAE) |", "|---|---|---|---|"]
     p = _stats.paired([r["expansion"] for r in full["CPG"]], [r["expansion"] for r in full["PAE"]])
-    out.append(f"| {', '.join(f'{x:+.2f}' for x in p['diffs'])} | {p['mean']:+.2f} ± "
-               f"{p['sd']:.2f} | [{p['low']:+.2f}, {p['high']:+.2f}] | "
-               f"{_stats.verdict(p, claim_sign=-1)} |")
+    out.append(f"| {_stats.paired_cells(p)} | {_stats.verdict(p, claim_sign=-1)} |")
   return "\n".join(out)
 
 
