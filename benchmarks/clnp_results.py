@@ -21,6 +21,13 @@ Run (real data: ``make fashion-mnist``)::
 
 Options shrink or grow the preset (``--hidden=2000,2000 --epochs=10 --max_train=0`` is the
 paper's network on all 54k training images per task).
+
+Long settings survive being stopped: ``summary.json`` is written after each of the three runs,
+and running the same command again keeps what is finished (a finished ``clnp`` or ``finetune``
+run in its folder, each single-task network in ``single_task.json``), resumes an unfinished
+``clnp`` or ``finetune`` run from its newest checkpoint and runs the rest. ``--overwrite`` starts
+every run that is not skipped again (a finished one is moved aside, not deleted). A folder that
+holds results of another setting is refused.
 """
 
 from __future__ import annotations
@@ -80,22 +87,69 @@ def baseline_config(c):
   return b
 
 
-def single_task(config) -> dict:
-  """Each task trained alone from the same initial weights; test and val accuracy per task."""
+def single_task(config, path: str | None = None) -> dict:
+  """Each task trained alone from the same initial weights; test and val accuracy per task.
+
+  With ``path``, every finished task is saved there (JSON) and a later call with the same config
+  starts after the tasks already saved.
+  """
   trainer = experiment.build(config)
   T = trainer.stream.num_tasks
-  test, val = [], []
-  t0 = time.perf_counter()
-  for t in range(T):
+  done = {"config": config_lib.to_dict(config), "test": [], "val": [], "train_seconds": 0.0}
+  if path and os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    _check_same_setting(saved["config"], done["config"], path)
+    done = saved
+    if done["test"]:
+      print(f"single-task: {len(done['test'])} of {T} tasks kept from {path}", flush=True)
+  for t in range(len(done["test"]), T):
+    t0 = time.perf_counter()
     trainer.begin_task(t)
     state = trainer.init_state()
     state = trainer.train(state, t, epochs=int(config.epochs), phase="single-task")
-    test.append(trainer.accuracy(state, t, split="test", current=t))
-    val.append(trainer.accuracy(state, t, split="val", current=t))
-    print(f"single-task {t + 1}/{T}: test {test[-1]:.4f}", flush=True)
-  jax.block_until_ready(state)
-  return {"test": test, "val": val, "acc": float(np.mean(test)),
-          "train_seconds": time.perf_counter() - t0}
+    done["test"].append(trainer.accuracy(state, t, split="test", current=t))
+    done["val"].append(trainer.accuracy(state, t, split="val", current=t))
+    done["train_seconds"] += time.perf_counter() - t0
+    print(f"single-task {t + 1}/{T}: test {done['test'][-1]:.4f}", flush=True)
+    if path:
+      _write_json(path, done)
+  return {"test": done["test"], "val": done["val"], "acc": float(np.mean(done["test"])),
+          "train_seconds": done["train_seconds"]}
+
+
+def _write_json(path: str, obj) -> None:
+  """Replaces ``path`` only once the new content is complete on disk."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
+
+
+def _check_same_setting(saved: dict, wanted: dict, where: str) -> None:
+  differ = sorted(k for k in set(saved) | set(wanted)
+                  if k not in _NOT_COMPARED and saved.get(k) != wanted.get(k))
+  if differ:
+    raise SystemExit(f"clnp_results: {where} holds results of another setting (fields "
+                     f"{', '.join(differ)} differ); pass another --workdir, or --overwrite to "
+                     "run again")
+
+
+# Fields that change nothing a run computes.
+_NOT_COMPARED = frozenset({"progress", "checkpoint_every_epochs", "epoch_loop",
+                           "compilation_cache", "divergence_threshold", "wandb"})
+
+
+def run_or_keep(config, workdir: str, overwrite: bool) -> dict:
+  """The results of ``config`` in ``workdir``: kept if finished there, else run (or resumed)."""
+  finished = os.path.join(workdir, "results.json")
+  if os.path.exists(finished) and not overwrite:
+    with open(finished) as f:
+      r = json.load(f)
+    _check_same_setting(r["config"], config_lib.to_dict(config), workdir)
+    print(f"kept the finished run in {workdir}", flush=True)
+    return r
+  return experiment.run(config, workdir, overwrite=overwrite)
 
 
 def plot(neurons: dict, path: str, title: str) -> None:
@@ -210,6 +264,8 @@ def main():
   p.add_argument("--table", default="")
   p.add_argument("--skip", default="", help="comma list of runs to skip: clnp,finetune,single "
                  "(skip all three to redraw the table and figure from summary.json)")
+  p.add_argument("--overwrite", action="store_true", help="run again what is finished in "
+                 "--workdir (finished runs are moved aside, not deleted)")
   p.add_argument("--compare", default="", help="comma list of other workdirs whose CLNP run is "
                  "added to the table (e.g. another margin)")
   args = p.parse_args()
@@ -224,6 +280,8 @@ def main():
   b = baseline_config(c)
   t_all = time.perf_counter()
   runs = {"clnp", "finetune", "single"} - skip
+  if runs and "config" in summary and not args.overwrite:
+    _check_same_setting(summary["config"], config_lib.to_dict(c), summary_path)
   if runs:
     summary["command"] = "python benchmarks/clnp_results.py " + " ".join(
         f"--{k}={v}" for k, v in vars(args).items() if v not in ("", None, 0))
@@ -232,27 +290,32 @@ def main():
                          f"{os.cpu_count()} cores visible")
     summary["config"] = config_lib.to_dict(c)
 
-  if "clnp" not in skip:
+  if "clnp" not in skip and (args.overwrite or "clnp" not in summary):
     t0 = time.perf_counter()
-    r = experiment.run(c, os.path.join(args.workdir, "clnp"), overwrite=True)
+    r = run_or_keep(c, os.path.join(args.workdir, "clnp"), args.overwrite)
     summary["clnp"] = summarise(r)
     summary["clnp"]["wall_seconds"] = time.perf_counter() - t0
     summary["clnp"]["neurons"] = r["neurons_per_layer"]
     summary["clnp"]["selection"] = r["clnp"]["selection"]
     summary["clnp"]["density_per_task"] = r["density_per_task"]
-  if "finetune" not in skip:
+    _write_json(summary_path, summary)
+  if "finetune" not in skip and (args.overwrite or "finetune" not in summary):
     t0 = time.perf_counter()
-    r = experiment.run(b, os.path.join(args.workdir, "finetune"), overwrite=True)
+    r = run_or_keep(b, os.path.join(args.workdir, "finetune"), args.overwrite)
     summary["finetune"] = summarise(r)
     summary["finetune"]["wall_seconds"] = time.perf_counter() - t0
-  if "single" not in skip:
+    _write_json(summary_path, summary)
+  if "single" not in skip and (args.overwrite or "single_task" not in summary):
     t0 = time.perf_counter()
-    summary["single_task"] = single_task(b)
+    progress = os.path.join(args.workdir, "single_task.json")
+    if args.overwrite and os.path.exists(progress):
+      os.replace(progress, progress + ".old")
+    summary["single_task"] = single_task(b, progress)
     summary["single_task"]["wall_seconds"] = time.perf_counter() - t0
+    _write_json(summary_path, summary)
   if runs:
     summary[f"wall_seconds_{'_'.join(sorted(runs))}"] = time.perf_counter() - t_all
-    with open(summary_path, "w") as f:
-      json.dump(summary, f, indent=2)
+    _write_json(summary_path, summary)
   others = []
   for d in filter(None, args.compare.split(",")):
     with open(os.path.join(d, "summary.json")) as f:
