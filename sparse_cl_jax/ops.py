@@ -12,11 +12,10 @@ Why this module exists (measured, see ``docs/results.md`` and ``benchmarks/peer_
   loop body too. Its values are those of ``lax.conv_general_dilated`` (tested to float rounding).
 * ``nn.max_pool``'s backward pass is a ``select_and_scatter`` that XLA:CPU runs slowly.
   :func:`max_pool` takes the maximum over the window's strided slices instead: the backward pass
-  is a few element-wise selects. The forward values are identical; the gradient is identical
-  except where several elements of one window tie for the maximum (``select_and_scatter`` gives
-  it all to the first one, this splits it evenly, as ``jnp.max`` does). Windows that tile the
-  input (2x2 stride 2) have their own backward pass that computes the split in one element-wise
-  pass (``_tiled_max``).
+  is a few element-wise selects and strided pads (``_strided_max``). Forward values and
+  gradients are identical, ties included: a window's gradient goes to its first maximum in
+  row-major order, as ``select_and_scatter`` and PyTorch's ``max_pool2d`` give it. Windows that tile the input (2x2 stride 2) have their own backward pass in one
+  element-wise pass (``_tiled_max``).
 * A convolution of a one-channel input (a grey-scale first layer) is a sum of shifted images
   (``_shifted_sum``): XLA:CPU's convolution runs such inputs several times slower.
 * The kernel gradient hands its padding to the convolution and keeps its transpose apart: XLA:CPU
@@ -198,8 +197,11 @@ def max_pool(x, window_shape: Sequence[int], strides: Sequence[int] | None = Non
              padding: str | Sequence[tuple[int, int]] = 'VALID'):
   """``flax.linen.max_pool`` for ``[B, H, W, C]`` inputs, as a maximum over strided slices.
 
-  Forward values equal ``nn.max_pool``'s (padding counts as ``-inf``). Falls back to
-  ``nn.max_pool`` when :func:`runtime.fast_ops` is off or the input is not 4-D.
+  Forward values equal ``nn.max_pool``'s (padding counts as ``-inf``), and so do gradients: a
+  window's whole gradient goes to its first maximum in row-major order when several elements
+  tie, as with ``nn.max_pool`` (``reduce_window``) and PyTorch's ``max_pool2d``. Ties are common
+  (a constant image background gives equal activations). Falls back to ``nn.max_pool`` when
+  :func:`runtime.fast_ops` is off or the input is not 4-D.
   """
   import flax.linen as nn  # pylint: disable=g-import-not-at-top  (models import this module)
   window_shape = tuple(window_shape)
@@ -217,13 +219,7 @@ def max_pool(x, window_shape: Sequence[int], strides: Sequence[int] | None = Non
   if (kh, kw) == (sh, sw) and h == oh * sh and w == ow * sw:
     # Non-overlapping windows that tile the input: one reshape and one reduction.
     return _tiled_max(x, kh, kw)
-  out = None
-  for i in range(kh):
-    for j in range(kw):
-      part = lax.slice(x, (0, i, j, 0), (x.shape[0], i + (oh - 1) * sh + 1,
-                                         j + (ow - 1) * sw + 1, x.shape[3]), (1, sh, sw, 1))
-      out = part if out is None else jnp.maximum(out, part)
-  return out
+  return _strided_max(x, kh, kw, sh, sw)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -240,25 +236,91 @@ def _tiled_max(x, kh: int, kw: int):
 
 
 def _tiled_max_fwd(x, kh, kw):
-  b, h, w, c = x.shape
-  y = jnp.max(x.reshape(b, h // kh, kh, w // kw, kw, c), axis=(2, 4))
-  return y, (x, y)
-
-
-def _tiled_max_bwd(kh, kw, res, dy):
-  """The gradient ``jnp.max`` gives (split evenly over the elements that tie for the maximum),
-  written per window position so that XLA computes it in one element-wise pass: the automatic
-  gradient counts the ties in a separate reduction and broadcasts the quotient back, three passes
-  over the input that cost more than the convolutions beside them on XLA:CPU."""
-  x, y = res
+  """The maximum and, as the residual, the index of each window's first maximum (row-major)."""
   b, h, w, c = x.shape
   xr = x.reshape(b, h // kh, kh, w // kw, kw, c)
-  hit = [[xr[:, :, i, :, j, :] == y for j in range(kw)] for i in range(kh)]
-  ties = sum(t.astype(dy.dtype) for row in hit for t in row)
-  share = dy / ties
-  parts = [jnp.stack([jnp.where(t, share, jnp.zeros((), dy.dtype)) for t in row], axis=3)
-           for row in hit]  # each [B, H/kh, W/kw, kw, C]
-  return (jnp.stack(parts, axis=2).reshape(x.shape),)  # [B, H/kh, kh, W/kw, kw, C]
+  y = jnp.max(xr, axis=(2, 4))
+  index = jnp.int8 if kh * kw <= 127 else jnp.int32
+  first = jnp.full(y.shape, kh * kw - 1, index)
+  for p in reversed(range(kh * kw - 1)):
+    first = jnp.where(xr[:, :, p // kw, :, p % kw, :] == y, index(p), first)
+  return y, first
+
+
+def _tiled_max_bwd(kh, kw, first, dy):
+  """The whole gradient of a window goes to its first maximum (row-major), as the stock
+  ``reduce_window`` gradient and PyTorch's ``max_pool2d`` give it.
+
+  The forward pass finds the index (a small integer array, fused with the maximum), so the
+  backward pass is one element-wise pass that does not read ``x``. Measured inside the training
+  step of ``benchmarks/peer_pytorch.py`` (epoch of the small convnet): as fast as the automatic
+  gradient of the reshape's ``jnp.max`` that it replaces (which splits ties evenly, in three
+  passes); finding the index in the backward pass cost 3-5% more, and a gradient built from
+  per-position masks inside one fusion 17 ms per step.
+  """
+  b, oh, ow, c = dy.shape
+  zero = jnp.zeros((), dy.dtype)
+  rows = [jnp.stack([jnp.where(first == i * kw + j, dy, zero) for j in range(kw)], axis=3)
+          for i in range(kh)]  # each [B, H/kh, W/kw, kw, C]
+  return (jnp.stack(rows, axis=2).reshape(b, oh * kh, ow * kw, c),)  # [B, H/kh, kh, W/kw, kw, C]
 
 
 _tiled_max.defvjp(_tiled_max_fwd, _tiled_max_bwd)
+
+
+def _first_hits(parts, y):
+  """Per window position (in row-major order), where ``part == y`` and no earlier position of
+  the same window already did: the element that takes a window's whole gradient."""
+  taken, firsts = None, []
+  for part in parts:
+    hit = part == y
+    firsts.append(hit if taken is None else hit & ~taken)
+    taken = hit if taken is None else taken | hit
+  return firsts
+
+
+def _window_slices(x, kh: int, kw: int, sh: int, sw: int):
+  """The ``kh * kw`` strided slices of ``x`` [B, H, W, C], one per window position (row-major):
+  slice ``(i, j)`` holds element ``(i, j)`` of every ``kh x kw`` window taken with strides
+  ``(sh, sw)``."""
+  oh, ow = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
+  return [lax.slice(x, (0, i, j, 0), (x.shape[0], i + (oh - 1) * sh + 1, j + (ow - 1) * sw + 1,
+                                      x.shape[3]), (1, sh, sw, 1))
+          for i in range(kh) for j in range(kw)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _strided_max(x, kh: int, kw: int, sh: int, sw: int):
+  """Maximum over (possibly overlapping) ``kh x kw`` windows with strides ``(sh, sw)``, no
+  padding, as an element-wise maximum of strided slices."""
+  parts = _window_slices(x, kh, kw, sh, sw)
+  out = parts[0]
+  for part in parts[1:]:
+    out = jnp.maximum(out, part)
+  return out
+
+
+def _strided_max_fwd(x, kh, kw, sh, sw):
+  y = _strided_max(x, kh, kw, sh, sw)
+  return y, (x, y)
+
+
+def _strided_max_bwd(kh, kw, sh, sw, res, dy):
+  """Each window's gradient goes to its first maximum (row-major), as for the stock
+  ``reduce_window`` and PyTorch; the automatic gradient of the chain of ``jnp.maximum`` would
+  halve it at every tie along the chain. Each window position's share is put back where its slice
+  came from by a strided pad (the transpose of the slice)."""
+  x, y = res
+  zero = jnp.zeros((), dy.dtype)
+  firsts = _first_hits(_window_slices(x, kh, kw, sh, sw), y)
+  oh, ow = y.shape[1], y.shape[2]
+  dx = None
+  for (i, j), first in zip(((i, j) for i in range(kh) for j in range(kw)), firsts):
+    cfg = [(0, 0, 0), (i, x.shape[1] - i - (oh - 1) * sh - 1, sh - 1),
+           (j, x.shape[2] - j - (ow - 1) * sw - 1, sw - 1), (0, 0, 0)]
+    part = lax.pad(jnp.where(first, dy, zero), zero, cfg)
+    dx = part if dx is None else dx + part
+  return (dx,)
+
+
+_strided_max.defvjp(_strided_max_fwd, _strided_max_bwd)
