@@ -36,4 +36,4 @@ from sparse_cl_jax.types import Scores
 
 # The one place the version is written: pyproject.toml reads it (tool.setuptools.dynamic), the
 # wheel's metadata carries it, CHANGELOG.md names it (tests/test_packaging.py checks all three).
-__version__ = "0.1.0"
+__version__ = "0.1.1"
