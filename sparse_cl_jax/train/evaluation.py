@@ -140,7 +140,10 @@ def eval_counts(env: steps.StepEnv, c, state: TrainState, data: TaskData, view_t
     return acc + jnp.stack([jnp.sum(hit * valid), jnp.sum(valid),
                             jnp.sum(other.astype(jnp.float32) * valid)])
 
-  counts = jax.lax.fori_loop(0, nb, body, jnp.zeros(3, jnp.float32))
+  # Only the batches that hold valid rows run: a split padded to a longer one's size (the
+  # validation split beside the test split) pays for its own rows only.
+  nb_valid = jnp.clip((jnp.asarray(data.n, jnp.int32) + eb - 1) // eb, 1, nb)
+  counts = jax.lax.fori_loop(0, nb_valid, body, jnp.zeros(3, jnp.float32))
   if env.class_il:
     return counts
 
@@ -156,7 +159,7 @@ def eval_counts(env: steps.StepEnv, c, state: TrainState, data: TaskData, view_t
       hit = _agnostic_hit(env, c, raw, heads, current, data_task, y)
       return hits + jnp.sum(hit.astype(jnp.float32) * valid)
 
-    return jax.lax.fori_loop(0, nb, body_now, jnp.zeros((), jnp.float32))
+    return jax.lax.fori_loop(0, nb_valid, body_now, jnp.zeros((), jnp.float32))
 
   seen = (view_task < current) | (_num_heads(env) == 1)  # above it: the head is not seen yet
   same = view_task == current
