@@ -36,6 +36,7 @@ import argparse
 import importlib.util
 import json
 import os
+import pathlib
 import platform
 import time
 
@@ -44,6 +45,7 @@ import numpy as np
 
 from sparse_cl_jax import config as config_lib
 from sparse_cl_jax import experiment
+from sparse_cl_jax.checkpoint import jsonfiles
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -119,25 +121,17 @@ def single_task(config, path: str | None = None) -> dict:
 
 
 def _write_json(path: str, obj) -> None:
-  """Replaces ``path`` only once the new content is complete on disk."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
+  jsonfiles.write_json_atomic(pathlib.Path(path), obj)
 
 
 def _check_same_setting(saved: dict, wanted: dict, where: str) -> None:
   differ = sorted(k for k in set(saved) | set(wanted)
-                  if k not in _NOT_COMPARED and saved.get(k) != wanted.get(k))
+                  if k not in experiment._NOT_FINGERPRINTED  # the fields a run checkpoint ignores
+                  and saved.get(k) != wanted.get(k))
   if differ:
     raise SystemExit(f"clnp_results: {where} holds results of another setting (fields "
                      f"{', '.join(differ)} differ); pass another --workdir, or --overwrite to "
                      "run again")
-
-
-# Fields that change nothing a run computes.
-_NOT_COMPARED = frozenset({"progress", "checkpoint_every_epochs", "epoch_loop",
-                           "compilation_cache", "divergence_threshold", "wandb"})
 
 
 def run_or_keep(config, workdir: str, overwrite: bool) -> dict:
