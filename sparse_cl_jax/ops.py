@@ -210,16 +210,33 @@ def max_pool(x, window_shape: Sequence[int], strides: Sequence[int] | None = Non
     return nn.max_pool(x, window_shape, strides=strides, padding=padding)
   pads = _explicit_padding(padding, x.shape[1:3], window_shape, strides, (1, 1))
   (kh, kw), (sh, sw) = window_shape, strides
-  if any(p != (0, 0) for p in pads):
+  # Pad, and drop the rows and columns no window reaches (a negative high pad), so that the
+  # windows end where the input does: the backward passes below then know its shape.
+  h, w = x.shape[1] + sum(pads[0]), x.shape[2] + sum(pads[1])
+  oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
+  rows = (pads[0][0], pads[0][1] - (h - (oh - 1) * sh - kh))
+  cols = (pads[1][0], pads[1][1] - (w - (ow - 1) * sw - kw))
+  if rows != (0, 0) or cols != (0, 0):
     neg = jnp.array(-jnp.inf, x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else (
         jnp.array(jnp.iinfo(x.dtype).min, x.dtype))
-    x = lax.pad(x, neg, [(0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)])
-  h, w = x.shape[1], x.shape[2]
-  oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
-  if (kh, kw) == (sh, sw) and h == oh * sh and w == ow * sw:
+    x = lax.pad(x, neg, [(0, 0, 0), (*rows, 0), (*cols, 0), (0, 0, 0)])
+  if (kh, kw) == (sh, sw):
     # Non-overlapping windows that tile the input: one reshape and one reduction.
     return _tiled_max(x, kh, kw)
   return _strided_max(x, kh, kw, sh, sw)
+
+
+def _first_index(parts, y):
+  """Per window, the row-major position of its first maximum: ``parts[p]`` holds element ``p``
+  of every window, ``y`` the windows' maxima. The whole gradient of a window goes there, as the
+  stock ``reduce_window`` gradient and PyTorch's ``max_pool2d`` give it. A small integer array
+  (``int8`` up to 127 positions), computed in the forward pass where XLA fuses it with the
+  maximum, so that the backward pass reads it instead of the input."""
+  index = jnp.int8 if len(parts) <= 127 else jnp.int32
+  first = jnp.full(y.shape, len(parts) - 1, index)
+  for p in reversed(range(len(parts) - 1)):
+    first = jnp.where(parts[p] == y, index(p), first)
+  return first
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -236,27 +253,20 @@ def _tiled_max(x, kh: int, kw: int):
 
 
 def _tiled_max_fwd(x, kh, kw):
-  """The maximum and, as the residual, the index of each window's first maximum (row-major)."""
+  """The maximum and, as the residual, :func:`_first_index`."""
   b, h, w, c = x.shape
   xr = x.reshape(b, h // kh, kh, w // kw, kw, c)
   y = jnp.max(xr, axis=(2, 4))
-  index = jnp.int8 if kh * kw <= 127 else jnp.int32
-  first = jnp.full(y.shape, kh * kw - 1, index)
-  for p in reversed(range(kh * kw - 1)):
-    first = jnp.where(xr[:, :, p // kw, :, p % kw, :] == y, index(p), first)
-  return y, first
+  return y, _first_index([xr[:, :, p // kw, :, p % kw, :] for p in range(kh * kw)], y)
 
 
 def _tiled_max_bwd(kh, kw, first, dy):
-  """The whole gradient of a window goes to its first maximum (row-major), as the stock
-  ``reduce_window`` gradient and PyTorch's ``max_pool2d`` give it.
+  """Each window's gradient to its first maximum: one element-wise pass that does not read ``x``.
 
-  The forward pass finds the index (a small integer array, fused with the maximum), so the
-  backward pass is one element-wise pass that does not read ``x``. Measured inside the training
-  step of ``benchmarks/peer_pytorch.py`` (epoch of the small convnet): as fast as the automatic
-  gradient of the reshape's ``jnp.max`` that it replaces (which splits ties evenly, in three
-  passes); finding the index in the backward pass cost 3-5% more, and a gradient built from
-  per-position masks inside one fusion 17 ms per step.
+  Measured inside the training step of ``benchmarks/peer_pytorch.py`` (epoch of the small
+  convnet): as fast as the automatic gradient of the reshape's ``jnp.max`` that it replaces
+  (which splits ties evenly, in three passes); finding the index in the backward pass cost 3-5%
+  more, and a gradient built from per-position masks inside one fusion 17 ms per step.
   """
   b, oh, ow, c = dy.shape
   zero = jnp.zeros((), dy.dtype)
@@ -266,17 +276,6 @@ def _tiled_max_bwd(kh, kw, first, dy):
 
 
 _tiled_max.defvjp(_tiled_max_fwd, _tiled_max_bwd)
-
-
-def _first_hits(parts, y):
-  """Per window position (in row-major order), where ``part == y`` and no earlier position of
-  the same window already did: the element that takes a window's whole gradient."""
-  taken, firsts = None, []
-  for part in parts:
-    hit = part == y
-    firsts.append(hit if taken is None else hit & ~taken)
-    taken = hit if taken is None else taken | hit
-  return firsts
 
 
 def _window_slices(x, kh: int, kw: int, sh: int, sw: int):
@@ -291,8 +290,8 @@ def _window_slices(x, kh: int, kw: int, sh: int, sw: int):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
 def _strided_max(x, kh: int, kw: int, sh: int, sw: int):
-  """Maximum over (possibly overlapping) ``kh x kw`` windows with strides ``(sh, sw)``, no
-  padding, as an element-wise maximum of strided slices."""
+  """Maximum over (possibly overlapping) ``kh x kw`` windows with strides ``(sh, sw)`` that end
+  where ``x`` does, as an element-wise maximum of strided slices."""
   parts = _window_slices(x, kh, kw, sh, sw)
   out = parts[0]
   for part in parts[1:]:
@@ -301,24 +300,24 @@ def _strided_max(x, kh: int, kw: int, sh: int, sw: int):
 
 
 def _strided_max_fwd(x, kh, kw, sh, sw):
-  y = _strided_max(x, kh, kw, sh, sw)
-  return y, (x, y)
+  """The maximum and, as the residual, :func:`_first_index`."""
+  parts = _window_slices(x, kh, kw, sh, sw)
+  y = parts[0]
+  for part in parts[1:]:
+    y = jnp.maximum(y, part)
+  return y, _first_index(parts, y)
 
 
-def _strided_max_bwd(kh, kw, sh, sw, res, dy):
-  """Each window's gradient goes to its first maximum (row-major), as for the stock
-  ``reduce_window`` and PyTorch; the automatic gradient of the chain of ``jnp.maximum`` would
-  halve it at every tie along the chain. Each window position's share is put back where its slice
-  came from by a strided pad (the transpose of the slice)."""
-  x, y = res
+def _strided_max_bwd(kh, kw, sh, sw, first, dy):
+  """Each window's gradient to its first maximum; the automatic gradient of the chain of
+  ``jnp.maximum`` would halve it at every tie along the chain. Each window position's share is
+  put back where its slice came from by a strided pad (the transpose of the slice)."""
   zero = jnp.zeros((), dy.dtype)
-  firsts = _first_hits(_window_slices(x, kh, kw, sh, sw), y)
-  oh, ow = y.shape[1], y.shape[2]
   dx = None
-  for (i, j), first in zip(((i, j) for i in range(kh) for j in range(kw)), firsts):
-    cfg = [(0, 0, 0), (i, x.shape[1] - i - (oh - 1) * sh - 1, sh - 1),
-           (j, x.shape[2] - j - (ow - 1) * sw - 1, sw - 1), (0, 0, 0)]
-    part = lax.pad(jnp.where(first, dy, zero), zero, cfg)
+  for p in range(kh * kw):
+    i, j = divmod(p, kw)
+    cfg = [(0, 0, 0), (i, kh - 1 - i, sh - 1), (j, kw - 1 - j, sw - 1), (0, 0, 0)]
+    part = lax.pad(jnp.where(first == p, dy, zero), zero, cfg)
     dx = part if dx is None else dx + part
   return (dx,)
 

@@ -129,12 +129,21 @@ def test_conv_takes_the_stock_path_when_off_or_unsupported():
   assert "custom_vjp" in str(on)
 
 
+# Windows that leave rows and columns out, or pad one side only, or do not tile.
+_MORE_POOLS = [
+    ((2, 2), (3, 3), "VALID", (2, 8, 8, 3)),  # strides longer than the window: gaps
+    ((2, 3), (2, 2), "VALID", (2, 9, 10, 3)),  # tiling rows, overlapping columns
+    ((2, 2), (2, 2), "SAME", (2, 7, 7, 3)),  # tiling after a one-sided pad
+    ((3, 3), (2, 2), ((1, 1), (1, 1)), (2, 9, 9, 3)),  # overlapping, every row reached
+]
+
+
 @pytest.mark.parametrize("window,strides,padding,shape", [
     ((2, 2), (2, 2), "VALID", (2, 8, 8, 3)),
     ((2, 2), (2, 2), "VALID", (2, 9, 9, 3)),  # odd size: the last row/column is dropped
     ((3, 3), (2, 2), ((1, 1), (1, 1)), (2, 8, 8, 3)),  # CLNP's overlapping pool
     ((3, 3), (1, 1), "SAME", (2, 7, 7, 3)),
-])
+] + _MORE_POOLS)
 def test_max_pool_values_and_gradients_match_flax(window, strides, padding, shape):
   x = _normal(shape)  # continuous values: no ties inside a window
   with runtime.use_fast_ops(True):
@@ -169,10 +178,10 @@ def test_max_pool_gives_a_tie_s_gradient_to_the_first_maximum():
 
 @pytest.mark.parametrize("window,strides,padding,shape", [
     ((2, 2), (2, 2), "VALID", (2, 8, 8, 3)),  # tiling windows: _tiled_max
-    ((2, 2), (2, 2), "VALID", (2, 9, 9, 3)),  # odd size: strided slices
-    ((3, 3), (2, 2), ((1, 1), (1, 1)), (2, 8, 8, 3)),  # CLNP's overlapping pool
+    ((2, 2), (2, 2), "VALID", (2, 9, 9, 3)),  # odd size: _tiled_max on the rows windows reach
+    ((3, 3), (2, 2), ((1, 1), (1, 1)), (2, 8, 8, 3)),  # CLNP's overlapping pool: _strided_max
     ((3, 3), (1, 1), "SAME", (2, 7, 7, 3)),
-])
+] + _MORE_POOLS)
 def test_max_pool_gradients_equal_flax_where_many_elements_tie(window, strides, padding, shape):
   # Three values only: most windows hold a tie for their maximum, some of them at 0 after ReLU.
   x = jnp.asarray(np.random.default_rng(7).integers(-1, 2, shape), jnp.float32)
