@@ -14,8 +14,9 @@ Why this module exists (measured, see ``docs/results.md`` and ``benchmarks/peer_
   :func:`max_pool` takes the maximum over the window's strided slices instead: the backward pass
   is a few element-wise selects and strided pads (``_strided_max``). Forward values and
   gradients are identical, ties included: a window's gradient goes to its first maximum in
-  row-major order, as ``select_and_scatter`` and PyTorch's ``max_pool2d`` give it. Windows that tile the input (2x2 stride 2) have their own backward pass in one
-  element-wise pass (``_tiled_max``).
+  row-major order, as ``select_and_scatter`` and PyTorch's ``max_pool2d`` give it. Windows that
+  tile the input (2x2 stride 2) have their own backward pass in one element-wise pass
+  (``_tiled_max``).
 * A convolution of a one-channel input (a grey-scale first layer) is a sum of shifted images
   (``_shifted_sum``): XLA:CPU's convolution runs such inputs several times slower.
 * The kernel gradient hands its padding to the convolution and keeps its transpose apart: XLA:CPU
@@ -217,13 +218,17 @@ def max_pool(x, window_shape: Sequence[int], strides: Sequence[int] | None = Non
   rows = (pads[0][0], pads[0][1] - (h - (oh - 1) * sh - kh))
   cols = (pads[1][0], pads[1][1] - (w - (ow - 1) * sw - kw))
   if rows != (0, 0) or cols != (0, 0):
-    neg = jnp.array(-jnp.inf, x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else (
-        jnp.array(jnp.iinfo(x.dtype).min, x.dtype))
-    x = lax.pad(x, neg, [(0, 0, 0), (*rows, 0), (*cols, 0), (0, 0, 0)])
+    x = lax.pad(x, _lowest(x.dtype), [(0, 0, 0), (*rows, 0), (*cols, 0), (0, 0, 0)])
   if (kh, kw) == (sh, sw):
     # Non-overlapping windows that tile the input: one reshape and one reduction.
     return _tiled_max(x, kh, kw)
   return _strided_max(x, kh, kw, sh, sw)
+
+
+def _lowest(dtype):
+  """The value that never wins a maximum: ``-inf``, or the integer type's minimum."""
+  return jnp.array(-jnp.inf if jnp.issubdtype(dtype, jnp.floating) else jnp.iinfo(dtype).min,
+                   dtype)
 
 
 def _first_index(parts, y):
@@ -247,8 +252,7 @@ def _tiled_max(x, kh: int, kw: int):
   the reshape below inside a whole forward pass; with one, the reshape, which XLA fuses with the
   ReLU before it. Both give the same values (a maximum is exact).
   """
-  neg = -jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
-  return lax.reduce_window(x, jnp.array(neg, x.dtype), lax.max, (1, kh, kw, 1), (1, kh, kw, 1),
+  return lax.reduce_window(x, _lowest(x.dtype), lax.max, (1, kh, kw, 1), (1, kh, kw, 1),
                            'VALID')
 
 
@@ -292,19 +296,13 @@ def _window_slices(x, kh: int, kw: int, sh: int, sw: int):
 def _strided_max(x, kh: int, kw: int, sh: int, sw: int):
   """Maximum over (possibly overlapping) ``kh x kw`` windows with strides ``(sh, sw)`` that end
   where ``x`` does, as an element-wise maximum of strided slices."""
-  parts = _window_slices(x, kh, kw, sh, sw)
-  out = parts[0]
-  for part in parts[1:]:
-    out = jnp.maximum(out, part)
-  return out
+  return functools.reduce(jnp.maximum, _window_slices(x, kh, kw, sh, sw))
 
 
 def _strided_max_fwd(x, kh, kw, sh, sw):
   """The maximum and, as the residual, :func:`_first_index`."""
   parts = _window_slices(x, kh, kw, sh, sw)
-  y = parts[0]
-  for part in parts[1:]:
-    y = jnp.maximum(y, part)
+  y = functools.reduce(jnp.maximum, parts)
   return y, _first_index(parts, y)
 
 
